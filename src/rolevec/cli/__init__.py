@@ -1,0 +1,60 @@
+"""The `rolevec` command: a thin layer that parses arguments and calls the library.
+
+Each subcommand lives in its own module with a ``register(subparsers)`` function; errors the user can fix
+(RolevecError) become one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+from collections.abc import Sequence
+
+from ..errors import RolevecError
+
+#: Subcommand modules, in the order they appear in --help.
+COMMANDS = ("info", "extract", "prompts", "generate", "fold", "export", "sweep", "evaluate", "run", "report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="rolevec",
+        description="Role vectors: steer a language model toward a domain expertise by editing activations.",
+    )
+    parser.add_argument("--version", action="version", version=f"rolevec {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{name}":
+                continue  # subcommand not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        result = args.func(args)
+    except RolevecError as exc:
+        print(f"rolevec: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rolevec: interrupted; finished work is kept and a rerun continues from it", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

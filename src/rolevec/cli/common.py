@@ -1,0 +1,42 @@
+"""Options shared by several subcommands, and the one place that turns them into a loaded model."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..model import ModelAdapter
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face id, local folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
+    group.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype"
+    )
+    group.add_argument(
+        "--block-pattern",
+        default=None,
+        help="dotted path of the decoder-block ModuleList, for architectures rolevec cannot map itself",
+    )
+    group.add_argument(
+        "--trust-remote-code", action="store_true", help="allow custom model code from the hub"
+    )
+
+
+def load_from_args(args: argparse.Namespace) -> ModelAdapter:
+    from ..model import load_model
+
+    return load_model(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        block_pattern=args.block_pattern,
+        trust_remote_code=args.trust_remote_code,
+    )
