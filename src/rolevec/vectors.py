@@ -1,0 +1,174 @@
+"""Role vectors as data: difference-in-means tensors with their provenance, stored as safetensors.
+
+One file holds every role extracted for one model. Tensors are float32 ``[n_positions, n_layers + 1,
+hidden]`` (position index i ↔ position ``positions[i]``, counted from the end of the prompt; layer L ↔
+input of block L). Metadata rides in the safetensors header as JSON; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import RolevecError
+
+if TYPE_CHECKING:
+    from .model import ModelAdapter
+
+BASE_KEY = "__base__"
+FORMAT = "rolevec.vectors/1"
+LAYER_CONVENTION = (
+    "layer L = residual stream at the input of decoder block L; L = n_layers is the last output"
+)
+
+
+def atomic_write(path: Path, write: Any, *, force: bool = False) -> None:
+    """Write through a temporary file in the same folder, so no partial file ever has the final name."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise RolevecError(f"{path} already exists: pass --force to overwrite it, or choose another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@dataclass(frozen=True)
+class RoleVectors:
+    """Role means, the base mean and their differences for one model, with provenance."""
+
+    role_means: Mapping[str, torch.Tensor]
+    base_mean: torch.Tensor
+    positions: tuple[int, ...]
+    position_tokens: tuple[str, ...]
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        expected = (len(self.positions), self.base_mean.shape[1], self.base_mean.shape[2])
+        if self.base_mean.ndim != 3 or self.base_mean.shape[0] != len(self.positions):
+            raise RolevecError(
+                f"base mean has shape {tuple(self.base_mean.shape)}, expected [positions, L, H]"
+            )
+        for role, mean in self.role_means.items():
+            if tuple(mean.shape) != expected:
+                raise RolevecError(f"role {role!r} mean has shape {tuple(mean.shape)}, expected {expected}")
+
+    # --- access ----------------------------------------------------------------------------------
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(self.role_means)
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder blocks; valid layers are 0..n_layers."""
+        return int(self.base_mean.shape[1]) - 1
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.base_mean.shape[2])
+
+    def _role(self, role: str) -> torch.Tensor:
+        if role not in self.role_means:
+            known = ", ".join(self.roles) or "none"
+            raise RolevecError(f"role {role!r} is not in this vector file (it has: {known})")
+        return self.role_means[role]
+
+    def position_index(self, position: int) -> int:
+        if position not in self.positions:
+            raise RolevecError(
+                f"position {position} is out of range: this file has positions {self.positions[0]}..-1"
+            )
+        return self.positions.index(position)
+
+    def check_layer(self, layer: int) -> None:
+        if not 0 <= layer <= self.n_layers:
+            raise RolevecError(f"layer {layer} is out of range: this file has layers 0..{self.n_layers}")
+
+    def diff(self, role: str) -> torch.Tensor:
+        """d = μ_role − ν_base for every (position, layer): ``[P, L+1, H]``."""
+        return self._role(role) - self.base_mean
+
+    def vector(self, role: str, layer: int, position: int) -> torch.Tensor:
+        """The role vector at one site, unnormalised, float32 ``[hidden]``."""
+        self.check_layer(layer)
+        i = self.position_index(position)
+        return self._role(role)[i, layer] - self.base_mean[i, layer]
+
+    def check_compatible(self, adapter: ModelAdapter) -> None:
+        """Refuse a different hidden size or depth; warn when the model fingerprint differs."""
+        if adapter.hidden_size != self.hidden_size or adapter.n_layers != self.n_layers:
+            raise RolevecError(
+                f"vectors were extracted from a model with hidden size {self.hidden_size} and "
+                f"{self.n_layers} layers, but {adapter.name} has {adapter.hidden_size} and "
+                f"{adapter.n_layers}: extract vectors for this model with `rolevec extract`"
+            )
+        theirs = self.metadata.get("model_fingerprint")
+        if theirs and theirs != adapter.fingerprint():
+            warnings.warn(
+                f"vectors come from {self.metadata.get('model')!r} (fingerprint {theirs}), not from "
+                f"{adapter.name!r} ({adapter.fingerprint()}): results may be meaningless",
+                stacklevel=2,
+            )
+
+    # --- storage ---------------------------------------------------------------------------------
+    def save(self, path: str | Path, *, force: bool = False) -> Path:
+        from safetensors.torch import save_file
+
+        tensors = {f"mean/{r}": m.float().contiguous() for r, m in self.role_means.items()}
+        tensors[f"mean/{BASE_KEY}"] = self.base_mean.float().contiguous()
+        tensors.update({f"diff/{r}": self.diff(r).float().contiguous() for r in self.roles})
+        header = {
+            "format": FORMAT,
+            "layer_convention": LAYER_CONVENTION,
+            "positions": list(self.positions),
+            "position_tokens": list(self.position_tokens),
+            **self.metadata,
+        }
+        meta = {"rolevec": json.dumps(header, ensure_ascii=False)}
+        out = Path(path)
+        atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta), force=force)
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> RoleVectors:
+        from safetensors import safe_open
+
+        p = Path(path)
+        if not p.is_file():
+            raise RolevecError(f"vector file {p} does not exist: create one with `rolevec extract --out {p}`")
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                header = json.loads((f.metadata() or {}).get("rolevec", "{}"))
+                means = {k.removeprefix("mean/"): f.get_tensor(k) for k in f.keys() if k.startswith("mean/")}
+        except Exception as exc:
+            raise RolevecError(f"{p} is not a readable safetensors vector file ({exc})") from exc
+        if header.get("format") != FORMAT or BASE_KEY not in means:
+            raise RolevecError(f"{p} is not a rolevec vector file (no {FORMAT!r} header)")
+        base = means.pop(BASE_KEY)
+        positions = tuple(int(x) for x in header.pop("positions"))
+        tokens = tuple(str(x) for x in header.pop("position_tokens"))
+        header.pop("format", None)
+        header.pop("layer_convention", None)
+        return cls(
+            role_means=means, base_mean=base, positions=positions, position_tokens=tokens, metadata=header
+        )
+
+
+def check_alpha(alpha: float) -> float:
+    if not math.isfinite(alpha):
+        raise RolevecError(f"alpha must be a finite number, not {alpha}")
+    return float(alpha)
