@@ -1,0 +1,252 @@
+"""Difference-in-means extraction: mean residual activations at every (post-instruction position, layer).
+
+One forward per batch reads the residual at the input of every decoder block and at the final norm's
+input (layer n_layers), then stops before the unembedding. Prompts of all sets share one pass sorted by
+length (little padding), and sums go straight into float64 accumulators per set, so memory does not grow
+with the number of prompts and the result does not depend on batch size or padding side.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import PromptSet
+from .errors import RolevecError
+from .hooks import StopForward, hooked, input_hook
+from .model import ModelAdapter
+from .vectors import RoleVectors
+
+DEFAULT_MAX_TOKENS = 2048
+
+
+def default_max_tokens(adapter: ModelAdapter) -> int:
+    """The model's context length (max_position_embeddings / n_positions), else 2048."""
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(adapter.config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_MAX_TOKENS
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of rendered prompts, and how many had their user text shortened to fit."""
+
+    ids: list[list[int]]
+    n_shortened: int
+
+
+def _tokens(adapter: ModelAdapter, text: str) -> list[int]:
+    return list(adapter.tokenizer(text, add_special_tokens=adapter.chat.add_special_tokens)["input_ids"])
+
+
+def _shorten(adapter: ModelAdapter, user: str, ids: list[int], max_tokens: int) -> list[int]:
+    """Cut the user text (never the template) until the rendered prompt fits in ``max_tokens``."""
+    user_ids = list(adapter.tokenizer(user, add_special_tokens=False)["input_ids"])
+    keep = len(user_ids) - (len(ids) - max_tokens)
+    while keep > 0:
+        text = str(adapter.tokenizer.decode(user_ids[:keep], skip_special_tokens=True)).strip()
+        ids = _tokens(adapter, adapter.render(text))
+        if len(ids) <= max_tokens:
+            return ids
+        keep -= max(1, len(ids) - max_tokens)
+    raise RolevecError(
+        f"the chat template alone takes more than max_tokens={max_tokens} tokens: pass a larger --max-tokens"
+    )
+
+
+def encode_prompts(
+    adapter: ModelAdapter, prompts: Sequence[str], *, max_tokens: int | None = None
+) -> Encoded:
+    """Render each prompt as the user turn (no system prompt) and tokenise it, checking the template suffix.
+
+    A prompt longer than ``max_tokens`` (default: the model's context) has its user text shortened.
+    """
+    limit = default_max_tokens(adapter) if max_tokens is None else max_tokens
+    if limit < 1:
+        raise RolevecError(f"max_tokens must be positive, not {limit}")
+    suffix = list(adapter.chat.suffix_ids)
+    out: list[list[int]] = []
+    shortened = 0
+    for prompt in prompts:
+        ids = _tokens(adapter, adapter.render(prompt))
+        if len(ids) > limit:
+            ids = _shorten(adapter, prompt, ids, limit)
+            shortened += 1
+        if ids[-len(suffix) :] != suffix:
+            raise RolevecError(
+                f"prompt {prompt[:60]!r} does not end with the template's post-instruction tokens "
+                f"{adapter.chat.position_tokens()} after tokenisation; remove trailing special characters "
+                "from it or pass another prompt file"
+            )
+        out.append(ids)
+    return Encoded(out, shortened)
+
+
+def _accumulate(
+    adapter: ModelAdapter,
+    encoded: Sequence[Sequence[int]],
+    set_index: Sequence[int],
+    n_sets: int,
+    *,
+    batch_size: int,
+    padding_side: str,
+    bar: Any,
+) -> torch.Tensor:
+    """Sum of activations per set, float64 ``[n_sets, P, n_layers + 1, H]`` (one pass over all prompts)."""
+    if batch_size < 1:
+        raise RolevecError(f"batch size must be at least 1, not {batch_size}")
+    if padding_side not in {"left", "right"}:
+        raise RolevecError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    n_pos = adapter.chat.n_positions
+    n_sites = adapter.n_layers + 1
+    device = adapter.device
+    acc_device = torch.device("cpu") if device.type == "mps" else device  # MPS has no float64
+    sums = torch.zeros(n_sets, n_pos, n_sites, adapter.hidden_size, dtype=torch.float64, device=acc_device)
+    offsets = torch.arange(-n_pos + 1, 1, device=device)
+    state: dict[str, torch.Tensor] = {}
+
+    def reader(layer: int) -> Any:
+        def fn(hidden: torch.Tensor) -> None:
+            rows = state["rows"]
+            picked = hidden[rows[:, None], state["cols"]]  # [B, P, H]
+            sums[:, :, layer].index_add_(0, state["sets"], picked.to(acc_device, torch.float64))
+            if layer == adapter.n_layers:
+                raise StopForward
+            return None
+
+        return fn
+
+    pre = [(adapter.residual_site(layer), input_hook(reader(layer))) for layer in range(n_sites)]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    with torch.inference_mode(), hooked(pre=pre):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = adapter.pad([encoded[i] for i in chunk], padding_side=padding_side)
+            state["rows"] = torch.arange(len(chunk), device=device)
+            state["cols"] = batch.last_index()[:, None] + offsets[None, :]
+            state["sets"] = torch.tensor([set_index[i] for i in chunk], device=acc_device)
+            try:
+                adapter.model(**batch.model_kwargs(), use_cache=False)
+            except StopForward:
+                pass
+            else:
+                raise RolevecError("the forward pass never reached the final norm; check --block-pattern")
+            bar.update(len(chunk))
+    return sums.cpu()
+
+
+def _bar(total: int, desc: str, progress: bool) -> Any:
+    return tqdm(total=total, desc=desc or "prompts", unit="prompt", file=sys.stderr, disable=not progress)
+
+
+def _warn_shortened(n: int, max_tokens: int | None, adapter: ModelAdapter) -> None:
+    if n:
+        limit = default_max_tokens(adapter) if max_tokens is None else max_tokens
+        warnings.warn(
+            f"{n} prompt(s) were longer than max_tokens={limit}; their user text was shortened "
+            "(template tokens kept)",
+            stacklevel=3,
+        )
+
+
+def mean_activations(
+    adapter: ModelAdapter,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    padding_side: str = "right",
+    max_tokens: int | None = None,
+    progress: bool = True,
+    desc: str = "",
+) -> torch.Tensor:
+    """Mean residual activation over ``prompts``: float64 ``[n_positions, n_layers + 1, hidden]``."""
+    if not prompts:
+        raise RolevecError("cannot average over an empty prompt set: pass at least one prompt")
+    encoded = encode_prompts(adapter, prompts, max_tokens=max_tokens)
+    _warn_shortened(encoded.n_shortened, max_tokens, adapter)
+    with _bar(len(prompts), desc, progress) as bar:
+        sums = _accumulate(
+            adapter,
+            encoded.ids,
+            [0] * len(prompts),
+            1,
+            batch_size=batch_size,
+            padding_side=padding_side,
+            bar=bar,
+        )
+    return sums[0] / len(prompts)
+
+
+def extract_role_vectors(
+    adapter: ModelAdapter,
+    role_sets: Mapping[str, PromptSet],
+    base: PromptSet,
+    *,
+    batch_size: int = 16,
+    seed: int | None = None,
+    progress: bool = True,
+    max_tokens: int | None = None,
+) -> RoleVectors:
+    """μ_role for every role and ν_base, in one pass; d = μ − ν is derived by :class:`RoleVectors`.
+
+    ``seed`` is the seed the sets were sampled with; it is recorded in the metadata.
+    """
+    from . import __version__
+
+    if not role_sets:
+        raise RolevecError("no roles to extract: pass at least one role")
+    if base.name in role_sets or "__base__" in role_sets:
+        raise RolevecError(f"a role may not be called {base.name!r} or '__base__': rename it")
+    sets: list[tuple[str, PromptSet]] = [*role_sets.items(), ("__base__", base)]
+    for name, ps in sets:
+        if not ps.prompts:
+            raise RolevecError(f"prompt set {name!r} ({ps.source}) is empty: pass at least one prompt")
+    all_prompts = [p for _, ps in sets for p in ps.prompts]
+    set_index = [i for i, (_, ps) in enumerate(sets) for _ in ps.prompts]
+    encoded = encode_prompts(adapter, all_prompts, max_tokens=max_tokens)
+    _warn_shortened(encoded.n_shortened, max_tokens, adapter)
+    with _bar(len(all_prompts), "extracting", progress) as bar:
+        sums = _accumulate(
+            adapter,
+            encoded.ids,
+            set_index,
+            len(sets),
+            batch_size=batch_size,
+            padding_side="right",
+            bar=bar,
+        )
+    means = {name: (sums[i] / len(ps.prompts)).float() for i, (name, ps) in enumerate(sets)}
+    base_mean = means.pop("__base__")
+    metadata: dict[str, Any] = {
+        "model": adapter.name,
+        "model_fingerprint": adapter.fingerprint(),
+        "model_source": dict(adapter.source),
+        "hidden_size": adapter.hidden_size,
+        "n_layers": adapter.n_layers,
+        "dtype": str(adapter.dtype).replace("torch.", ""),
+        "prompts": {name: ps.describe() for name, ps in role_sets.items()},
+        "base": base.describe(),
+        "seed": seed,
+        "max_tokens": default_max_tokens(adapter) if max_tokens is None else max_tokens,
+        "n_shortened": encoded.n_shortened,
+        "system_prompt": None,
+        "accumulation": "float64 sums, stored as float32",
+        "rolevec_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    return RoleVectors(
+        role_means=means,
+        base_mean=base_mean,
+        positions=tuple(adapter.chat.positions),
+        position_tokens=tuple(adapter.chat.position_tokens()),
+        metadata=metadata,
+    )

@@ -1,0 +1,162 @@
+"""`rolevec extract`: role vectors for a model from role prompt sets and a base set, into one file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..errors import RolevecError
+from .common import add_model_args, load_from_args
+
+
+@contextmanager
+def plain_warnings() -> Iterator[None]:
+    """Show library warnings as one ``rolevec: warning: ...`` line each, for the duration of a command."""
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        print(f"rolevec: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = show
+        yield
+
+
+def count_arg(value: str) -> int | None:
+    """--n: a positive count, or 'all'."""
+    if value.lower() == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'all', not {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'all', not {value!r}")
+    return n
+
+
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {value!r}")
+    return n
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "extract",
+        help="extract difference-in-means role vectors at every layer and post-instruction position",
+        description="Extract role vectors d = mean(role prompts) - mean(base prompts) at every layer and "
+        "post-instruction position, for one model, into one safetensors file.",
+    )
+    add_model_args(parser)
+    data = parser.add_argument_group("prompts")
+    data.add_argument(
+        "--roles",
+        required=True,
+        help="comma-separated roles (e.g. mathematician,doctor), or 'all' for every role in --roles-dir",
+    )
+    data.add_argument(
+        "--roles-dir",
+        default=None,
+        help="folder of <role>.json prompt files (default: the 29 built-in roles)",
+    )
+    data.add_argument(
+        "--base",
+        default=None,
+        help="base prompt file (JSON/JSONL/CSV/text) or hf:NAME[:SPLIT] (default: built-in base.json)",
+    )
+    data.add_argument(
+        "--base-column", default=None, help="field/column of --base holding the prompt (default: instruction)"
+    )
+    data.add_argument(
+        "--n",
+        type=count_arg,
+        default=128,
+        help="prompts sampled per set, or 'all' (default: 128, the paper's)",
+    )
+    data.add_argument("--seed", type=int, default=42, help="sampling seed (default: 42, the paper's)")
+    run_group = parser.add_argument_group("run")
+    run_group.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward (16)")
+    run_group.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=None,
+        help="longest prompt in tokens; longer user texts are shortened (default: the model's context)",
+    )
+    run_group.add_argument("--out", required=True, help="output .safetensors file")
+    run_group.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    run_group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run)
+
+
+def parse_roles(spec: str, roles_dir: str | None) -> list[str]:
+    from ..data import available_roles, normalise_role
+
+    if spec.strip().lower() == "all":
+        roles = available_roles(roles_dir)
+        if not roles:
+            raise RolevecError(f"no <role>.json files in {roles_dir}: pass a folder of role prompt files")
+        return roles
+    roles = list(dict.fromkeys(normalise_role(r) for r in spec.split(",") if r.strip()))
+    if not roles:
+        raise RolevecError("--roles is empty: pass e.g. --roles mathematician,doctor or --roles all")
+    return roles
+
+
+def run(args: argparse.Namespace) -> int:
+    with plain_warnings():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..activations import extract_role_vectors
+    from ..data import PromptSet, load_base, load_role_prompts, sample
+
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise RolevecError(f"--out {out} is a folder: pass a file name such as {out / 'vectors.safetensors'}")
+    if out.exists() and not args.force:
+        raise RolevecError(f"{out} already exists: pass --force to overwrite it, or choose another --out")
+    roles = parse_roles(args.roles, args.roles_dir)
+    sets: dict[str, PromptSet] = {}
+    for role in roles:
+        sets[role] = sample(load_role_prompts(role, args.roles_dir), args.n, args.seed)
+    base = sample(load_base(args.base, column=args.base_column), args.n, args.seed)
+    for ps in [*sets.values(), base]:
+        dup = f", {ps.n_duplicates_dropped} duplicate(s) dropped" if ps.n_duplicates_dropped else ""
+        print(f"{ps.name}: {len(ps)} prompts from {ps.source}{dup}", file=sys.stderr)
+    adapter = load_from_args(args)
+    vectors = extract_role_vectors(
+        adapter,
+        sets,
+        base,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.no_progress,
+        max_tokens=args.max_tokens,
+    )
+    meta: dict[str, Any] = dict(vectors.metadata)
+    meta["n_requested"] = args.n
+    path = replace(vectors, metadata=meta).save(out, force=args.force)
+    print(
+        f"wrote {path}: {len(roles)} role(s) x {len(vectors.positions)} positions x layers "
+        f"0..{vectors.n_layers} x hidden {vectors.hidden_size} ({adapter.name})"
+    )
+    return 0

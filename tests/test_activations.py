@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rolevec.activations import encode_prompts, extract_role_vectors, mean_activations
+from rolevec.data import PromptSet, load_base, load_role_prompts, sample
+from rolevec.errors import RolevecError
+from rolevec.hooks import count_hooks, hooked
+from rolevec.model import ModelAdapter
+from rolevec.testing import make_adapter
+
+PROMPTS = [
+    "Prove that the square root of two is irrational.",
+    "Hi",
+    "What is the standard dose of amoxicillin for a child with otitis media and a fever?",
+    "Write a short poem about the sea.",
+    "Compare supply and demand in a market with a price ceiling, step by step, with an example.",
+    "Explain eigenvalues.",
+]
+
+
+def _reference(adapter: ModelAdapter, prompts: list[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Means over prompts from output_hidden_states, one prompt at a time, float64 (layers 0..n-1).
+
+    HF's last hidden_states entry is taken AFTER the final norm, so layer n_layers is not in this mean;
+    the per-prompt normed outputs are returned for the separate check of layer n_layers.
+    """
+    n_pos = adapter.chat.n_positions
+    total = torch.zeros(n_pos, adapter.n_layers, adapter.hidden_size, dtype=torch.float64)
+    normed = []
+    for prompt in prompts:
+        batch = adapter.encode([adapter.render(prompt)])
+        with torch.no_grad():
+            hs = adapter.model(**batch.model_kwargs(), output_hidden_states=True).hidden_states
+        assert len(hs) == adapter.n_layers + 1
+        for layer in range(adapter.n_layers):
+            total[:, layer] += hs[layer][0, -n_pos:].double()
+        normed.append(hs[-1][0, -n_pos:])
+    return total / len(prompts), normed
+
+
+def test_parity_with_output_hidden_states(tiny: ModelAdapter) -> None:
+    means = mean_activations(tiny, PROMPTS, batch_size=4, progress=False)
+    n = tiny.n_layers
+    assert means.dtype == torch.float64
+    assert means.shape == (tiny.chat.n_positions, n + 1, tiny.hidden_size)
+    ref, normed = _reference(tiny, PROMPTS)
+    torch.testing.assert_close(means[:, :n], ref, rtol=1e-5, atol=1e-6)
+    # Layer n_layers (the final norm's input): one prompt's "mean" is its activation, and the final norm
+    # applied to it must give HF's last hidden_states entry.
+    for prompt, expected in zip(PROMPTS, normed, strict=True):
+        single = mean_activations(tiny, [prompt], progress=False)
+        with torch.no_grad():
+            got = tiny.final_norm(single[:, n].float()[None])[0]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_independent_of_batch_size_and_padding_side(arch: str) -> None:
+    adapter = make_adapter(arch)
+    prompts = PROMPTS * 3
+    ref = mean_activations(adapter, prompts, batch_size=1, progress=False)
+    for batch_size in (16, 5):
+        for side in ("left", "right"):
+            got = mean_activations(adapter, prompts, batch_size=batch_size, padding_side=side, progress=False)
+            rel = float((got - ref).norm() / ref.norm())
+            assert rel <= 1e-5, (batch_size, side, rel)
+
+
+def test_unembedding_never_runs_and_hooks_are_removed(tiny_llama: ModelAdapter) -> None:
+    calls: list[int] = []
+
+    def count(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        calls.append(1)
+
+    with hooked(post=[(tiny_llama.unembed, count)]):
+        mean_activations(tiny_llama, PROMPTS, progress=False)
+    assert calls == []
+    assert count_hooks(tiny_llama.model) == 0
+
+
+def test_prompt_that_breaks_the_template_suffix_is_refused(tiny_llama: ModelAdapter) -> None:
+    broken = dataclasses.replace(tiny_llama.chat, suffix_ids=[*tiny_llama.chat.suffix_ids, 7])
+    tiny_llama.chat = broken
+    with pytest.raises(RolevecError, match="post-instruction tokens"):
+        mean_activations(tiny_llama, PROMPTS, progress=False)
+
+
+def test_long_prompts_are_shortened_keeping_the_template(tiny_llama: ModelAdapter) -> None:
+    long = " ".join(["Explain how eigenvalues relate to matrix diagonalization."] * 40)
+    enc = encode_prompts(tiny_llama, [long, "Hi"], max_tokens=60)
+    assert enc.n_shortened == 1
+    assert all(len(ids) <= 60 for ids in enc.ids)
+    suffix = tiny_llama.chat.suffix_ids
+    assert enc.ids[0][-len(suffix) :] == suffix and len(enc.ids[0]) > len(suffix) + 20
+    with pytest.warns(UserWarning, match="1 prompt.*max_tokens=60"):
+        means = mean_activations(tiny_llama, [long, "Hi"], max_tokens=60, progress=False)
+    assert torch.isfinite(means).all()
+    # the model's own context (256 positions for tiny models) is the default limit
+    assert encode_prompts(tiny_llama, [long]).n_shortened == 1
+    with pytest.raises(RolevecError, match="--max-tokens"):
+        encode_prompts(tiny_llama, [long], max_tokens=5)
+
+
+def test_bad_calls(tiny_llama: ModelAdapter) -> None:
+    with pytest.raises(RolevecError, match="empty prompt set"):
+        mean_activations(tiny_llama, [], progress=False)
+    with pytest.raises(RolevecError, match="batch size"):
+        mean_activations(tiny_llama, PROMPTS, batch_size=0, progress=False)
+    with pytest.raises(RolevecError, match="padding_side"):
+        mean_activations(tiny_llama, PROMPTS, padding_side="middle", progress=False)
+
+
+def test_extract_role_vectors(tiny_llama: ModelAdapter) -> None:
+    math = PromptSet("mathematician", tuple(PROMPTS[:3]), "mem:a", n_duplicates_dropped=2)
+    doctor = PromptSet("doctor", tuple(PROMPTS[2:5]), "mem:b")
+    base = PromptSet("base", tuple(PROMPTS[3:]), "mem:c")
+    vecs = extract_role_vectors(
+        tiny_llama, {"mathematician": math, "doctor": doctor}, base, seed=42, progress=False
+    )
+    assert vecs.roles == ("mathematician", "doctor")
+    mu = mean_activations(tiny_llama, list(math.prompts), progress=False)
+    nu = mean_activations(tiny_llama, list(base.prompts), progress=False)
+    torch.testing.assert_close(vecs.diff("mathematician").double(), mu - nu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vecs.base_mean.double(), nu, rtol=1e-6, atol=1e-6)
+    assert vecs.positions == tuple(tiny_llama.chat.positions)
+    meta = vecs.metadata
+    assert meta["model_fingerprint"] == tiny_llama.fingerprint() and meta["seed"] == 42
+    assert meta["prompts"]["mathematician"] == {"n": 3, "source": "mem:a", "duplicates_dropped": 2}
+    assert meta["base"]["n"] == 3 and meta["n_layers"] == 3 and meta["hidden_size"] == 32
+    assert {"rolevec_version", "created", "dtype", "model"} <= set(meta)
+    with pytest.raises(RolevecError, match="no roles"):
+        extract_role_vectors(tiny_llama, {}, base, progress=False)
+
+
+def test_vector_file_roundtrip_from_extraction(tiny_llama: ModelAdapter, tmp_path: Path) -> None:
+    sets = {r: sample(load_role_prompts(r), 6, 42) for r in ("mathematician", "lawyer")}
+    vecs = extract_role_vectors(tiny_llama, sets, sample(load_base(), 6, 42), seed=42, progress=False)
+    loaded = type(vecs).load(vecs.save(tmp_path / "v.safetensors"))
+    assert loaded.metadata["prompts"] == vecs.metadata["prompts"]
+    torch.testing.assert_close(loaded.vector("lawyer", 2, -1), vecs.vector("lawyer", 2, -1))
+    loaded.check_compatible(tiny_llama)
+
+
+@pytest.mark.e2e
+def test_embedded_parity_and_padding_on_paper_data(embedded: ModelAdapter, paper_data: Path) -> None:
+    prompts = list(load_role_prompts("mathematician", paper_data / "roles").prompts[:4])
+    means = mean_activations(embedded, prompts, batch_size=4, progress=False)
+    ref, _ = _reference(embedded, prompts)
+    n = embedded.n_layers
+    assert embedded.chat.n_positions == 6 and means.shape == (6, n + 1, 576)
+    assert float((means[:, :n] - ref).norm() / ref.norm()) <= 1e-5
+    for batch_size, side in ((1, "right"), (4, "left")):
+        got = mean_activations(embedded, prompts, batch_size=batch_size, padding_side=side, progress=False)
+        assert float((got - means).norm() / means.norm()) <= 1e-5, (batch_size, side)
