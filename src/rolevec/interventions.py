@@ -3,19 +3,24 @@
 * Activation addition: x ← x + α·d at the input of the chosen layer(s), at every position by default.
 * Directional ablation: x ← x − d̂d̂ᵀx at every block input, the final norm input, and on every module
   output written into the residual stream, so the direction never re-enters it.
+
+:class:`Steering` is one of these resolved from a vector file (role, layer(s), position, α) — the
+common currency of generation, folding and export; :func:`resolve_steering` builds it and checks it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .errors import RolevecError
 from .hooks import hooked, input_hook, output_hook
 from .model import ModelAdapter
-from .vectors import check_alpha
+from .vectors import RoleVectors, check_alpha
 
 WHERE = ("all", "prompt", "generated")
 
@@ -42,7 +47,8 @@ def add(
     """Add α·vector to the residual stream at the input of each layer in ``layers``.
 
     ``where`` restricts steering with a KV cache: ``prompt`` steers only multi-token (prompt) forwards,
-    ``generated`` only single-token (decoding) forwards; ``all`` steers every position.
+    ``generated`` only single-token (decoding) forwards; ``all`` steers every position. The split is
+    by the forward's length, so it needs cached decoding and a prompt of two tokens or more.
     """
     alpha = check_alpha(alpha)
     if where not in WHERE:
@@ -86,3 +92,163 @@ def ablate(adapter: ModelAdapter, direction: torch.Tensor) -> Iterator[None]:
     post = [(w, output_hook(project_out)) for layer in range(n) for w in adapter.writers(layer)]
     with hooked(pre=pre, post=post):
         yield
+
+
+# --- resolved steering recipes ------------------------------------------------------------------------
+
+MODES = ("add", "ablate")
+
+
+@dataclass(frozen=True)
+class Steering:
+    """One intervention resolved from a vector file, shared by generation, folding and export.
+
+    ``vectors`` maps each layer to its (unscaled) role vector. For ``add`` every entry is applied at its
+    own layer, scaled by ``alpha``; for ``ablate`` there is one entry, the layer the direction was taken
+    from, and the direction is removed everywhere.
+    """
+
+    mode: str
+    vectors: Mapping[int, torch.Tensor]
+    alpha: float = 0.0
+    role: str = ""
+    position: int = -1
+    source: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise RolevecError(f"steering mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if not self.vectors:
+            raise RolevecError("steering needs at least one layer")
+        if self.mode == "ablate" and len(self.vectors) != 1:
+            raise RolevecError("ablation removes one direction: pass a single --layer, not a range")
+        check_alpha(self.alpha)
+        for vector in self.vectors.values():
+            if vector.ndim != 1:
+                raise RolevecError(f"a steering vector must be 1-D, not of shape {tuple(vector.shape)}")
+            if not torch.isfinite(vector).all():
+                raise RolevecError("steering vector contains NaN or infinite values")
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.vectors)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(next(iter(self.vectors.values())).shape[0])
+
+    @property
+    def direction(self) -> torch.Tensor:
+        """The unit direction an ablation removes."""
+        return unit(self.vectors[self.layers[0]].float())
+
+    def scaled(self) -> dict[int, torch.Tensor]:
+        """α·d per layer: exactly what addition puts into the residual stream."""
+        if self.mode != "add":
+            raise RolevecError("only addition has scaled vectors; ablation removes a direction")
+        return {layer: self.alpha * self.vectors[layer].float() for layer in self.layers}
+
+    def describe(self) -> str:
+        layers = ",".join(str(layer) for layer in self.layers)
+        who = f"role {self.role!r}, " if self.role else ""
+        if self.mode == "add":
+            return f"add α={self.alpha:g} ({who}layer {layers}, position {self.position})"
+        return f"ablate ({who}direction from layer {layers}, position {self.position})"
+
+    def check_model(self, adapter: ModelAdapter, *, allow_other_model: bool = False) -> None:
+        """Refuse a model of another size, depth or (unless allowed) another fingerprint."""
+        if self.hidden_size != adapter.hidden_size:
+            raise RolevecError(
+                f"vectors have hidden size {self.hidden_size} but {adapter.name} has {adapter.hidden_size}: "
+                "use vectors extracted from this model (`rolevec extract`)"
+            )
+        for layer in self.layers:
+            if not 0 <= layer <= adapter.n_layers:
+                raise RolevecError(
+                    f"layer {layer} is out of range: this model has layers 0..{adapter.n_layers}"
+                )
+        theirs = self.source.get("model_fingerprint")
+        if theirs and theirs != adapter.fingerprint() and not allow_other_model:
+            raise RolevecError(
+                f"vectors come from {self.source.get('model')!r} (fingerprint {theirs}), not from "
+                f"{adapter.name!r} ({adapter.fingerprint()}): pass the model they were extracted from, "
+                "or --allow-other-model to apply them anyway"
+            )
+
+    @contextmanager
+    def apply(self, adapter: ModelAdapter, *, where: str = "all") -> Iterator[None]:
+        """Steer ``adapter`` with hooks for the duration of the block."""
+        self.check_model(adapter, allow_other_model=True)
+        with ExitStack() as stack:
+            if self.mode == "add":
+                for layer in self.layers:
+                    stack.enter_context(
+                        add(adapter, self.vectors[layer], layers=layer, alpha=self.alpha, where=where)
+                    )
+            else:
+                if where != "all":
+                    raise RolevecError("ablation acts on every position: pass where='all'")
+                stack.enter_context(ablate(adapter, self.vectors[self.layers[0]]))
+            yield
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "role": self.role,
+            "layers": self.layers,
+            "position": self.position,
+            "alpha": self.alpha if self.mode == "add" else None,
+            "vector_norms": {str(k): float(v.float().norm()) for k, v in sorted(self.vectors.items())},
+        }
+
+
+def parse_layers(spec: str) -> list[int]:
+    """``"L"`` or a half-open range ``"a:b"`` (layers a..b-1, like Python slices)."""
+    text = spec.strip()
+    try:
+        if ":" in text:
+            start_text, stop_text = text.split(":", 1)
+            start, stop = int(start_text), int(stop_text)
+            if stop <= start:
+                raise RolevecError(f"layer range {spec!r} is empty: pass a:b with b > a (b is excluded)")
+            return list(range(start, stop))
+        return [int(text)]
+    except ValueError:
+        raise RolevecError(f"cannot read layers {spec!r}: pass an integer L or a range a:b") from None
+
+
+def resolve_steering(
+    vectors: RoleVectors,
+    role: str,
+    *,
+    layers: int | Sequence[int],
+    position: int = -1,
+    alpha: float | None = None,
+    ablate: bool = False,
+    adapter: ModelAdapter | None = None,
+    allow_other_model: bool = False,
+) -> Steering:
+    """Pick role vectors out of a file and check them (and, if given, against the model)."""
+    layer_list = [layers] if isinstance(layers, int) else list(layers)
+    if ablate and alpha is not None:
+        raise RolevecError("ablation takes no alpha: pass either --alpha A or --ablate")
+    if not ablate and alpha is None:
+        raise RolevecError("addition needs a strength: pass --alpha A (the paper uses 1 or 3)")
+    picked = {layer: vectors.vector(role, layer, position).float() for layer in layer_list}
+    source = {k: vectors.metadata[k] for k in ("model", "model_fingerprint") if k in vectors.metadata}
+    steering = Steering(
+        mode="ablate" if ablate else "add",
+        vectors=picked,
+        alpha=0.0 if alpha is None else check_alpha(alpha),
+        role=role,
+        position=position,
+        source=source,
+    )
+    if adapter is not None:
+        if vectors.n_layers != adapter.n_layers:
+            raise RolevecError(
+                f"vectors were extracted from a model with {vectors.n_layers} layers but {adapter.name} has "
+                f"{adapter.n_layers}: extract vectors for this model with `rolevec extract`"
+            )
+        steering.check_model(adapter, allow_other_model=allow_other_model)
+    return steering

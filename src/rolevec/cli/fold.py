@@ -1,0 +1,74 @@
+"""`rolevec fold`: write a steered model as a standard checkpoint that transformers loads without rolevec."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import add_model_args, load_from_args
+from .steer_args import add_strength_args, add_vector_args, check_alpha_arg, check_out, load_vectors
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "fold",
+        help="fold addition or ablation into the weights and save a Hugging Face checkpoint",
+        description=(
+            "Fold a role vector into the model weights (exact constructions only; verified by reloading "
+            "the written checkpoint with plain transformers) and save it with tokenizer and manifest.json."
+        ),
+    )
+    add_model_args(parser)
+    add_vector_args(parser)
+    parser.add_argument("--layer", type=int, required=True, help="layer L (input of block L) to steer")
+    add_strength_args(parser, required=True)
+    parser.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import RolevecError
+    from ..folding import fold, fold_problem, save_folded
+    from ..interventions import resolve_steering
+    from ..manifest import build_manifest, vector_provenance
+
+    out = check_out(args.out, args.force)
+    check_alpha_arg(args.alpha)
+    vectors = load_vectors(args.vectors)
+    position = -1 if args.position is None else args.position
+    steering = resolve_steering(
+        vectors, args.role, layers=args.layer, position=position, alpha=args.alpha, ablate=args.ablate
+    )
+    adapter = load_from_args(args)
+    steering = resolve_steering(
+        vectors,
+        args.role,
+        layers=args.layer,
+        position=position,
+        alpha=args.alpha,
+        ablate=args.ablate,
+        adapter=adapter,
+        allow_other_model=args.allow_other_model,
+    )
+    problem = fold_problem(adapter, steering)
+    if problem:
+        raise RolevecError(problem)
+    folded = fold(adapter, steering)
+    manifest = build_manifest(
+        {k: v for k, v in vars(args).items() if k != "func"},
+        adapter,
+        {
+            "steering": steering.provenance(),
+            "vectors": vector_provenance(args.vectors, vectors.metadata),
+            "fold": {
+                "edits": folded.source.get("fold_edits", ""),
+                "layer_convention": "layer L = residual stream at the input of decoder block L",
+            },
+        },
+    )
+    save_folded(folded, out, manifest=manifest, force=args.force, check=(adapter, steering))
+    print(f"wrote {out}: {steering.describe()} folded into {adapter.name}", file=sys.stderr)
+    print(f"  {folded.source.get('fold_edits', '')}", file=sys.stderr)
+    print("  verified: reloaded with transformers, logits match hooked steering", file=sys.stderr)
+    return 0

@@ -1,0 +1,135 @@
+"""Options shared by the steering commands (generate, fold, export), checked cheapest-first.
+
+Everything that can be checked without the model (output folder, α, role, layer, position) is checked
+before the model loads, so a typo costs a second, not a model load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import RolevecError
+
+if TYPE_CHECKING:
+    from ..model import ModelAdapter
+    from ..vectors import RoleVectors
+
+#: Layer used when neither --layer nor a selection gives one: 40% of the way up the stack.
+DEFAULT_LAYER_FRACTION = 0.4
+
+
+def add_vector_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    group = parser.add_argument_group("role vector")
+    group.add_argument(
+        "--vectors", required=required, default=None, help="vector file written by `rolevec extract`"
+    )
+    group.add_argument("--role", required=required, default=None, help="role to steer toward (in the file)")
+    group.add_argument(
+        "--position",
+        type=int,
+        default=None,
+        help="post-instruction position the vector is taken from, -k..-1 (default -1)",
+    )
+    group.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="apply vectors whose model fingerprint differs from the loaded model",
+    )
+
+
+def add_strength_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--alpha", type=float, default=None, help="addition strength α (x ← x + α·d)")
+    group.add_argument(
+        "--ablate", action="store_true", help="directional ablation: remove d̂ from the residual stream"
+    )
+
+
+def check_out(path: str, force: bool) -> Path:
+    out = Path(path)
+    if out.exists() and not force:
+        raise RolevecError(f"{out} already exists: pass --force to overwrite it, or choose another --out")
+    return out
+
+
+def check_alpha_arg(alpha: float | None) -> None:
+    if alpha is not None and not math.isfinite(alpha):
+        raise RolevecError(f"--alpha must be a finite number, not {alpha}")
+
+
+def load_vectors(path: str) -> RoleVectors:
+    from ..vectors import RoleVectors
+
+    return RoleVectors.load(path)
+
+
+def default_layer(n_layers: int) -> int:
+    """round(0.4 · n_layers), at least 1: early-middle layers, where role directions are well formed."""
+    return max(1, min(n_layers, round(DEFAULT_LAYER_FRACTION * n_layers)))
+
+
+@dataclass
+class Choice:
+    """Layer, position and α for one role, with where each came from."""
+
+    layer: int
+    position: int
+    alpha: float | None
+    origin: str
+
+
+def read_selection(path: str, role: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The selection file (written by `rolevec sweep`/`evaluate`) and its entry for ``role``."""
+    p = Path(path)
+    if not p.is_file():
+        raise RolevecError(f"selection file {p} does not exist: pass the JSON written by `rolevec sweep`")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RolevecError(f"{p} is not a readable JSON selection file ({exc})") from exc
+    roles = data.get("roles") if isinstance(data, dict) else None
+    if not isinstance(roles, dict):
+        raise RolevecError(f"{p} has no 'roles' table: pass a selection file written by `rolevec sweep`")
+    if role not in roles or not isinstance(roles[role], dict):
+        known = ", ".join(sorted(roles)) or "none"
+        raise RolevecError(f"role {role!r} is not in selection {p} (it has: {known})")
+    return data, roles[role]
+
+
+def choose(
+    args: argparse.Namespace, vectors: RoleVectors, *, need_alpha: bool
+) -> tuple[Choice, dict[str, Any] | None]:
+    """Explicit options win; then the selection file; then the documented defaults."""
+    selection: dict[str, Any] | None = None
+    entry: dict[str, Any] = {}
+    if getattr(args, "selection", None):
+        selection, entry = read_selection(args.selection, args.role)
+    origin = f"selection {args.selection}" if selection is not None else "defaults"
+    layer = args.layer if args.layer is not None else entry.get("layer")
+    if layer is None:
+        layer = default_layer(vectors.n_layers)
+    position = args.position if args.position is not None else entry.get("position", -1)
+    alpha = args.alpha if args.alpha is not None else entry.get("alpha")
+    if need_alpha and not args.ablate and alpha is None:
+        raise RolevecError(
+            "addition needs a strength: pass --alpha A (the paper uses 1 or 3) or --selection FILE"
+        )
+    if args.ablate:
+        alpha = None
+    return Choice(int(layer), int(position), None if alpha is None else float(alpha), origin), selection
+
+
+def check_selection_model(selection: dict[str, Any] | None, adapter: ModelAdapter, allow: bool) -> None:
+    if selection is None:
+        return
+    theirs = selection.get("model_fingerprint")
+    if theirs and theirs != adapter.fingerprint() and not allow:
+        raise RolevecError(
+            f"the selection was made on {selection.get('model')!r} (fingerprint {theirs}), not on "
+            f"{adapter.name!r} ({adapter.fingerprint()}): pass that model, or --allow-other-model"
+        )

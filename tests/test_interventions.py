@@ -1,0 +1,207 @@
+"""Interventions beyond the core tests: ablation seen from the writers' side, padding, resolution, errors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from rolevec.errors import RolevecError
+from rolevec.hooks import count_hooks, hooked, input_hook, output_hook
+from rolevec.interventions import Steering, ablate, parse_layers, resolve_steering
+from rolevec.model import ModelAdapter
+from rolevec.testing import make_adapter
+from rolevec.vectors import RoleVectors
+
+TEXTS = ["Explain how eigenvalues relate to stability.", "Hi", "What is the dose of amoxicillin?"]
+
+
+def role_vectors(adapter: ModelAdapter, *, fingerprint: str | None = None, seed: int = 0) -> RoleVectors:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (adapter.chat.n_positions, adapter.n_layers + 1, adapter.hidden_size)
+    return RoleVectors(
+        role_means={"doctor": torch.randn(shape, generator=gen), "lawyer": torch.randn(shape, generator=gen)},
+        base_mean=torch.randn(shape, generator=gen),
+        positions=tuple(adapter.chat.positions),
+        position_tokens=tuple(adapter.chat.position_tokens()),
+        metadata={"model": adapter.name, "model_fingerprint": fingerprint or adapter.fingerprint()},
+    )
+
+
+def _block_outputs(adapter: ModelAdapter, texts: list[str]) -> list[torch.Tensor]:
+    """Every block's output and the final norm's input, read with forward hooks on the blocks."""
+    seen: list[torch.Tensor] = []
+
+    def keep(x: torch.Tensor) -> None:
+        seen.append(x.detach().clone())
+
+    batch = adapter.encode([adapter.render(t) for t in texts])
+    post = [(block, output_hook(keep)) for block in adapter.blocks]
+    with torch.inference_mode(), hooked(post=post, pre=[(adapter.final_norm, input_hook(keep))]):
+        adapter.model(**batch.model_kwargs())
+    return seen
+
+
+def _max_projection(xs: list[torch.Tensor], dhat: torch.Tensor) -> float:
+    return max(float((x @ dhat).abs().max() / x.norm(dim=-1).max().clamp_min(1.0)) for x in xs)
+
+
+def test_ablation_keeps_block_outputs_orthogonal(tiny: ModelAdapter) -> None:
+    """Block outputs are residual + writer outputs: only the writer hooks can make them orthogonal."""
+    torch.manual_seed(1)
+    d = torch.randn(tiny.hidden_size)
+    dhat = d / d.norm()
+    clean = _block_outputs(tiny, TEXTS)
+    assert _max_projection(clean, dhat) > 1e-2
+
+    # control: projecting only the block inputs leaves the direction in every block's output
+    def project(x: torch.Tensor) -> torch.Tensor:
+        return x - (x @ dhat).unsqueeze(-1) * dhat
+
+    sites = [tiny.residual_site(layer) for layer in range(tiny.n_layers + 1)]
+    with hooked(pre=[(s, input_hook(project)) for s in sites]):
+        inputs_only = _block_outputs(tiny, TEXTS)
+    assert _max_projection(inputs_only[:-1], dhat) > 1e-3
+
+    with ablate(tiny, d):
+        ablated = _block_outputs(tiny, TEXTS)
+    assert len(ablated) == tiny.n_layers + 1
+    assert _max_projection(ablated, dhat) < 1e-5
+    assert count_hooks(tiny.model) == 0
+
+
+def _rows(
+    adapter: ModelAdapter, texts: list[str], steer: Callable[[], object] | None, side: str
+) -> list[torch.Tensor]:
+    """Logits of each text's real tokens, from one padded batch."""
+    batch = adapter.encode([adapter.render(t) for t in texts], padding_side=side)
+    with torch.inference_mode():
+        if steer is None:
+            logits = adapter.model(**batch.model_kwargs()).logits
+        else:
+            with steer():  # type: ignore[attr-defined]
+                logits = adapter.model(**batch.model_kwargs()).logits
+    out = []
+    width = batch.input_ids.shape[1]
+    for i, n in enumerate(batch.lengths.tolist()):
+        out.append(logits[i, :n] if side == "right" else logits[i, width - n :])
+    return out
+
+
+@pytest.mark.parametrize("mode", ["add", "ablate"])
+def test_batched_steering_with_padding_matches_unbatched(tiny: ModelAdapter, mode: str) -> None:
+    torch.manual_seed(2)
+    d = torch.randn(tiny.hidden_size)
+    steering = Steering(mode=mode, vectors={2: d}, alpha=4.0 if mode == "add" else 0.0)
+    singles = [_rows(tiny, [t], lambda: steering.apply(tiny), "right")[0] for t in TEXTS]
+    plain = _rows(tiny, TEXTS[:1], None, "right")[0]
+    assert not torch.allclose(plain, singles[0], atol=1e-3)  # the steering does something
+    for side in ("right", "left"):
+        batched = _rows(tiny, TEXTS, lambda: steering.apply(tiny), side)
+        for got, want in zip(batched, singles, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_steering_adds_each_layer_its_own_vector(tiny_llama: ModelAdapter) -> None:
+    before: dict[int, torch.Tensor] = {}
+    after: dict[int, torch.Tensor] = {}
+
+    def keep(store: dict[int, torch.Tensor], layer: int) -> Callable[[torch.Tensor], None]:
+        def fn(x: torch.Tensor) -> None:
+            store[layer] = x.detach().clone()
+
+        return fn
+
+    gen = torch.Generator().manual_seed(3)
+    a, b = (
+        torch.randn(tiny_llama.hidden_size, generator=gen),
+        torch.randn(tiny_llama.hidden_size, generator=gen),
+    )
+    steering = Steering(mode="add", vectors={1: a, 3: b}, alpha=2.0)
+    batch = tiny_llama.encode([tiny_llama.render("Hi")])
+    sites = {layer: tiny_llama.residual_site(layer) for layer in (1, 3)}
+    # hooks run in registration order: observers outside the steering see the input before the shift
+    with (
+        torch.inference_mode(),
+        hooked(pre=[(s, input_hook(keep(before, k))) for k, s in sites.items()]),
+        steering.apply(tiny_llama),
+        hooked(pre=[(s, input_hook(keep(after, k))) for k, s in sites.items()]),
+    ):
+        tiny_llama.model(**batch.model_kwargs())
+    for layer, vector in ((1, a), (3, b)):
+        shift = after[layer] - before[layer]
+        torch.testing.assert_close(shift, (2.0 * vector).expand_as(shift), rtol=0, atol=1e-5)
+    assert count_hooks(tiny_llama.model) == 0
+    assert steering.scaled()[3].equal(2.0 * b)
+    assert "layer 1,3" in steering.describe()
+
+
+def test_resolve_steering_checks_everything(tiny_llama: ModelAdapter) -> None:
+    vecs = role_vectors(tiny_llama)
+    steering = resolve_steering(vecs, "doctor", layers=2, alpha=3.0, adapter=tiny_llama)
+    assert steering.mode == "add" and steering.layers == [2] and steering.alpha == 3.0
+    assert torch.equal(steering.vectors[2], vecs.vector("doctor", 2, -1))
+    ablation = resolve_steering(vecs, "lawyer", layers=1, position=-2, ablate=True, adapter=tiny_llama)
+    assert ablation.mode == "ablate" and torch.isclose(ablation.direction.norm(), torch.tensor(1.0))
+
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"layers": 1, "alpha": 1.0, "role": "chef"}, "role 'chef'"),
+        ({"layers": 7, "alpha": 1.0}, "layer 7 is out of range"),
+        ({"layers": 1, "alpha": 1.0, "position": -99}, "position -99"),
+        ({"layers": 1, "alpha": math.nan}, "finite"),
+        ({"layers": 1, "alpha": math.inf}, "finite"),
+        ({"layers": 1}, "--alpha"),
+        ({"layers": 1, "alpha": 1.0, "ablate": True}, "either"),
+        ({"layers": [1, 2], "ablate": True}, "single"),
+    ]
+    for kwargs, message in cases:
+        role = str(kwargs.pop("role", "doctor"))
+        with pytest.raises(RolevecError, match=message):
+            resolve_steering(vecs, role, adapter=tiny_llama, **kwargs)  # type: ignore[arg-type]
+
+
+def test_resolve_refuses_another_model(tiny_llama: ModelAdapter) -> None:
+    other = role_vectors(tiny_llama, fingerprint="0123456789abcdef")
+    with pytest.raises(RolevecError, match=r"fingerprint 0123456789abcdef.*--allow-other-model"):
+        resolve_steering(other, "doctor", layers=1, alpha=1.0, adapter=tiny_llama)
+    resolve_steering(other, "doctor", layers=1, alpha=1.0, adapter=tiny_llama, allow_other_model=True)
+    deeper = role_vectors(make_adapter("llama", n_layers=4))
+    with pytest.raises(RolevecError, match="4 layers"):
+        resolve_steering(deeper, "doctor", layers=1, alpha=1.0, adapter=tiny_llama)
+    gen = torch.Generator().manual_seed(0)
+    narrow = RoleVectors(
+        role_means={"doctor": torch.randn(2, 4, 16, generator=gen)},
+        base_mean=torch.zeros(2, 4, 16),
+        positions=(-2, -1),
+        position_tokens=("a", "b"),
+    )
+    with pytest.raises(RolevecError, match="hidden size 16"):
+        resolve_steering(narrow, "doctor", layers=1, alpha=1.0, adapter=tiny_llama)
+
+
+def test_parse_layers() -> None:
+    assert parse_layers("3") == [3]
+    assert parse_layers("2:5") == [2, 3, 4]
+    for bad in ("5:2", "x", "1:y", ""):
+        with pytest.raises(RolevecError, match="layer"):
+            parse_layers(bad)
+
+
+def test_steering_rejects_bad_vectors() -> None:
+    with pytest.raises(RolevecError, match="NaN"):
+        Steering(mode="add", vectors={1: torch.tensor([1.0, math.nan])}, alpha=1.0)
+    with pytest.raises(RolevecError, match="mode"):
+        Steering(mode="clamp", vectors={1: torch.ones(2)})
+    with pytest.raises(RolevecError, match="at least one"):
+        Steering(mode="add", vectors={}, alpha=1.0)
+    with pytest.raises(RolevecError, match="zero"):
+        _ = Steering(mode="ablate", vectors={1: torch.zeros(4)}).direction
+    tiny = make_adapter("llama")
+    with (
+        pytest.raises(RolevecError, match="where"),
+        Steering(mode="ablate", vectors={1: torch.ones(32)}).apply(tiny, where="prompt"),
+    ):
+        pass
+    assert count_hooks(tiny.model) == 0
