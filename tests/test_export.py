@@ -82,6 +82,8 @@ def test_control_vector_round_trip_and_repeng_layout(tmp_path: Path) -> None:
     assert sorted(back) == [2, 3, 4]
     for layer, vector in steering.scaled().items():
         assert torch.equal(back[layer], vector)
+    meta, _ = read_control_vector_file(path)
+    assert meta["rolevec"]["layers"] == "2,3,4" and meta["rolevec"]["alpha"] == "2.5"
     imported = steering_from_control_vector(path, scale=0.5)
     assert imported.alpha == 0.5 and imported.layers == [2, 3, 4]
 
@@ -240,3 +242,20 @@ def test_generate_cli_reads_a_control_vector(
     out = capsys.readouterr().out
     assert out.startswith("[steered: add α=1 (role 'cv', layer 2, position -1)]")
     assert generate(tiny, "Hi", steering=steering, max_new_tokens=6).text in out
+
+
+def test_real_lm_eval_loader_reproduces_hooked_steering(tmp_path: Path) -> None:
+    """Runs only where lm-evaluation-harness (≥ 0.4.13, with peft) is installed; rolevec does not need it."""
+    steered = pytest.importorskip("lm_eval.models.hf_steered")
+    tiny = make_adapter("llama")
+    tiny.model.save_pretrained(tmp_path / "model")
+    tiny.tokenizer.save_pretrained(tmp_path / "model")
+    steering = _steering(tiny.hidden_size, layers=(1, 3), alpha=2.0)
+    path = export_lm_eval(steering, tiny, tmp_path / "steer.pt")
+    lm = steered.SteeredModel(
+        pretrained=str(tmp_path / "model"), steer_path=str(path), device="cpu", dtype="float32"
+    )
+    batch = tiny.encode([tiny.render(t) for t in PROMPTS])
+    with torch.no_grad():
+        got = lm._model_call(batch.input_ids).float()
+    torch.testing.assert_close(got, steered_logits(tiny, steering, PROMPTS), rtol=1e-5, atol=1e-5)

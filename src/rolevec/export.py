@@ -41,9 +41,17 @@ def llama_cpp_index(layer: int) -> int:
 
 
 def write_control_vector(
-    path: str | Path, directions: Mapping[int, torch.Tensor], *, model_hint: str, force: bool = False
+    path: str | Path,
+    directions: Mapping[int, torch.Tensor],
+    *,
+    model_hint: str,
+    provenance: Mapping[str, str] | None = None,
+    force: bool = False,
 ) -> Path:
-    """Write ``{rolevec layer: vector already scaled by α}`` as a llama.cpp control-vector GGUF."""
+    """Write ``{rolevec layer: vector already scaled by α}`` as a llama.cpp control-vector GGUF.
+
+    ``provenance`` becomes ``rolevec.<key>`` string fields, which llama.cpp ignores.
+    """
     import gguf
     import numpy as np
 
@@ -63,6 +71,8 @@ def write_control_vector(
         writer = gguf.GGUFWriter(str(tmp), GGUF_ARCH)
         writer.add_string(f"{GGUF_ARCH}.model_hint", model_hint)
         writer.add_uint32(f"{GGUF_ARCH}.layer_count", len(arrays))
+        for key, value in (provenance or {}).items():
+            writer.add_string(f"rolevec.{key}", str(value))
         for name, array in arrays.items():
             writer.add_tensor(name, array)
         writer.write_header_to_file()
@@ -105,6 +115,9 @@ def read_control_vector_file(path: str | Path) -> tuple[dict[str, Any], dict[int
         "model_hint": _field_value(reader, f"{GGUF_ARCH}.model_hint"),
         "layer_count": _field_value(reader, f"{GGUF_ARCH}.layer_count"),
     }
+    rolevec_keys = sorted(k for k in reader.fields if k.startswith("rolevec."))
+    if rolevec_keys:
+        meta["rolevec"] = {k.removeprefix("rolevec."): _field_value(reader, k) for k in rolevec_keys}
     directions: dict[int, torch.Tensor] = {}
     for tensor in reader.tensors:
         prefix, _, index = tensor.name.partition(".")
@@ -136,9 +149,22 @@ def export_control_vector(
     steering: Steering, path: str | Path, *, model_hint: str, force: bool = False
 ) -> Path:
     """Write an addition as a control vector with α multiplied in (load it with strength 1)."""
+    from . import __version__
+
     if steering.mode != "add":
         raise RolevecError("only addition can be exported as a control vector (llama.cpp adds vectors)")
-    return write_control_vector(path, steering.scaled(), model_hint=model_hint, force=force)
+    provenance = {
+        "version": __version__,
+        "role": steering.role,
+        "layers": ",".join(str(layer) for layer in steering.layers),
+        "position": str(steering.position),
+        "alpha": repr(steering.alpha),
+        "layer_convention": "rolevec layer L = input of block L = direction.(L-1)",
+        **{k: str(v) for k, v in steering.source.items() if k in ("model", "model_fingerprint")},
+    }
+    return write_control_vector(
+        path, steering.scaled(), model_hint=model_hint, provenance=provenance, force=force
+    )
 
 
 # --- lm-evaluation-harness `steered` model --------------------------------------------------------------

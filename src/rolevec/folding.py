@@ -273,7 +273,7 @@ def embedding_scale(adapter: ModelAdapter) -> float:
         float((own - s1 * rows).norm() / own.norm().clamp_min(1e-30)),
         float((x0 - s2 * total).norm() / x0.norm().clamp_min(1e-30)),
     )
-    if err > 1e-5:
+    if err > (1e-5 if adapter.dtype == torch.float32 else 1e-2):  # half precision rounds the product
         raise RolevecError(
             f"the input of block 0 in {adapter.name} is not a scaled sum of its embeddings "
             f"(error {err:.1e}): addition at layer 0 cannot be folded exactly; {HOOKED_ADVICE}"

@@ -187,7 +187,7 @@ class Steering:
                     )
             else:
                 if where != "all":
-                    raise RolevecError("ablation acts on every position: pass where='all'")
+                    raise RolevecError("ablation acts on every position: pass where='all' (CLI: --where all)")
                 stack.enter_context(ablate(adapter, self.vectors[self.layers[0]]))
             yield
 

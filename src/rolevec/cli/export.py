@@ -89,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if len(steering.layers) > 1:
             print(
-                "  note: lm-evaluation-harness's loader binds its add-hooks late, so a file with several "
-                "hookpoints steers each with the last one's vector; export one layer per file for it",
+                "  note: lm-eval releases before 0.4.13 bind their add-hooks late, so there a file with "
+                "several hookpoints steers each with the last one's vector (export one layer per file)",
                 file=sys.stderr,
             )
     return 0
