@@ -41,6 +41,7 @@ def atomic_write(path: Path, write: Any, *, force: bool = False) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes files owner-only; outputs are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
