@@ -1,0 +1,382 @@
+"""`rolevec evaluate`: score MCQ domains under baseline, persona, addition, ablation and random control.
+
+Results are appended per batch to RUN_DIR/records.jsonl; rerunning the same command resumes. The run's
+question split lives in RUN_DIR/split.json (or comes from the sweep that chose the site).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from ..errors import RolevecError
+from .common import add_model_args, load_from_args
+
+if TYPE_CHECKING:
+    from ..mcq import MCQSet
+
+CONDITION_NAMES = ("baseline", "persona", "add", "ablate", "random")
+
+
+@contextmanager
+def plain_warnings() -> Iterator[None]:
+    """Library warnings as one ``rolevec: warning: ...`` line each."""
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        print(f"rolevec: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = show
+        yield
+
+
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {value!r}")
+    return n
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Question source, split and prompt options shared by `evaluate` and `sweep`."""
+    data = parser.add_argument_group("questions")
+    data.add_argument(
+        "--mcq-dir",
+        default=None,
+        help="folder of <domain>.json/.jsonl/.csv, one such file, or hf:cais/mmlu (default: the paper's "
+        "files in ../shared/data/role-vectors-paper/mmlu_domains or $ROLEVEC_MMLU_DIR, else the built-in "
+        "sample of 24 questions per domain)",
+    )
+    data.add_argument(
+        "--skip-bad", action="store_true", help="skip malformed questions (counted) instead of failing"
+    )
+    data.add_argument("--limit", type=positive_int, default=None, help="at most N questions per domain")
+    data.add_argument("--seed", type=int, default=None, help="split seed (default: the run's, else 0)")
+    data.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="share of each domain used for validation (default 0.2)",
+    )
+    prompt = parser.add_argument_group("prompt")
+    prompt.add_argument(
+        "--prompt-file",
+        default=None,
+        help="text file with the user-turn template ({question}, {A}..{D}, {subject})",
+    )
+    prompt.add_argument(
+        "--answer-prefix",
+        default=None,
+        help="text appended after the generation prompt, e.g. 'The answer is' (letters then follow a space)",
+    )
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", required=True, help="run folder (created; a rerun resumes from its records)")
+    run.add_argument("--batch-size", type=positive_int, default=16, help="questions per forward (default 16)")
+    run.add_argument(
+        "--force", action="store_true", help="discard the run folder's earlier results and start over"
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "evaluate",
+        help="score MCQ domains under baseline/persona/add/ablate/random conditions",
+        description="Score multiple-choice questions by the four answer-letter logits under the chosen "
+        "conditions; records go to RUN_DIR/records.jsonl and a summary table is printed.",
+    )
+    add_model_args(parser)
+    parser.add_argument("--vectors", default=None, help="role-vector file (needed for add, ablate, random)")
+    parser.add_argument(
+        "--role", default=None, help="role, or comma-separated roles (needed except for baseline)"
+    )
+    parser.add_argument(
+        "--conditions",
+        default="baseline,persona,add,ablate,random",
+        help="comma-separated subset of baseline,persona,add,ablate,random (default: all)",
+    )
+    site = parser.add_argument_group("steering site (or --selection)")
+    site.add_argument("--layer", type=int, default=None, help="layer L (input of block L)")
+    site.add_argument("--position", type=int, default=None, help="post-instruction position, e.g. -1")
+    site.add_argument("--alpha", type=float, default=None, help="addition strength α")
+    site.add_argument("--selection", default=None, help="selection.json of a sweep (site per role)")
+    parser.add_argument(
+        "--persona-template",
+        default="you_are",
+        help="you_are ('You are a/an {role}.'), imagine, talking_to, or comma-separated several",
+    )
+    parser.add_argument("--random-seed", type=int, default=0, help="seed of the random-direction control")
+    parser.add_argument("--domains", default="all", help="comma-separated domains, or all (default)")
+    parser.add_argument(
+        "--split", default="test", choices=["test", "val", "all"], help="which questions (default test)"
+    )
+    parser.add_argument(
+        "--split-file", default=None, help="a split.json to use (default: the run's, or the sweep's)"
+    )
+    add_data_args(parser)
+    parser.set_defaults(func=run)
+
+
+# --- shared steps (also used by `rolevec sweep`) ----------------------------------------------------
+
+
+def prepare_run_dir(out: str, force: bool) -> Path:
+    from ..records import clear_run
+
+    run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RolevecError(f"--out {out} is a file: pass a folder")
+    if force and run_dir.exists():
+        clear_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def load_questions(args: argparse.Namespace, domains: Sequence[str] | None) -> MCQSet:
+    from ..mcq import load_mcq
+
+    mcq = load_mcq(args.mcq_dir, domains, skip_bad=args.skip_bad)
+    kind = {
+        "shared": "the paper's MMLU domain files",
+        "env": "$ROLEVEC_MMLU_DIR",
+        "builtin": "the built-in sample (24 questions per domain; pass --mcq-dir for MMLU)",
+        "hf": "Hugging Face",
+        "custom": "--mcq-dir",
+    }[mcq.kind]
+    counts = ", ".join(f"{d} {len(v)}" for d, v in mcq.items.items())
+    print(f"rolevec: questions from {kind}: {mcq.source} ({counts})", file=sys.stderr)
+    if mcq.n_skipped:
+        print(f"rolevec: skipped {mcq.n_skipped} malformed question(s) (--skip-bad)", file=sys.stderr)
+    return mcq
+
+
+def prompt_format_from_args(args: argparse.Namespace) -> Any:
+    from ..evaluation import PAPER_TEMPLATE, PromptFormat
+
+    template = PAPER_TEMPLATE
+    if args.prompt_file:
+        try:
+            template = Path(args.prompt_file).read_text(encoding="utf-8").rstrip("\n")
+        except OSError as exc:
+            raise RolevecError(f"cannot read --prompt-file {args.prompt_file} ({exc})") from exc
+    return PromptFormat(template, args.answer_prefix)
+
+
+def run_settings(
+    adapter: Any, prompt_format: Any, split: Any, random_seed: int | None = None
+) -> dict[str, Any]:
+    settings: dict[str, Any] = {
+        "model": adapter.name,
+        "model_fingerprint": adapter.fingerprint(),
+        "dtype": str(adapter.dtype).replace("torch.", ""),
+        "prompt": prompt_format.to_json(),
+        "split": {"seed": split.seed, "val_fraction": split.val_fraction, "source": split.source},
+    }
+    if random_seed is not None:
+        settings["random_seed"] = random_seed
+    return settings
+
+
+def write_command_manifest(
+    run_dir: Path, command: str, args: argparse.Namespace, adapter: Any, extra: dict[str, Any]
+) -> None:
+    from ..manifest import build_manifest, write_manifest
+
+    manifest = build_manifest(
+        {k: v for k, v in vars(args).items() if k != "func"}, adapter, {"command": command, **extra}
+    )
+    write_manifest(run_dir / f"manifest-{command}.json", manifest)
+
+
+def split_list(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+# --- evaluate --------------------------------------------------------------------------------------
+
+
+def _conditions(args: argparse.Namespace, adapter: Any, vectors: Any) -> list[Any]:
+    from ..evaluation import Condition
+    from ..selection import load_selection, selected_site
+
+    kinds = split_list(args.conditions)
+    unknown = [k for k in kinds if k not in CONDITION_NAMES]
+    if not kinds or unknown:
+        raise RolevecError(
+            f"--conditions {args.conditions!r}: pass a comma-separated subset of {','.join(CONDITION_NAMES)}"
+        )
+    roles = split_list(args.role)
+    needs_role = [k for k in kinds if k != "baseline"]
+    if needs_role and not roles:
+        raise RolevecError(f"conditions {','.join(needs_role)} need --role")
+    steered = [k for k in kinds if k in ("add", "ablate", "random")]
+    explicit = args.layer is not None or args.position is not None or args.alpha is not None
+    if steered:
+        if vectors is None:
+            raise RolevecError(f"conditions {','.join(steered)} need --vectors FILE")
+        if args.selection and explicit:
+            raise RolevecError("pass either --selection or --layer/--position/--alpha, not both")
+        if not args.selection and (args.layer is None or args.position is None):
+            raise RolevecError(
+                f"conditions {','.join(steered)} need --layer and --position (or --selection FILE)"
+            )
+        if not args.selection and args.alpha is None and any(k in ("add", "random") for k in steered):
+            raise RolevecError("conditions add and random need --alpha (or --selection FILE)")
+    selection = load_selection(args.selection, adapter) if args.selection else None
+    templates = split_list(args.persona_template) or ["you_are"]
+    out: list[Any] = []
+    if "baseline" in kinds:
+        out.append(Condition("baseline"))
+    for role in roles:
+        if steered and role not in vectors.roles:
+            raise RolevecError(f"role {role!r} is not in {args.vectors} (it has: {', '.join(vectors.roles)})")
+        if selection is not None:
+            layer, position, alpha = selected_site(selection, role)
+        else:
+            layer, position, alpha = args.layer, args.position, args.alpha
+        for kind in kinds:
+            if kind == "baseline":
+                continue
+            if kind == "persona":
+                out.extend(Condition.make("persona", role=role, persona_template=t) for t in templates)
+            else:
+                out.append(Condition.make(kind, role=role, layer=layer, position=position, alpha=alpha))
+    return out
+
+
+def _base_split(args: argparse.Namespace, run_dir: Path) -> Any:
+    from ..mcq import Split
+
+    if args.split_file:
+        return Split.load(args.split_file)
+    if args.selection and not (run_dir / "split.json").exists():
+        beside = Path(args.selection).parent / "split.json"
+        if beside.exists():
+            return Split.load(beside)
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    with plain_warnings():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..evaluation import LetterScorer, evaluate_conditions
+    from ..mcq import ensure_split, parse_domains
+    from ..records import RecordStore, check_settings, read_records, record_identity
+    from ..selection import load_selection
+    from ..stats import format_table, per_subject, summarize
+    from ..vectors import RoleVectors, atomic_write
+
+    run_dir = prepare_run_dir(args.out, args.force)
+    adapter = load_from_args(args)
+    vectors = None
+    if args.vectors:
+        vectors = RoleVectors.load(args.vectors)
+        vectors.check_compatible(adapter)
+    conditions = _conditions(args, adapter, vectors)
+    domains = parse_domains(args.domains)
+    mcq = load_questions(args, domains)
+    prompt_format = prompt_format_from_args(args)
+    base = _base_split(args, run_dir)
+    split = ensure_split(
+        run_dir / "split.json", mcq, seed=args.seed, val_fraction=args.val_fraction, base=base
+    )
+    if args.selection:
+        sel = load_selection(args.selection, adapter)
+        if int(sel.get("split_seed", split.seed)) != split.seed:
+            raise RolevecError(
+                f"the selection was made on split seed {sel['split_seed']} but this run's split has seed "
+                f"{split.seed}: its test questions may include the validation questions used to select; "
+                "evaluate in the sweep's run folder or pass --split-file with the sweep's split.json"
+            )
+    uses_random = any(c.kind == "random" for c in conditions)
+    check_settings(
+        run_dir, run_settings(adapter, prompt_format, split, args.random_seed if uses_random else None)
+    )
+    doms = domains if domains is not None else mcq.domains
+    scorer = LetterScorer(adapter)
+    with RecordStore(run_dir / "records.jsonl") as store:
+        if store.repaired_bytes:
+            print(
+                f"rolevec: cut a torn last line ({store.repaired_bytes} bytes) off {store.path}",
+                file=sys.stderr,
+            )
+        report = evaluate_conditions(
+            adapter,
+            mcq,
+            split,
+            conditions,
+            store,
+            vectors=vectors,
+            domains=doms,
+            split_name=args.split,
+            limit=args.limit,
+            prompt_format=prompt_format,
+            batch_size=args.batch_size,
+            scorer=scorer,
+            random_seed=args.random_seed,
+            progress=not args.no_progress,
+        )
+    if report.persona_folded:
+        print(
+            "rolevec: this chat template has no system turn; persona prompts were folded into the user turn",
+            file=sys.stderr,
+        )
+    wanted = {c.identity() for c in conditions}
+    qids = {it.qid for d in doms for it in split.select(mcq, d, args.split, args.limit)}
+    records = [
+        r
+        for r in read_records(run_dir / "records.jsonl")
+        if r["qid"] in qids and record_identity(r)[:6] in wanted
+    ]
+    rows = summarize(records)
+    subjects = per_subject(records)
+    summary = {
+        "split": args.split,
+        "n_new_records": report.n_new,
+        "n_records_reused": report.n_done_before,
+        "persona_folded": report.persona_folded,
+        "scorer": scorer.mode,
+        "rows": [r.to_json() for r in rows],
+        "per_subject": [r.to_json() for r in subjects],
+    }
+    text = json.dumps(summary, indent=1, ensure_ascii=False, allow_nan=True) + "\n"
+    atomic_write(run_dir / "summary.json", lambda tmp: tmp.write_text(text, encoding="utf-8"), force=True)
+    write_command_manifest(
+        run_dir,
+        "evaluate",
+        args,
+        adapter,
+        {
+            "questions": {"source": mcq.source, "kind": mcq.kind, "n_skipped": mcq.n_skipped},
+            "persona_folded": report.persona_folded,
+            "scorer": scorer.mode,
+            "conditions": [c.fields() for c in conditions],
+        },
+    )
+    print(format_table(rows))
+    print(
+        f"\n{report.n_new} new record(s), {report.n_done_before} already in {run_dir / 'records.jsonl'}; "
+        f"summary in {run_dir / 'summary.json'}",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,203 @@
+"""`rolevec sweep`: score every steering site of a role on its domain's validation split and pick one.
+
+Writes per-question records (RUN_DIR/records.jsonl, resumable), the aggregated grid (sweep.jsonl) and
+the chosen site per role (selection.json), then prints the choice with its validation statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Any
+
+from ..errors import RolevecError
+from .common import add_model_args, load_from_args
+from .evaluate import (
+    add_data_args,
+    load_questions,
+    plain_warnings,
+    positive_int,
+    prepare_run_dir,
+    prompt_format_from_args,
+    run_settings,
+    split_list,
+    write_command_manifest,
+)
+
+NEGATIVE_LIST = re.compile(r"^-\d+(\.\d+)?(,\s*-?\d+(\.\d+)?)*$|^-\d*\.\d+$")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "sweep",
+        help="sweep layers x positions x alphas on the validation split and select a steering site",
+        description="Score addition at every (layer, position, alpha) and ablation at every (layer, "
+        "position) on the role's domain validation questions, then choose the site by the paper's "
+        "criterion (addition beats the baseline, ablation does not).",
+    )
+    add_model_args(parser)
+    parser.add_argument("--vectors", required=True, help="role-vector file")
+    parser.add_argument("--role", required=True, help="role, or comma-separated roles")
+    parser.add_argument(
+        "--domain", default=None, help="domain to sweep on (default: the role's domain in the paper's table)"
+    )
+    parser.add_argument("--alphas", default="1,3", help="comma-separated α values (default 1,3)")
+    parser.add_argument(
+        "--layers", default=None, help="half-open layer range a:b (default: the first 80%% of the layers)"
+    )
+    parser.add_argument("--positions", default="all", help="comma-separated positions like -1,-2, or all")
+    parser.add_argument(
+        "--ablate",
+        default="all",
+        choices=["all", "passing", "none"],
+        help="ablation sites: all (full grid), passing (only where addition beats the baseline: enough "
+        "for the criterion, faster), none",
+    )
+    speed = parser.add_argument_group("speed")
+    speed.add_argument(
+        "--no-reuse",
+        action="store_true",
+        help="run every candidate as a full forward (the default resumes from cached lower layers)",
+    )
+    speed.add_argument(
+        "--max-rows",
+        type=positive_int,
+        default=None,
+        help="rows per forward when candidates are stacked (default: --batch-size)",
+    )
+    speed.add_argument(
+        "--max-cache-mb",
+        type=positive_int,
+        default=512,
+        help="bound on cached residuals + stacked copies of one question batch, in MiB (default 512)",
+    )
+    add_data_args(parser)
+    # accept `--positions -1,-2` (argparse would take "-1,-2" for an option): lists of negative numbers
+    # count as values, like a single negative number does
+    parser._negative_number_matcher = NEGATIVE_LIST
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with plain_warnings():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..evaluation import LetterScorer
+    from ..mcq import ensure_split, role_domain
+    from ..records import RecordStore, check_settings, read_records
+    from ..selection import Choice, select, write_selection
+    from ..stats import format_table, summarize
+    from ..sweep import parse_alphas, parse_layers, parse_positions, run_sweep, write_sweep_file
+    from ..vectors import RoleVectors
+
+    run_dir = prepare_run_dir(args.out, args.force)
+    roles = split_list(args.role)
+    if not roles:
+        raise RolevecError("--role is empty: pass a role such as lawyer")
+    vectors = RoleVectors.load(args.vectors)
+    missing = [r for r in roles if r not in vectors.roles]
+    if missing:
+        raise RolevecError(
+            f"role(s) {', '.join(missing)} not in {args.vectors} (it has: {', '.join(vectors.roles)})"
+        )
+    domain_of = {r: args.domain or role_domain(r) for r in roles}
+    alphas = parse_alphas(args.alphas)
+    positions = parse_positions(args.positions, vectors.positions)
+    adapter = load_from_args(args)
+    vectors.check_compatible(adapter)
+    layers = parse_layers(args.layers, adapter.n_layers)
+    mcq = load_questions(args, sorted(set(domain_of.values())))
+    prompt_format = prompt_format_from_args(args)
+    split = ensure_split(run_dir / "split.json", mcq, seed=args.seed, val_fraction=args.val_fraction)
+    check_settings(run_dir, run_settings(adapter, prompt_format, split))
+    scorer = LetterScorer(adapter)
+    choices: list[Choice] = []
+    results: list[Any] = []
+    with RecordStore(run_dir / "records.jsonl") as store:
+        if store.repaired_bytes:
+            print(
+                f"rolevec: cut a torn last line ({store.repaired_bytes} bytes) off {store.path}",
+                file=sys.stderr,
+            )
+        for role in roles:
+            domain = domain_of[role]
+            items = split.select(mcq, domain, "val", args.limit)
+            result = run_sweep(
+                adapter,
+                vectors,
+                role,
+                items,
+                store,
+                domain=domain,
+                layers=layers,
+                positions=positions,
+                alphas=alphas,
+                prompt_format=prompt_format,
+                batch_size=args.batch_size,
+                max_rows=args.max_rows,
+                max_cache_bytes=args.max_cache_mb * 1024**2,
+                reuse=not args.no_reuse,
+                ablate_scope=args.ablate,
+                scorer=scorer,
+                progress=not args.no_progress,
+            )
+            results.append(result)
+            write_sweep_file(run_dir / "sweep.jsonl", result.rows)
+            choice = select(result.rows)
+            choices.append(choice)
+            if not choice.criterion_met:
+                print(
+                    f"rolevec: no candidate for {role} beats the validation baseline under addition while "
+                    "not "
+                    "beating it under ablation; selected the best addition candidate anyway "
+                    "(criterion_met false in selection.json)",
+                    file=sys.stderr,
+                )
+    write_selection(
+        run_dir / "selection.json", adapter, split_seed=split.seed, layers=layers, choices=choices
+    )
+    write_command_manifest(
+        run_dir,
+        "sweep",
+        args,
+        adapter,
+        {
+            "questions": {"source": mcq.source, "kind": mcq.kind, "n_skipped": mcq.n_skipped},
+            "scorer": scorer.mode,
+            "reuse": {r.role: r.reuse for r in results},
+            "probe_error": {r.role: r.probe_error for r in results},
+            "layers": list(layers),
+            "positions": list(positions),
+            "alphas": list(alphas),
+        },
+    )
+    for choice, result in zip(choices, results, strict=True):
+        qids = {it.qid for it in split.select(mcq, choice.domain, "val", args.limit)}
+        chosen = [
+            r
+            for r in read_records(run_dir / "records.jsonl")
+            if r["qid"] in qids
+            and r["split"] == "val"
+            and (
+                r["condition"] == "baseline"
+                or (
+                    r["role"] == choice.role
+                    and r["layer"] == choice.layer
+                    and r["position"] == choice.position
+                    and (r["alpha"] is None or float(r["alpha"]) == choice.alpha)
+                    and r["condition"] in ("add", "ablate")
+                )
+            )
+        ]
+        met = "criterion met" if choice.criterion_met else "criterion NOT met"
+        print(
+            f"\n{choice.role} on {choice.domain} (validation, {len(qids)} questions): layer {choice.layer}, "
+            f"position {choice.position}, α {choice.alpha:g} — {met}, {choice.n_candidates_passing} "
+            f"candidate(s) passing, {len(result.rows)} grid cells, {result.reuse} mode"
+        )
+        print(format_table(summarize(chosen)))
+    print(f"\nselection in {run_dir / 'selection.json'}, grid in {run_dir / 'sweep.jsonl'}", file=sys.stderr)
+    return 0

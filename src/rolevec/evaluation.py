@@ -1,0 +1,536 @@
+"""Scoring multiple-choice questions by the four answer-letter logits, under the paper's conditions.
+
+The fast path computes only what the answer needs: the forward stops at the final norm (a hook raises
+:class:`~rolevec.hooks.StopForward`), the normed hidden state of each row's last real token is multiplied by
+just the four letter rows of the unembedding (plus bias, and Gemma-2 style soft-capping or logit scaling
+from the config). Full-vocabulary logits are never formed. A one-batch parity probe against
+``model(...).logits`` guards it; on a mismatch the scorer warns and uses the plain forward instead.
+
+Entry points::
+
+    PromptFormat(template=PAPER_TEMPLATE, answer_prefix=None)
+    Condition(kind, role=None, persona_template=None, layer=None, position=None, alpha=None)
+    persona_system(role, template="you_are") -> str
+    LetterScorer(adapter, *, fast=True, probe=True).letter_logits(batch, letter_ids, start=None)
+    prepare(adapter, items, prompt_format, system=None) -> tuple[list[Prepared], bool]
+    score(adapter, items, condition, *, vectors=None, ...) -> list[ItemResult]
+    evaluate_conditions(adapter, mcq, split, conditions, store, *, vectors=None, ...) -> EvaluationReport
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import RolevecError
+from .hooks import StopForward, hooked, input_hook, output_hook, skipped
+from .interventions import ablate, add
+from .mcq import LETTERS, MCQItem, MCQSet, Split
+from .model import Batch, ModelAdapter
+from .records import CONDITIONS, RecordStore, condition_identity
+from .vectors import RoleVectors, check_alpha
+
+#: The paper's prompt, as the user turn. Fields: question, A, B, C, D, subject.
+PAPER_TEMPLATE = (
+    "{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nAnswer with the letter of the correct answer.\nAnswer:"
+)
+
+#: Zheng et al. (2024) persona system prompts; ``{article}`` is a/an, ``{role}`` the display name.
+PERSONA_TEMPLATES = {
+    "you_are": "You are {article} {role}.",
+    "imagine": "Imagine you are {article} {role}.",
+    "talking_to": "You are talking to {article} {role}.",
+}
+
+STEERED = ("add", "ablate", "random")
+
+
+# --- prompts ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question becomes the user turn, and an optional assistant prefix after the generation prompt."""
+
+    template: str = PAPER_TEMPLATE
+    answer_prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            self.template.format(question="q", A="a", B="b", C="c", D="d", subject="s")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise RolevecError(
+                f"prompt template has an unknown or malformed field ({exc}); use only {{question}}, {{A}}, "
+                "{B}, {C}, {D} and {subject}"
+            ) from exc
+        if "{question}" not in self.template:
+            raise RolevecError("prompt template lacks {question}: include it")
+
+    def user_text(self, item: MCQItem) -> str:
+        a, b, c, d = item.choices
+        return self.template.format(
+            question=item.question, A=a, B=b, C=c, D=d, subject=item.subject.replace("_", " ")
+        )
+
+    def prompt(self, adapter: ModelAdapter, item: MCQItem, system: str | None = None) -> tuple[str, bool]:
+        """The full prompt text, and whether a system turn had to be folded into the user turn."""
+        text, folded = adapter.chat.render(self.user_text(item), system)
+        if self.answer_prefix:
+            text += self.answer_prefix
+        return text, folded
+
+    def to_json(self) -> dict[str, Any]:
+        return {"template": self.template, "answer_prefix": self.answer_prefix}
+
+
+def role_display(role: str) -> str:
+    return role.replace("_", " ").strip()
+
+
+def persona_system(role: str, template: str = "you_are") -> str:
+    """'You are a data scientist.' / 'You are an economist.' (a/an by the first letter's vowel)."""
+    text = PERSONA_TEMPLATES.get(template, template)
+    if "{role}" not in text:
+        raise RolevecError(
+            f"unknown persona template {template!r}: pass one of {', '.join(PERSONA_TEMPLATES)} or a text "
+            "with {role} (and optionally {article})"
+        )
+    name = role_display(role)
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return text.format(role=name, article=article)
+
+
+# --- conditions ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One evaluation condition; its fields are the identity part of a record."""
+
+    kind: str
+    role: str | None = None
+    persona_template: str | None = None
+    layer: int | None = None
+    position: int | None = None
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONDITIONS:
+            raise RolevecError(f"unknown condition {self.kind!r}: pass one of {', '.join(CONDITIONS)}")
+        if self.kind != "baseline" and not self.role:
+            raise RolevecError(f"condition {self.kind} needs a role (--role)")
+        if self.kind in STEERED and (self.layer is None or self.position is None):
+            raise RolevecError(
+                f"condition {self.kind} needs a site: pass --layer and --position, or --selection FILE"
+            )
+        if self.kind in ("add", "random"):
+            if self.alpha is None:
+                raise RolevecError(f"condition {self.kind} needs --alpha (or --selection FILE)")
+            check_alpha(self.alpha)
+
+    @classmethod
+    def make(
+        cls,
+        kind: str,
+        *,
+        role: str | None = None,
+        persona_template: str = "you_are",
+        layer: int | None = None,
+        position: int | None = None,
+        alpha: float | None = None,
+    ) -> Condition:
+        """A condition with the fields that do not apply to ``kind`` set to None."""
+        if kind == "baseline":
+            return cls(kind)
+        if kind == "persona":
+            return cls(kind, role, persona_template)
+        if kind == "ablate":
+            return cls(kind, role, None, layer, position, None)
+        return cls(kind, role, None, layer, position, None if alpha is None else float(alpha))
+
+    def identity(self) -> tuple[Any, ...]:
+        return condition_identity(
+            self.kind, self.role, self.persona_template, self.layer, self.position, self.alpha
+        )
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "condition": self.kind,
+            "role": self.role,
+            "persona_template": self.persona_template,
+            "layer": self.layer,
+            "position": self.position,
+            "alpha": None if self.alpha is None else float(self.alpha),
+        }
+
+    def system(self) -> str | None:
+        if self.kind != "persona":
+            return None
+        assert self.role is not None
+        return persona_system(self.role, self.persona_template or "you_are")
+
+
+def random_direction(vector: torch.Tensor, seed: int, *, key: str = "") -> torch.Tensor:
+    """A Gaussian direction with the norm of ``vector``, from ``seed`` and a site key (reproducible)."""
+    digest = hashlib.sha256(f"rolevec-random:{seed}:{key}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+    direction = torch.randn(vector.shape[-1], generator=gen, dtype=torch.float64)
+    scaled: torch.Tensor = direction / direction.norm() * vector.double().norm()
+    return scaled.float()
+
+
+def condition_vector(vectors: RoleVectors | None, condition: Condition, random_seed: int = 0) -> torch.Tensor:
+    """The float32 vector a steered condition uses (the role vector, or its random control)."""
+    if vectors is None:
+        raise RolevecError(f"condition {condition.kind} needs role vectors: pass --vectors FILE")
+    assert condition.role is not None and condition.layer is not None and condition.position is not None
+    vec = vectors.vector(condition.role, condition.layer, condition.position)
+    if condition.kind == "random":
+        key = f"{condition.role}:{condition.layer}:{condition.position}"
+        return random_direction(vec, random_seed, key=key)
+    return vec
+
+
+def intervention(
+    adapter: ModelAdapter, condition: Condition, vectors: RoleVectors | None, random_seed: int = 0
+) -> AbstractContextManager[None]:
+    """The hooks a condition needs (none for baseline and persona)."""
+    if condition.kind in ("baseline", "persona"):
+        return nullcontext()
+    vec = condition_vector(vectors, condition, random_seed)
+    assert condition.layer is not None
+    if condition.kind == "ablate":
+        return ablate(adapter, vec)
+    assert condition.alpha is not None
+    return add(adapter, vec, layers=condition.layer, alpha=condition.alpha)
+
+
+# --- scoring ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A question tokenised for one prompt variant, with the ids of its four answer letters."""
+
+    item: MCQItem
+    ids: tuple[int, ...]
+    letter_ids: tuple[int, int, int, int]
+
+
+def prepare(
+    adapter: ModelAdapter,
+    items: Sequence[MCQItem],
+    prompt_format: PromptFormat | None = None,
+    system: str | None = None,
+) -> tuple[list[Prepared], bool]:
+    """Tokenise every question once; returns the prepared items and whether the system turn was folded."""
+    fmt = prompt_format or PromptFormat()
+    out: list[Prepared] = []
+    folded_any = False
+    letter_cache: dict[str, list[int]] = {}
+    for item in items:
+        text, folded = fmt.prompt(adapter, item, system)
+        folded_any |= folded
+        ids = adapter.tokenizer(text, add_special_tokens=adapter.chat.add_special_tokens)["input_ids"]
+        # The letters' ids depend only on how the prompt ends; the template's fixed tail decides that.
+        tail = text[-64:]
+        if tail not in letter_cache:
+            letter_cache[tail] = adapter.letter_token_ids(text, LETTERS)
+        letters = letter_cache[tail]
+        out.append(
+            Prepared(item, tuple(int(i) for i in ids), (letters[0], letters[1], letters[2], letters[3]))
+        )
+    return out, folded_any
+
+
+def length_batches(prepared: Sequence[Prepared], batch_size: int) -> list[list[int]]:
+    """Indices grouped in batches of similar token count (longest first), to cut padding."""
+    if batch_size < 1:
+        raise RolevecError(f"batch size must be at least 1, not {batch_size}")
+    order = sorted(range(len(prepared)), key=lambda i: (-len(prepared[i].ids), i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    qid: str
+    domain: str
+    subject: str
+    gold: str
+    pred: str
+    correct: bool
+    p_gold: float
+    probs: tuple[float, float, float, float]
+    logits: tuple[float, float, float, float]
+
+
+def results_from_logits(items: Sequence[MCQItem], logits: torch.Tensor) -> list[ItemResult]:
+    """Prediction = argmax of the four letter logits; probabilities = softmax over those four."""
+    logits = logits.detach().float().cpu()
+    probs = torch.softmax(logits, dim=-1)
+    preds = logits.argmax(dim=-1)
+    out: list[ItemResult] = []
+    for row, item in enumerate(items):
+        p = [float(x) for x in probs[row]]
+        lg = [float(x) for x in logits[row]]
+        pred = LETTERS[int(preds[row])]
+        gold_index = LETTERS.index(item.answer)
+        out.append(
+            ItemResult(
+                item.qid,
+                item.domain,
+                item.subject,
+                item.answer,
+                pred,
+                pred == item.answer,
+                p[gold_index],
+                (p[0], p[1], p[2], p[3]),
+                (lg[0], lg[1], lg[2], lg[3]),
+            )
+        )
+    return out
+
+
+def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol) for comparing two ways of computing the same logits."""
+    return (1e-4, 1e-4) if dtype == torch.float32 else (5e-2, 2e-2)
+
+
+class LetterScorer:
+    """Letter logits of a batch, computed only for the four letters at each row's last real token.
+
+    ``start=(layer, residual)`` resumes the forward mid-stack: blocks below ``layer`` are skipped and the
+    given residual is put in place at the input of ``layer`` (rows of ``residual`` must match the batch).
+    """
+
+    def __init__(self, adapter: ModelAdapter, *, fast: bool = True, probe: bool = True) -> None:
+        self.adapter = adapter
+        self.mode = "fast" if fast else "naive"
+        self._probe = probe and fast
+        self.probe_error: float | None = None
+        cfg = adapter.config
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.scale = float(getattr(cfg, "logit_scale", None) or 1.0)  # Cohere multiplies
+        self.scale /= float(getattr(cfg, "logits_scaling", None) or 1.0)  # Granite divides
+
+    def _forward_kwargs(self, batch: Batch) -> dict[str, Any]:
+        return {**batch.model_kwargs(), "use_cache": False}
+
+    def _start_hooks(self, start: tuple[int, torch.Tensor] | None) -> tuple[Any, list[Any]]:
+        if start is None:
+            return nullcontext(), []
+        layer, residual = start
+        site = self.adapter.residual_site(layer)
+        return skipped(list(self.adapter.blocks[:layer])), [(site, input_hook(lambda x: residual))]
+
+    def naive(
+        self, batch: Batch, letter_ids: torch.Tensor, start: tuple[int, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``model(...).logits[row, last, letters]``: the reference the fast path must match."""
+        skip, pre = self._start_hooks(start)
+        with torch.inference_mode(), skip, hooked(pre=pre):
+            logits = self.adapter.model(**self._forward_kwargs(batch)).logits
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        last: torch.Tensor = logits[rows, batch.last_index()]
+        return last.gather(1, letter_ids.to(last.device)).float()
+
+    def fast(
+        self, batch: Batch, letter_ids: torch.Tensor, start: tuple[int, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        adapter = self.adapter
+        grabbed: dict[str, torch.Tensor] = {}
+
+        def grab(x: torch.Tensor) -> None:
+            grabbed["h"] = x
+            raise StopForward
+
+        skip, pre = self._start_hooks(start)
+        with torch.inference_mode(), skip, hooked(pre=pre, post=[(adapter.final_norm, output_hook(grab))]):
+            with suppress(StopForward):
+                adapter.model(**self._forward_kwargs(batch))
+            if "h" not in grabbed:
+                raise RolevecError("the forward never reached the final norm; the architecture map is wrong")
+            hidden = grabbed["h"]
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            last = hidden[rows, batch.last_index()]  # [B, H]
+            unembed = adapter.unembed
+            weight = unembed.weight
+            assert isinstance(weight, torch.Tensor)
+            ids = letter_ids.to(weight.device)
+            rows_w = weight[ids]  # [B, 4, H]
+            logits = torch.einsum("bh,bkh->bk", last.to(rows_w.dtype), rows_w)
+            bias = getattr(unembed, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                logits = logits + bias[ids]
+            if self.scale != 1.0:
+                logits = logits * self.scale
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            return logits.float()
+
+    def letter_logits(
+        self, batch: Batch, letter_ids: torch.Tensor, start: tuple[int, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``[rows, 4]`` float32 letter logits (letters' ids given per row as ``[rows, 4]``)."""
+        if self.mode == "naive":
+            return self.naive(batch, letter_ids, start)
+        out = self.fast(batch, letter_ids, start)
+        if self._probe:
+            self._probe = False
+            ref = self.naive(batch, letter_ids, start)
+            self.probe_error = float((out - ref).abs().max())
+            atol, rtol = _tolerance(self.adapter.dtype)
+            if not torch.allclose(out, ref, atol=atol, rtol=rtol):
+                warnings.warn(
+                    f"fast letter scoring differs from the full forward by {self.probe_error:.2e} on "
+                    f"{self.adapter.name}; using the full forward instead (slower)",
+                    stacklevel=2,
+                )
+                self.mode = "naive"
+                return ref
+        return out
+
+
+def _batch(adapter: ModelAdapter, prepared: Sequence[Prepared]) -> tuple[Batch, torch.Tensor]:
+    batch = adapter.pad([p.ids for p in prepared], padding_side="right")
+    letter_ids = torch.tensor([p.letter_ids for p in prepared], dtype=torch.long, device=adapter.device)
+    return batch, letter_ids
+
+
+def iter_scores(
+    adapter: ModelAdapter,
+    prepared: Sequence[Prepared],
+    *,
+    scorer: LetterScorer | None = None,
+    batch_size: int = 16,
+) -> Iterator[list[ItemResult]]:
+    """Results batch by batch (length-sorted batches; each list in its batch's order)."""
+    scorer = scorer or LetterScorer(adapter)
+    for idx in length_batches(prepared, batch_size):
+        chunk = [prepared[i] for i in idx]
+        batch, letter_ids = _batch(adapter, chunk)
+        logits = scorer.letter_logits(batch, letter_ids)
+        yield results_from_logits([p.item for p in chunk], logits)
+
+
+def score(
+    adapter: ModelAdapter,
+    items: Sequence[MCQItem],
+    condition: Condition | str = "baseline",
+    *,
+    vectors: RoleVectors | None = None,
+    prompt_format: PromptFormat | None = None,
+    batch_size: int = 16,
+    scorer: LetterScorer | None = None,
+    random_seed: int = 0,
+    progress: bool = False,
+) -> list[ItemResult]:
+    """Score questions under one condition; results in the order of ``items``."""
+    from tqdm.auto import tqdm
+
+    cond = Condition(condition) if isinstance(condition, str) else condition
+    prepared, _ = prepare(adapter, items, prompt_format, cond.system())
+    by_qid: dict[str, ItemResult] = {}
+    with (
+        intervention(adapter, cond, vectors, random_seed),
+        tqdm(total=len(prepared), disable=not progress, desc=cond.kind, unit="q") as bar,
+    ):
+        for results in iter_scores(adapter, prepared, scorer=scorer, batch_size=batch_size):
+            by_qid.update((r.qid, r) for r in results)
+            bar.update(len(results))
+    return [by_qid[it.qid] for it in items]
+
+
+def to_record(condition: Condition, result: ItemResult, split: str) -> dict[str, Any]:
+    """The JSONL record of one result (field order as :data:`rolevec.records.FIELDS`)."""
+    return {
+        **condition.fields(),
+        "domain": result.domain,
+        "split": split,
+        "qid": result.qid,
+        "subject": result.subject,
+        "gold": result.gold,
+        "pred": result.pred,
+        "correct": result.correct,
+        "p_gold": result.p_gold,
+        "probs": list(result.probs),
+    }
+
+
+@dataclass
+class EvaluationReport:
+    """What one call did: new and already-stored records, folded persona prompts, scorer mode."""
+
+    n_new: int = 0
+    n_done_before: int = 0
+    persona_folded: bool = False
+    scorer_mode: str = "fast"
+    per_condition: dict[str, int] = field(default_factory=dict)
+
+
+def evaluate_conditions(
+    adapter: ModelAdapter,
+    mcq: MCQSet,
+    split: Split,
+    conditions: Sequence[Condition],
+    store: RecordStore,
+    *,
+    vectors: RoleVectors | None = None,
+    domains: Sequence[str] | None = None,
+    split_name: str = "test",
+    limit: int | None = None,
+    prompt_format: PromptFormat | None = None,
+    batch_size: int = 16,
+    scorer: LetterScorer | None = None,
+    random_seed: int = 0,
+    progress: bool = True,
+) -> EvaluationReport:
+    """Score every condition on every domain's ``split_name`` items, appending records per batch.
+
+    Records already in ``store`` are skipped, so an interrupted call resumes where it stopped. The
+    record's ``split`` is the item's own split ("val" or "test"), also when ``split_name`` is "all".
+    """
+    from tqdm.auto import tqdm
+
+    scorer = scorer or LetterScorer(adapter)
+    report = EvaluationReport()
+    doms = list(domains) if domains is not None else mcq.domains
+    plan: list[tuple[Condition, str, list[MCQItem], dict[str, str]]] = []
+    for cond in conditions:
+        if cond.kind in STEERED:
+            condition_vector(vectors, cond, random_seed)  # fail early on a missing role/site
+        for domain in doms:
+            items = split.select(mcq, domain, split_name, limit)
+            which = split.split_of(domain)
+            todo = [it for it in items if not store.done((*cond.identity(), which[it.qid], it.qid))]
+            report.n_done_before += len(items) - len(todo)
+            if todo:
+                plan.append((cond, domain, todo, which))
+    prepared_cache: dict[str | None, dict[str, Prepared]] = {}
+    total = sum(len(todo) for _, _, todo, _ in plan)
+    with tqdm(total=total, disable=not progress, desc="evaluate", unit="q") as bar:
+        for cond, domain, todo, which in plan:
+            system = cond.system()
+            cache = prepared_cache.setdefault(system, {})
+            fresh = [it for it in todo if it.qid not in cache]
+            if fresh:
+                prepared, folded = prepare(adapter, fresh, prompt_format, system)
+                report.persona_folded |= folded
+                cache.update((p.item.qid, p) for p in prepared)
+            bar.set_description(f"{cond.kind} {domain}")
+            with intervention(adapter, cond, vectors, random_seed):
+                for results in iter_scores(
+                    adapter, [cache[it.qid] for it in todo], scorer=scorer, batch_size=batch_size
+                ):
+                    new = store.append(to_record(cond, r, which[r.qid]) for r in results)
+                    report.n_new += new
+                    report.per_condition[cond.kind] = report.per_condition.get(cond.kind, 0) + new
+                    bar.update(len(results))
+    report.scorer_mode = scorer.mode
+    return report

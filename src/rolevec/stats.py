@@ -1,0 +1,248 @@
+"""Accuracy with Wilson intervals, relative change, and McNemar's paired test against the baseline.
+
+Plain :mod:`math`, no SciPy: the paper reports accuracy differences on a few hundred questions, which are
+often within noise, so every table carries a 95% interval and a paired p-value. Entry points::
+
+    wilson(k, n, z=1.96) -> tuple[float, float]
+    relative_change(acc, base) -> float | None          # 100 * (acc - base) / base
+    mcnemar(b, c) -> float                               # two-sided p-value
+    summarize(records, *, by=("domain",)) -> list[SummaryRow]
+    per_subject(records) -> list[SummaryRow]
+    format_table(rows) -> str
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+#: Below this many discordant pairs the exact binomial test is used, above it chi-square (1 dof, with
+#: continuity correction), the usual rule of thumb.
+EXACT_BELOW = 25
+
+
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for k successes out of n (95% by default); (0, 1) when n = 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    if not 0 <= k <= n:
+        raise ValueError(f"k={k} is outside 0..{n}")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def relative_change(acc: float, base: float) -> float | None:
+    """The paper's relative change in percent, 100·(acc − base)/base; None when the baseline is 0."""
+    if base == 0:
+        return None
+    return 100.0 * (acc - base) / base
+
+
+def _binom_two_sided(k: int, n: int) -> float:
+    """Exact two-sided sign test P(X ≤ min) doubled, X ~ Bin(n, 1/2)."""
+    low = min(k, n - k)
+    tail = sum(math.comb(n, i) for i in range(low + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def mcnemar(b: int, c: int, *, exact_below: int = EXACT_BELOW) -> float:
+    """Two-sided p-value of McNemar's test from the discordant counts b and c.
+
+    ``b`` = pairs right under the condition only, ``c`` = right under the baseline only (symmetric). Exact
+    binomial when b + c < ``exact_below``, else chi-square with continuity correction.
+    """
+    if b < 0 or c < 0:
+        raise ValueError("discordant counts must be non-negative")
+    n = b + c
+    if n == 0:
+        return 1.0
+    if n < exact_below:
+        return _binom_two_sided(b, n)
+    stat = (abs(b - c) - 1) ** 2 / n
+    return math.erfc(math.sqrt(stat / 2.0))  # survival function of chi-square with 1 dof
+
+
+# --- tables ------------------------------------------------------------------------------------------
+
+CONDITION_KEYS = ("condition", "role", "persona_template", "layer", "position", "alpha")
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """One (condition, group) line of a results table; paired fields are None for the baseline itself."""
+
+    condition: str
+    role: str | None
+    persona_template: str | None
+    layer: int | None
+    position: int | None
+    alpha: float | None
+    group: str  # the domain (or "domain/subject")
+    n: int
+    correct: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    baseline_accuracy: float | None
+    rel_change: float | None
+    n_paired: int
+    gained: int  # right under the condition, wrong under the baseline
+    lost: int  # wrong under the condition, right under the baseline
+    mcnemar_p: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def label(self) -> str:
+        return condition_label(
+            self.condition, self.role, self.layer, self.position, self.alpha, self.persona_template
+        )
+
+
+def condition_label(
+    condition: str,
+    role: str | None,
+    layer: int | None,
+    position: int | None,
+    alpha: float | None,
+    persona_template: str | None = None,
+) -> str:
+    """A short name such as ``add lawyer L12@-1 α=3`` or ``persona lawyer [imagine]``."""
+    parts = [condition]
+    if role:
+        parts.append(role)
+    if persona_template:
+        parts.append(f"[{persona_template}]")
+    if layer is not None:
+        site = f"L{layer}"
+        if position is not None:
+            site += f"@{position}"
+        parts.append(site)
+    if alpha is not None:
+        parts.append(f"α={alpha:g}")
+    return " ".join(parts)
+
+
+def _group_key(record: Mapping[str, Any], by: Sequence[str]) -> str:
+    return "/".join(str(record[k]) for k in by)
+
+
+def summarize(records: Iterable[Mapping[str, Any]], *, by: Sequence[str] = ("domain",)) -> list[SummaryRow]:
+    """Accuracy per (condition, group), paired with the baseline of the same group on common questions.
+
+    Records of several splits are pooled; pass only the records you want in the table.
+    """
+    outcome: dict[tuple[Any, ...], dict[str, dict[str, bool]]] = {}
+    for r in records:
+        cond = tuple(r.get(k) for k in CONDITION_KEYS)
+        outcome.setdefault(cond, {}).setdefault(_group_key(r, by), {})[str(r["qid"])] = bool(r["correct"])
+    baselines = {
+        group: answers
+        for cond, groups in outcome.items()
+        if cond[0] == "baseline"
+        for group, answers in groups.items()
+    }
+    rows: list[SummaryRow] = []
+    for cond, groups in outcome.items():
+        for group, answers in groups.items():
+            n = len(answers)
+            k = sum(answers.values())
+            acc = k / n if n else 0.0
+            lo, hi = wilson(k, n)
+            base = baselines.get(group)
+            paired = [q for q in answers if base is not None and q in base]
+            base_acc: float | None = None
+            rel: float | None = None
+            p: float | None = None
+            gained = lost = 0
+            if base is not None and cond[0] != "baseline" and paired:
+                base_acc = sum(base[q] for q in paired) / len(paired)
+                cond_acc = sum(answers[q] for q in paired) / len(paired)
+                rel = relative_change(cond_acc, base_acc)
+                gained = sum(1 for q in paired if answers[q] and not base[q])
+                lost = sum(1 for q in paired if base[q] and not answers[q])
+                p = mcnemar(gained, lost)
+            elif cond[0] == "baseline":
+                base_acc = acc
+            rows.append(
+                SummaryRow(
+                    condition=cond[0],
+                    role=cond[1],
+                    persona_template=cond[2],
+                    layer=cond[3],
+                    position=cond[4],
+                    alpha=cond[5],
+                    group=group,
+                    n=n,
+                    correct=k,
+                    accuracy=acc,
+                    ci_low=lo,
+                    ci_high=hi,
+                    baseline_accuracy=base_acc,
+                    rel_change=rel,
+                    n_paired=len(paired) if cond[0] != "baseline" else n,
+                    gained=gained,
+                    lost=lost,
+                    mcnemar_p=p,
+                )
+            )
+    order = {c: i for i, c in enumerate(("baseline", "persona", "add", "ablate", "random"))}
+    rows.sort(
+        key=lambda r: (
+            r.group,
+            order.get(r.condition, 9),
+            r.role or "",
+            r.layer if r.layer is not None else -1,
+            r.position if r.position is not None else 0,
+            r.alpha if r.alpha is not None else 0.0,
+        )
+    )
+    return rows
+
+
+def per_subject(records: Iterable[Mapping[str, Any]]) -> list[SummaryRow]:
+    """The same table broken down by MMLU subject within each domain (group = ``domain/subject``)."""
+    return summarize(records, by=("domain", "subject"))
+
+
+def _fmt_p(p: float | None) -> str:
+    if p is None:
+        return "—"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def format_table(rows: Sequence[SummaryRow]) -> str:
+    """A plain-text table: condition, group, accuracy, 95% CI, relative change, McNemar p, n."""
+    header = ("condition", "domain", "accuracy", "95% CI", "rel. change", "McNemar p", "n")
+    lines = [header]
+    for r in rows:
+        rel = "—" if r.rel_change is None or r.condition == "baseline" else f"{r.rel_change:+.1f}%"
+        lines.append(
+            (
+                r.label,
+                r.group,
+                f"{r.accuracy:.3f}",
+                f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
+                rel,
+                _fmt_p(r.mcnemar_p),
+                str(r.n),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for i, line in enumerate(lines):
+        out.append(
+            "  ".join(
+                cell.ljust(w) if j < 2 else cell.rjust(w)
+                for j, (cell, w) in enumerate(zip(line, widths, strict=True))
+            ).rstrip()
+        )
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)

@@ -1,0 +1,204 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rolevec.errors import RolevecError
+from rolevec.evaluation import (
+    Condition,
+    LetterScorer,
+    PromptFormat,
+    _batch,
+    evaluate_conditions,
+    intervention,
+    persona_system,
+    prepare,
+    random_direction,
+    score,
+)
+from rolevec.hooks import count_hooks
+from rolevec.mcq import MCQItem, MCQSet, make_split
+from rolevec.model import ModelAdapter
+from rolevec.records import RecordStore, read_records
+from rolevec.testing import make_adapter
+from rolevec.vectors import RoleVectors
+
+
+def items(n: int, domain: str = "math") -> list[MCQItem]:
+    """Questions of different lengths, so batches need padding."""
+    return [
+        MCQItem(
+            f"{domain}/{i}",
+            domain,
+            "Which of the following is a prime number?" + " Think about it." * (i % 4),
+            ("4", "6", "7", "9"),
+            "ABCD"[i % 4],
+            "college_mathematics" if i % 2 else "high_school_mathematics",
+        )
+        for i in range(n)
+    ]
+
+
+def vectors_for(adapter: ModelAdapter, roles: tuple[str, ...] = ("mathematician",)) -> RoleVectors:
+    torch.manual_seed(0)
+    shape = (len(adapter.chat.positions), adapter.n_layers + 1, adapter.hidden_size)
+    return RoleVectors(
+        role_means={r: torch.randn(shape) for r in roles},
+        base_mean=torch.randn(shape),
+        positions=tuple(adapter.chat.positions),
+        position_tokens=tuple(adapter.chat.position_tokens()),
+        metadata={"model": adapter.name, "model_fingerprint": adapter.fingerprint()},
+    )
+
+
+def test_paper_prompt_text(tiny_llama: ModelAdapter) -> None:
+    item = MCQItem("law/0", "law", "Is it legal?", ("Yes", "No", "Maybe", "Never"), "B", "professional_law")
+    user = PromptFormat().user_text(item)
+    assert user == (
+        "Is it legal?\nA. Yes\nB. No\nC. Maybe\nD. Never\n"
+        "Answer with the letter of the correct answer.\nAnswer:"
+    )
+    text, folded = PromptFormat(answer_prefix="The answer is").prompt(tiny_llama, item)
+    assert text == tiny_llama.render(user) + "The answer is" and not folded
+    with pytest.raises(RolevecError, match="unknown or malformed field"):
+        PromptFormat("{question} {E}")
+
+
+def test_persona_prompts_and_folding() -> None:
+    assert persona_system("data_scientist") == "You are a data scientist."
+    assert persona_system("economist") == "You are an economist."
+    assert persona_system("economist", "imagine") == "Imagine you are an economist."
+    assert persona_system("lawyer", "talking_to") == "You are talking to a lawyer."
+    with pytest.raises(RolevecError, match="persona template"):
+        persona_system("lawyer", "nonsense")
+    chatml = make_adapter("llama")
+    no_system = make_adapter("llama", template="no_system")
+    cond = Condition.make("persona", role="lawyer")
+    prepared, folded = prepare(chatml, items(2), system=cond.system())
+    assert not folded and "system\nYou are a lawyer." in chatml.tokenizer.decode(prepared[0].ids)
+    prepared, folded = prepare(no_system, items(2), system=cond.system())
+    assert folded and "You are a lawyer.\n\nWhich" in no_system.tokenizer.decode(prepared[0].ids)
+
+
+def test_answer_prefix_letters_follow_a_space(tiny_llama: ModelAdapter) -> None:
+    plain, _ = prepare(tiny_llama, items(1))
+    prefixed, _ = prepare(tiny_llama, items(1), PromptFormat(answer_prefix="The answer is"))
+    decode = tiny_llama.tokenizer.decode
+    assert [decode([i]) for i in plain[0].letter_ids] == ["A", "B", "C", "D"]
+    assert [decode([i]) for i in prefixed[0].letter_ids] == [" A", " B", " C", " D"]
+    with pytest.raises(RolevecError, match="not a single token"):
+        prepare(tiny_llama, items(1), PromptFormat(answer_prefix="The answer is "))
+
+
+def test_fast_scoring_equals_full_logits(tiny: ModelAdapter) -> None:
+    """Only 4 unembedding rows at the last real token, yet the same numbers as model(...).logits."""
+    prepared, _ = prepare(tiny, items(7))
+    batch, letter_ids = _batch(tiny, prepared)
+    assert int(batch.lengths.min()) < batch.input_ids.shape[1]  # really padded
+    scorer = LetterScorer(tiny, probe=False)
+    vecs = vectors_for(tiny)
+    for cond in (
+        Condition("baseline"),
+        Condition.make("add", role="mathematician", layer=1, position=-1, alpha=3.0),
+        Condition.make("ablate", role="mathematician", layer=2, position=-2),
+    ):
+        with intervention(tiny, cond, vecs):
+            fast = scorer.fast(batch, letter_ids)
+            naive = scorer.naive(batch, letter_ids)
+        assert fast.shape == (7, 4)
+        torch.testing.assert_close(fast, naive, rtol=0, atol=1e-4)
+    assert count_hooks(tiny.model) == 0
+
+
+def test_probe_falls_back_to_full_forward_on_mismatch(tiny_llama: ModelAdapter) -> None:
+    scorer = LetterScorer(tiny_llama)
+    scorer.softcap = 0.5  # a wrong post-processing the probe must catch
+    prepared, _ = prepare(tiny_llama, items(3))
+    batch, letter_ids = _batch(tiny_llama, prepared)
+    with pytest.warns(UserWarning, match="full forward"):
+        out = scorer.letter_logits(batch, letter_ids)
+    assert scorer.mode == "naive"
+    torch.testing.assert_close(out, scorer.naive(batch, letter_ids))
+
+
+def test_score_results_in_item_order_and_consistent(tiny_llama: ModelAdapter) -> None:
+    qs = items(9)
+    results = score(tiny_llama, qs, "baseline", batch_size=4)
+    assert [r.qid for r in results] == [q.qid for q in qs]
+    for r in results:
+        assert abs(sum(r.probs) - 1) < 1e-5 and r.p_gold == r.probs["ABCD".index(r.gold)]
+        assert r.pred == "ABCD"[max(range(4), key=lambda k: r.logits[k])]
+        assert r.correct == (r.pred == r.gold)
+    again = score(tiny_llama, list(reversed(qs)), "baseline", batch_size=3)
+    assert {r.qid: r.pred for r in again} == {r.qid: r.pred for r in results}
+
+
+def test_random_control_has_the_role_vector_norm() -> None:
+    vec = torch.randn(32) * 7
+    r1 = random_direction(vec, 0, key="a")
+    assert torch.allclose(r1.norm(), vec.norm(), rtol=1e-5)
+    assert torch.equal(r1, random_direction(vec, 0, key="a"))
+    assert not torch.equal(r1, random_direction(vec, 1, key="a"))
+    assert not torch.equal(r1, random_direction(vec, 0, key="b"))
+
+
+def test_conditions_validate() -> None:
+    with pytest.raises(RolevecError, match="needs a role"):
+        Condition("persona")
+    with pytest.raises(RolevecError, match="--layer and --position"):
+        Condition("add", "lawyer")
+    with pytest.raises(RolevecError, match="--alpha"):
+        Condition("random", "lawyer", None, 1, -1)
+    with pytest.raises(RolevecError, match="unknown condition"):
+        Condition("steer")
+    assert Condition.make("ablate", role="r", layer=1, position=-1, alpha=3).alpha is None
+
+
+def test_evaluate_conditions_writes_and_resumes(tiny_llama: ModelAdapter, tmp_path: Path) -> None:
+    mcq = MCQSet({"math": items(10), "law": items(6, "law")}, "test")
+    split = make_split(mcq, seed=0, val_fraction=0.3)
+    vecs = vectors_for(tiny_llama)
+    conditions = [
+        Condition("baseline"),
+        Condition.make("persona", role="mathematician"),
+        Condition.make("add", role="mathematician", layer=1, position=-1, alpha=1.0),
+        Condition.make("ablate", role="mathematician", layer=1, position=-1),
+        Condition.make("random", role="mathematician", layer=1, position=-1, alpha=1.0),
+    ]
+    path = tmp_path / "records.jsonl"
+    with RecordStore(path) as store:
+        report = evaluate_conditions(
+            tiny_llama, mcq, split, conditions[:2], store, vectors=vecs, split_name="all", progress=False
+        )
+        assert report.n_new == 2 * 16 and report.n_done_before == 0
+        report = evaluate_conditions(
+            tiny_llama, mcq, split, conditions, store, vectors=vecs, split_name="all", progress=False
+        )
+        assert report.n_new == 3 * 16 and report.n_done_before == 2 * 16
+    records = list(read_records(path))
+    assert len(records) == 5 * 16
+    splits = {r["qid"]: r["split"] for r in records}
+    assert sorted(q for q, s in splits.items() if s == "val") == sorted(
+        split.domains["math"]["val"] + split.domains["law"]["val"]
+    )
+    random_preds = [r["pred"] for r in records if r["condition"] == "random"]
+    add_preds = [r["pred"] for r in records if r["condition"] == "add"]
+    assert len(random_preds) == len(add_preds) == 16
+    direct = score(tiny_llama, items(10), conditions[2], vectors=vecs)
+    stored = {r["qid"]: r for r in records if r["condition"] == "add"}
+    for res in direct:
+        assert stored[res.qid]["pred"] == res.pred
+        assert stored[res.qid]["probs"] == pytest.approx(list(res.probs), abs=1e-6)
+
+
+@pytest.mark.e2e
+def test_fast_scoring_on_embedded_model(embedded: ModelAdapter) -> None:
+    prepared, _ = prepare(embedded, items(3))
+    assert prepared[0].letter_ids == (49, 50, 51, 52)
+    batch, letter_ids = _batch(embedded, prepared)
+    scorer = LetterScorer(embedded, probe=False)
+    torch.testing.assert_close(
+        scorer.fast(batch, letter_ids), scorer.naive(batch, letter_ids), rtol=0, atol=1e-4
+    )

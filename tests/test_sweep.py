@@ -1,0 +1,254 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import rolevec.sweep as sweep_module
+from rolevec.errors import RolevecError
+from rolevec.evaluation import Condition, LetterScorer, _batch, intervention, prepare
+from rolevec.hooks import count_hooks
+from rolevec.model import ModelAdapter
+from rolevec.records import RecordStore, read_records
+from rolevec.selection import load_selection, select, selected_site, write_selection
+from rolevec.sweep import (
+    GridRow,
+    _stack,
+    cache_batches,
+    default_layers,
+    grid_rows,
+    parse_alphas,
+    parse_layers,
+    parse_positions,
+    residual_at,
+    run_sweep,
+    write_sweep_file,
+)
+from rolevec.testing import make_adapter
+from test_evaluation import items, vectors_for
+
+
+def test_resumed_stacked_candidates_equal_independent_runs(tiny: ModelAdapter) -> None:
+    """Candidates stacked along the batch, run from a cached mid-stack residual, match full steered runs."""
+    vecs = vectors_for(tiny, ("r",))
+    prepared, _ = prepare(tiny, items(5))
+    batch, letter_ids = _batch(tiny, prepared)
+    scorer = LetterScorer(tiny, probe=False)
+    x = residual_at(tiny, batch, 0)
+    for layer in range(tiny.n_layers + 1):
+        x = residual_at(tiny, batch, layer, start=(layer - 1, x)) if layer else x
+        cands = [(-1, 1.0), (-2, 3.0), (-1, -2.0)]
+        shifted = torch.cat([x + a * vecs.vector("r", layer, p).to(x.dtype) for p, a in cands])
+        resumed = scorer.letter_logits(
+            _stack(batch, len(cands)), letter_ids.repeat(len(cands), 1), start=(layer, shifted)
+        )
+        for k, (p, a) in enumerate(cands):
+            cond = Condition.make("add", role="r", layer=layer, position=p, alpha=a)
+            with intervention(tiny, cond, vecs):
+                independent = scorer.letter_logits(batch, letter_ids)
+            torch.testing.assert_close(resumed[k * 5 : (k + 1) * 5], independent, rtol=0, atol=1e-4)
+    assert count_hooks(tiny.model) == 0
+
+
+def _sweep(
+    adapter: ModelAdapter, tmp_path: Path, name: str, **kw: Any
+) -> tuple[Any, dict[Any, dict[str, Any]]]:
+    vecs = vectors_for(adapter, ("r",))
+    path = tmp_path / name / "records.jsonl"
+    options: dict[str, Any] = {
+        "domain": "math",
+        "layers": (0, 3),
+        "positions": (-1, -3),
+        "alphas": (1.0, 4.0),
+        "batch_size": 3,
+        "progress": False,
+    }
+    options.update(kw)
+    with RecordStore(path) as store:
+        result = run_sweep(adapter, vecs, "r", items(7), store, **options)
+    records = {
+        (r["condition"], r["layer"], r["position"], r["alpha"], r["qid"]): r for r in read_records(path)
+    }
+    return result, records
+
+
+def _assert_same(a: dict[Any, dict[str, Any]], b: dict[Any, dict[str, Any]]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key]["pred"] == b[key]["pred"]
+        assert a[key]["probs"] == pytest.approx(b[key]["probs"], abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_sweep_reuse_matches_independent(arch: str, tmp_path: Path) -> None:
+    adapter = make_adapter(arch)
+    reused, rec_reused = _sweep(adapter, tmp_path, "reuse", max_rows=12)
+    independent, rec_indep = _sweep(adapter, tmp_path, "indep", reuse=False)
+    assert reused.reuse == "reuse" and independent.reuse == "independent"
+    assert reused.probe_error is not None and reused.probe_error <= 1e-4
+    # baseline + 3 layers x 2 positions x (2 alphas + ablation), 7 questions each
+    assert len(rec_reused) == 7 * (1 + 3 * 2 * 3)
+    _assert_same(rec_reused, rec_indep)
+    assert [r.to_json() for r in reused.rows] == [r.to_json() for r in independent.rows]
+    # a tiny cache bound forces one-question batches and no stacking: same records again
+    _tight, rec_tight = _sweep(adapter, tmp_path, "tight", max_rows=64, max_cache_bytes=1)
+    _assert_same(rec_tight, rec_reused)
+
+
+def test_sweep_falls_back_when_mid_stack_resume_differs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = make_adapter("llama")
+    _reference, rec_ref = _sweep(adapter, tmp_path, "ref", reuse=False)
+    real = sweep_module.residual_at
+
+    def drifting(*args: Any, **kwargs: Any) -> torch.Tensor:  # an architecture that cannot resume
+        out: torch.Tensor = real(*args, **kwargs)
+        return out + 0.5 if kwargs.get("start") is not None else out
+
+    monkeypatch.setattr(sweep_module, "residual_at", drifting)
+    with pytest.warns(UserWarning, match="independently"):
+        result, records = _sweep(adapter, tmp_path, "fallback")
+    assert result.reuse == "independent" and result.probe_error is not None and result.probe_error > 1e-3
+    _assert_same(records, rec_ref)
+
+
+def test_sweep_resumes_and_ablates_only_passing_sites(tmp_path: Path) -> None:
+    adapter = make_adapter("qwen2")
+    first, rec_first = _sweep(adapter, tmp_path, "run", ablate_scope="passing")
+    add_rows = [r for r in first.rows if r.condition == "add"]
+    passing = {(r.layer, r.position) for r in add_rows if r.accuracy > r.baseline_accuracy}
+    assert {(r.layer, r.position) for r in first.rows if r.condition == "ablate"} == passing
+    again, rec_again = _sweep(adapter, tmp_path, "run", ablate_scope="passing")
+    assert again.n_new == 0 and rec_again.keys() == rec_first.keys()
+    full, _ = _sweep(adapter, tmp_path, "run", ablate_scope="all")
+    assert full.n_new == 7 * (6 - len(passing))
+
+
+def test_cache_batches_respect_the_bound() -> None:
+    adapter = make_adapter("llama")
+    prepared, _ = prepare(adapter, items(10))
+    per_token = adapter.hidden_size * 4
+    longest = max(len(p.ids) for p in prepared)
+    bound = 2 * 3 * longest * per_token  # room for 3 questions (plus as much for the stacked copies)
+    batches = cache_batches(prepared, 16, per_token, bound)
+    assert sorted(i for b in batches for i in b) == list(range(10))
+    for b in batches:
+        width = max(len(prepared[i].ids) for i in b)
+        assert 2 * len(b) * width * per_token <= bound
+    assert len(batches[0]) == 3
+    assert all(len(b) == 1 for b in cache_batches(prepared, 16, per_token, 1))
+
+
+def test_argument_parsers() -> None:
+    assert default_layers(30) == (0, 24) and default_layers(3) == (0, 2)
+    assert parse_layers(None, 30) == (0, 24) and parse_layers("4:10", 30) == (4, 10)
+    assert parse_layers("28:", 30) == (28, 31) and parse_layers("7", 30) == (7, 8)
+    with pytest.raises(RolevecError, match="out of range"):
+        parse_layers("0:40", 30)
+    assert parse_positions("all", (-3, -2, -1)) == (-3, -2, -1)
+    assert parse_positions("-1,-2", (-3, -2, -1)) == (-1, -2)
+    with pytest.raises(RolevecError, match="positions"):
+        parse_positions("-5", (-3, -2, -1))
+    assert parse_alphas("1,3,1") == (1.0, 3.0)
+    with pytest.raises(RolevecError):
+        parse_alphas("x")
+
+
+def _row(cond: str, layer: int, position: int, alpha: float | None, acc: float, base: float = 0.5) -> GridRow:
+    return GridRow("lawyer", "law", cond, layer, position, alpha, 10, round(acc * 10), acc, base)
+
+
+def test_selection_criterion_and_tie_rule() -> None:
+    rows = [
+        _row("add", 2, -1, 1.0, 0.7),
+        _row("ablate", 2, -1, None, 0.6),  # ablation also beats the baseline: not qualifying
+        _row("add", 3, -1, 3.0, 0.6),
+        _row("ablate", 3, -1, None, 0.5),
+        _row("add", 3, -2, 1.0, 0.6),  # same accuracy, same ablation, smaller α -> wins the tie
+        _row("ablate", 3, -2, None, 0.5),
+        _row("add", 1, -2, 1.0, 0.6),
+        _row("ablate", 1, -2, None, 0.5),  # same α too, lower layer -> wins
+    ]
+    choice = select(rows)
+    assert (choice.layer, choice.position, choice.alpha) == (1, -2, 1.0)
+    assert choice.criterion_met and choice.n_candidates_passing == 3
+    assert choice.val_ablate_accuracy == 0.5
+    nothing = select(
+        [_row("add", 2, -1, 1.0, 0.4), _row("add", 4, -1, 1.0, 0.45), _row("ablate", 4, -1, None, 0.1)]
+    )
+    assert not nothing.criterion_met and nothing.n_candidates_passing == 0
+    assert (nothing.layer, nothing.alpha) == (4, 1.0)
+
+
+def test_selection_file_round_trip_and_fingerprint(tmp_path: Path) -> None:
+    llama, qwen = make_adapter("llama"), make_adapter("qwen2")
+    choice = select([_row("add", 2, -1, 3.0, 0.7), _row("ablate", 2, -1, None, 0.4)])
+    path = write_selection(tmp_path / "selection.json", llama, split_seed=0, layers=(0, 2), choices=[choice])
+    doc = json.loads(path.read_text())
+    assert set(doc) == {"model", "model_fingerprint", "split_seed", "layers", "roles"}
+    assert set(doc["roles"]["lawyer"]) == {
+        "domain",
+        "layer",
+        "position",
+        "alpha",
+        "val_accuracy",
+        "val_baseline",
+        "val_ablate_accuracy",
+        "criterion_met",
+        "n_candidates_passing",
+    }
+    assert selected_site(load_selection(path, llama), "lawyer") == (2, -1, 3.0)
+    with pytest.raises(RolevecError, match="fingerprint"):
+        load_selection(path, qwen)
+    with pytest.raises(RolevecError, match="--force"):
+        write_selection(path, qwen, split_seed=0, layers=(0, 2), choices=[choice])
+
+
+def test_grid_rows_and_sweep_file(tmp_path: Path) -> None:
+    adapter = make_adapter("llama")
+    result, _ = _sweep(adapter, tmp_path, "grid")
+    records = list(read_records(tmp_path / "grid" / "records.jsonl"))
+    rows = grid_rows(records, role="r", domain="math", qids=[f"math/{i}" for i in range(7)])
+    assert rows == result.rows and len(rows) == 3 * 2 * 3
+    path = tmp_path / "sweep.jsonl"
+    write_sweep_file(path, rows)
+    other = [GridRow("s", "law", "add", 0, -1, 1.0, 1, 1, 1.0, 0.0)]
+    write_sweep_file(path, other)
+    write_sweep_file(path, rows)  # replaces the r/math rows, keeps s/law
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == len(rows) + 1
+    assert set(lines[0]) == {
+        "role",
+        "domain",
+        "condition",
+        "layer",
+        "position",
+        "alpha",
+        "n",
+        "correct",
+        "accuracy",
+        "baseline_accuracy",
+    }
+
+
+@pytest.mark.e2e
+def test_sweep_reuse_on_embedded_model(embedded: ModelAdapter) -> None:
+    vecs = vectors_for(embedded, ("r",))
+    prepared, _ = prepare(embedded, items(3))
+    batch, letter_ids = _batch(embedded, prepared)
+    scorer = LetterScorer(embedded, probe=False)
+    x = residual_at(embedded, batch, 8)
+    for layer in (8, 9, 20):
+        x = residual_at(embedded, batch, layer, start=(8 if layer == 9 else 9, x)) if layer > 8 else x
+        cands = [(-1, 1.0), (-3, 3.0)]
+        shifted = torch.cat([x + a * vecs.vector("r", layer, p).to(x.dtype) for p, a in cands])
+        resumed = scorer.letter_logits(_stack(batch, 2), letter_ids.repeat(2, 1), start=(layer, shifted))
+        for k, (p, a) in enumerate(cands):
+            cond = Condition.make("add", role="r", layer=layer, position=p, alpha=a)
+            with intervention(embedded, cond, vecs):
+                independent = scorer.letter_logits(batch, letter_ids)
+            torch.testing.assert_close(resumed[k * 3 : (k + 1) * 3], independent, rtol=0, atol=1e-4)
