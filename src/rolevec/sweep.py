@@ -233,10 +233,17 @@ def probe_reuse(
     alpha: float,
     scorer: LetterScorer,
 ) -> tuple[bool, float]:
-    """Does resuming mid-stack reproduce full forwards here? (states at every layer, and one candidate)."""
+    """Does resuming mid-stack reproduce full forwards here? One small batch of questions.
+
+    The residual is advanced block by block from the first layer, as the sweep does, and compared with a
+    plain forward at the first, middle and last layer of the range (only those are kept, to bound memory);
+    then one candidate resumed at the middle layer is compared with the same addition done by hooks.
+    """
     chunk = list(prepared[:4])
     batch, letter_ids = _batch(adapter, chunk)
     a, b = layers
+    mid = (a + b - 1) // 2
+    checkpoints = sorted({a, mid, b - 1})
     full: dict[int, torch.Tensor] = {}
 
     def keep(layer: int) -> Any:
@@ -245,7 +252,7 @@ def probe_reuse(
 
         return fn
 
-    pre = [(adapter.residual_site(layer), input_hook(keep(layer))) for layer in range(a, b)]
+    pre = [(adapter.residual_site(layer), input_hook(keep(layer))) for layer in checkpoints]
     with torch.inference_mode(), hooked(pre=pre):
         adapter.model(**batch.model_kwargs(), use_cache=False)
     atol, rtol = _tolerance(adapter.dtype)
@@ -254,9 +261,9 @@ def probe_reuse(
     for layer in range(a, b):
         if layer > a:
             x = residual_at(adapter, batch, layer, start=(layer - 1, x))
-        scale = max(1.0, float(full[layer].abs().max()))
-        worst = max(worst, float((x - full[layer]).abs().max()) / scale)
-    mid = (a + b - 1) // 2
+        if layer in full:
+            scale = max(1.0, float(full[layer].abs().max()))
+            worst = max(worst, float((x - full[layer]).abs().max()) / scale)
     x_mid = full[mid]
     shifted = x_mid + _shift(vectors, role, mid, position, alpha, x_mid).to(x_mid.dtype)
     resumed = scorer.letter_logits(batch, letter_ids, start=(mid, shifted))
