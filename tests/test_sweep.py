@@ -144,8 +144,8 @@ def test_cache_batches_respect_the_bound() -> None:
 
 
 def test_argument_parsers() -> None:
-    assert default_layers(30) == (0, 24) and default_layers(3) == (0, 2)
-    assert parse_layers(None, 30) == (0, 24) and parse_layers("4:10", 30) == (4, 10)
+    assert default_layers(30) == (1, 24) and default_layers(3) == (1, 2)
+    assert parse_layers(None, 30) == (1, 24) and parse_layers("4:10", 30) == (4, 10)
     assert parse_layers("28:", 30) == (28, 31) and parse_layers("7", 30) == (7, 8)
     with pytest.raises(RolevecError, match="out of range"):
         parse_layers("0:40", 30)
@@ -252,3 +252,30 @@ def test_sweep_reuse_on_embedded_model(embedded: ModelAdapter) -> None:
             with intervention(embedded, cond, vecs):
                 independent = scorer.letter_logits(batch, letter_ids)
             torch.testing.assert_close(resumed[k * 3 : (k + 1) * 3], independent, rtol=0, atol=1e-4)
+
+
+def test_layer_step_and_zero_vectors_are_skipped(tmp_path: Path) -> None:
+    adapter = make_adapter("llama")
+    vecs = vectors_for(adapter, ("r",))
+    means = dict(vecs.role_means)
+    means["r"] = means["r"].clone()
+    means["r"][:, 0] = vecs.base_mean[:, 0]  # layer 0: the same template tokens for every prompt
+    zeroed = type(vecs)(means, vecs.base_mean, vecs.positions, vecs.position_tokens, dict(vecs.metadata))
+    path = tmp_path / "records.jsonl"
+    with RecordStore(path) as store, pytest.warns(UserWarning, match="all-zero vector"):
+        result = run_sweep(
+            adapter,
+            zeroed,
+            "r",
+            items(4),
+            store,
+            domain="math",
+            layers=(0, 4),
+            layer_step=2,
+            positions=(-1,),
+            alphas=(1.0,),
+            progress=False,
+        )
+    assert {r.layer for r in result.rows} == {2}
+    with RecordStore(tmp_path / "other.jsonl") as store, pytest.raises(RolevecError, match="zero"):
+        run_sweep(adapter, zeroed, "r", items(4), store, domain="math", layers=(0, 1), progress=False)

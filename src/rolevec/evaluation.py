@@ -363,11 +363,13 @@ class LetterScorer:
             weight = unembed.weight
             assert isinstance(weight, torch.Tensor)
             ids = letter_ids.to(weight.device)
-            rows_w = weight[ids]  # [B, 4, H]
-            logits = torch.einsum("bh,bkh->bk", last.to(rows_w.dtype), rows_w)
+            # Four rows cost nothing in float32. Half-precision logits near 30 are rounded to steps of
+            # 0.25, which turns close answers into exact ties that argmax resolves as "A".
+            rows_w = weight[ids].float()  # [B, 4, H]
+            logits = torch.einsum("bh,bkh->bk", last.float(), rows_w)
             bias = getattr(unembed, "bias", None)
             if isinstance(bias, torch.Tensor):
-                logits = logits + bias[ids]
+                logits = logits + bias[ids].float()
             if self.scale != 1.0:
                 logits = logits * self.scale
             if self.softcap:
@@ -534,3 +536,19 @@ def evaluate_conditions(
                     bar.update(len(results))
     report.scorer_mode = scorer.mode
     return report
+
+
+def run_settings(
+    adapter: ModelAdapter, prompt_format: PromptFormat, split: Split, random_seed: int | None = None
+) -> dict[str, Any]:
+    """What must not change between runs that add records to one folder (see records.check_settings)."""
+    settings: dict[str, Any] = {
+        "model": adapter.name,
+        "model_fingerprint": adapter.fingerprint(),
+        "dtype": str(adapter.dtype).replace("torch.", ""),
+        "prompt": prompt_format.to_json(),
+        "split": {"seed": split.seed, "val_fraction": split.val_fraction, "source": split.source},
+    }
+    if random_seed is not None:
+        settings["random_seed"] = random_seed
+    return settings

@@ -993,3 +993,28 @@ def summary_lines(files: ReportFiles) -> list[str]:
         f"wrote {len(files.tables)} tables to {files.html.parent / 'tables'}",
         f"wrote {len(files.figures)} figures to {files.html.parent / 'figures'}",
     ]
+
+
+def console_summary(run_dir: str | Path) -> list[str]:
+    """The headline table for a terminal: per role and condition, in-domain change and out-of-domain mean."""
+    a = load_run(run_dir).analysis
+    lines = [
+        f"{'role':<22}{'condition':<14}{'in-domain acc (base)':<24}{'rel. change':>12}{'p':>8}{'n':>6}"
+        f"{'OOD mean rel.':>15}"
+    ]
+    for role in a.roles:
+        for label in a.labels:
+            s = a.summary(role, label)
+            if s is None or s.in_domain is None:
+                continue
+            d = s.in_domain
+            acc = f"{d.accuracy:.3f} ({d.base_accuracy:.3f})"
+            lines.append(
+                f"{role:<22}{label:<14}{acc:<24}{d.rel_change:>11.1f}%{d.p_value:>8.3f}{d.n:>6}"
+                f"{s.ood_mean_rel:>14.1f}%"
+            )
+    if a.min_n < SMALL_N:
+        lines.append(
+            f"(small sample: n = {a.min_n} in the smallest cell; differences are noise unless p < 0.05)"
+        )
+    return lines

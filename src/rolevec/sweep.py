@@ -58,8 +58,12 @@ ABLATE_SCOPES = ("all", "passing", "none")
 
 
 def default_layers(n_layers: int, fraction: float = 0.8) -> tuple[int, int]:
-    """The paper's search range: the first ``fraction`` of the layers, as half-open ``[0, b)``."""
-    return 0, max(1, round(fraction * n_layers))
+    """The paper's search range, the first ``fraction`` of the layers, as half-open ``[1, b)``.
+
+    Layer 0 is left out: its input is the token embedding, and the post-instruction tokens are the same
+    template tokens for every prompt, so every role vector there is exactly zero.
+    """
+    return 1, max(2, round(fraction * n_layers))
 
 
 def parse_layers(text: str | None, n_layers: int) -> tuple[int, int]:
@@ -425,6 +429,7 @@ def run_sweep(
     batch_size: int = 16,
     max_rows: int | None = None,
     max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
+    layer_step: int = 1,
     reuse: bool = True,
     ablate_scope: str = "all",
     scorer: LetterScorer | None = None,
@@ -432,7 +437,8 @@ def run_sweep(
 ) -> SweepResult:
     """Score baseline, every addition candidate and the ablation sites of one role on ``items``.
 
-    ``layers`` is half-open ``[a, b)`` (default: first 80%); ``max_rows`` bounds rows per forward when
+    ``layers`` is half-open ``[a, b)`` (default: first 80%), of which every ``layer_step``-th layer from ``a``
+    is swept (a coarse grid for quick runs); ``max_rows`` bounds rows per forward when
     candidates are stacked (default ``batch_size``); ``max_cache_bytes`` bounds the cached residual plus the
     stacked copies of one question batch. ``ablate_scope``: ``all`` sites, only sites where some α beats the
     baseline (``passing``, enough for the selection criterion), or ``none``.
@@ -457,7 +463,26 @@ def run_sweep(
     max_rows = max_rows or batch_size
 
     base_cond = Condition("baseline")
-    cands: list[Candidate] = [(layer, p, al) for layer in range(a, b) for p in pos for al in alpha_list]
+    if layer_step < 1:
+        raise RolevecError(f"layer step must be at least 1, not {layer_step}")
+    zero = [
+        (layer, p)
+        for layer in range(a, b, layer_step)
+        for p in pos
+        if float(vectors.vector(role, layer, p).norm()) == 0.0
+    ]
+    if zero:
+        warnings.warn(
+            f"{len(zero)} site(s) of {role} have an all-zero vector (e.g. layer {zero[0][0]}, position "
+            f"{zero[0][1]}: the same template token for every prompt) and are left out of the sweep",
+            stacklevel=2,
+        )
+    layer_list = [layer for layer in range(a, b, layer_step) if any((layer, p) not in zero for p in pos)]
+    if not layer_list:
+        raise RolevecError(f"every vector of {role} in layers {a}:{b} is zero: pass a higher --layers range")
+    cands: list[Candidate] = [
+        (layer, p, al) for layer in layer_list for p in pos for al in alpha_list if (layer, p) not in zero
+    ]
     with tqdm(total=0, disable=not progress, desc=f"sweep {role}", unit="q") as bar:
         sweep = _Sweep(adapter, vectors, role, prepared, store, split_label, scorer, batch_size, bar)
         base_todo = sweep.pending(base_cond)
@@ -465,7 +490,7 @@ def run_sweep(
             c: sweep.pending(Condition.make("add", role=role, layer=c[0], position=c[1], alpha=c[2]))
             for c in cands
         }
-        ablate_sites = [(layer, p) for layer in range(a, b) for p in pos]
+        ablate_sites = [(layer, p) for layer in layer_list for p in pos if (layer, p) not in zero]
         ablate_pending = {
             s: sweep.pending(Condition.make("ablate", role=role, layer=s[0], position=s[1]))
             for s in ablate_sites
@@ -524,7 +549,7 @@ def run_sweep(
     in_range = [
         r
         for r in rows
-        if a <= r.layer < b and r.position in pos and (r.alpha is None or r.alpha in alpha_list)
+        if r.layer in layer_list and r.position in pos and (r.alpha is None or r.alpha in alpha_list)
     ]
     base_acc = (
         in_range[0].baseline_accuracy

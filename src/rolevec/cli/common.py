@@ -18,7 +18,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
     group.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype"
+        "--dtype",
+        default="float32",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype (auto: bfloat16 on GPUs and on CPUs with AMX/AVX512-BF16, else float32)",
     )
     group.add_argument(
         "--block-pattern",

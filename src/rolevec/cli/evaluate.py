@@ -179,21 +179,6 @@ def prompt_format_from_args(args: argparse.Namespace) -> Any:
     return PromptFormat(template, args.answer_prefix)
 
 
-def run_settings(
-    adapter: Any, prompt_format: Any, split: Any, random_seed: int | None = None
-) -> dict[str, Any]:
-    settings: dict[str, Any] = {
-        "model": adapter.name,
-        "model_fingerprint": adapter.fingerprint(),
-        "dtype": str(adapter.dtype).replace("torch.", ""),
-        "prompt": prompt_format.to_json(),
-        "split": {"seed": split.seed, "val_fraction": split.val_fraction, "source": split.source},
-    }
-    if random_seed is not None:
-        settings["random_seed"] = random_seed
-    return settings
-
-
 def write_command_manifest(
     run_dir: Path, command: str, args: argparse.Namespace, adapter: Any, extra: dict[str, Any]
 ) -> None:
@@ -279,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..evaluation import LetterScorer, evaluate_conditions
+    from ..evaluation import LetterScorer, evaluate_conditions, run_settings
     from ..mcq import ensure_split, parse_domains
     from ..records import RecordStore, check_settings, read_records, record_identity
     from ..selection import load_selection

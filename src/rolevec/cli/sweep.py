@@ -20,7 +20,6 @@ from .evaluate import (
     positive_int,
     prepare_run_dir,
     prompt_format_from_args,
-    run_settings,
     split_list,
     write_command_manifest,
 )
@@ -85,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..evaluation import LetterScorer
+    from ..evaluation import LetterScorer, run_settings
     from ..mcq import ensure_split, role_domain
     from ..records import RecordStore, check_settings, read_records
     from ..selection import Choice, select, write_selection

@@ -1,0 +1,588 @@
+"""The paper's whole study as one resumable pipeline: prompts, vectors, selection, test, analysis, report.
+
+Each stage writes its artefact into the run folder and is skipped on a rerun when that artefact exists
+(per-question records resume inside a stage), so an interrupted ``rolevec run`` continues where it stopped.
+``manifest.json`` is rewritten after every stage with the configuration, what was sampled, and timings.
+
+Two presets: ``quick`` fits the embedded model on a 2-core CPU in about ten minutes (one role per domain,
+small samples, a coarse grid — a smoke test of the method, not a finding); ``paper`` is the full grid.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import RolevecError
+from .model import ModelAdapter
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "roles": (
+            "economist",
+            "software_engineer",
+            "lawyer",
+            "mathematician",
+            "doctor",
+            "biologist",
+            "politician",
+            "psychologist",
+        ),
+        "domains": ("all",),
+        "n_prompts": 32,
+        "n_base": 64,
+        "val_limit": 12,
+        "test_limit": 10,
+        "layers": None,
+        "layer_step": 6,
+        "positions": "-1,-4",
+        "alphas": (1.0, 3.0),
+        "ablate_scope": "passing",
+        "dtype": "auto",
+    },
+    "paper": {
+        "roles": ("all",),
+        "domains": ("all",),
+        "n_prompts": 128,
+        "n_base": 128,
+        "val_limit": None,
+        "test_limit": None,
+        "layers": None,
+        "layer_step": 1,
+        "positions": "all",
+        "alphas": (1.0, 3.0),
+        "ablate_scope": "all",
+        "dtype": "auto",
+    },
+}
+
+
+#: Options that change a run's numbers: a rerun on the same folder must not change them.
+FIXED_KEYS = (
+    "roles_dir",
+    "base",
+    "base_column",
+    "n_prompts",
+    "n_base",
+    "prompt_seed",
+    "mcq",
+    "val_limit",
+    "layers",
+    "layer_step",
+    "positions",
+    "alphas",
+    "ablate_scope",
+    "persona_templates",
+    "random_seed",
+    "interpret_alpha",
+)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything that decides a run's numbers (the model aside). Saved in the manifest and settings."""
+
+    roles: tuple[str, ...] = PRESETS["quick"]["roles"]
+    domains: tuple[str, ...] = ("all",)
+    roles_dir: str | None = None  # None: the built-in role prompt sets
+    base: str | None = None  # None: the built-in generic prompts
+    base_column: str | None = None
+    n_prompts: int | None = 128
+    n_base: int | None = 128
+    prompt_seed: int = 42
+    mcq: str | None = None  # None: the paper's MMLU domain files when found, else the built-in sample
+    split_seed: int = 0
+    val_fraction: float = 0.2
+    val_limit: int | None = None
+    test_limit: int | None = None
+    layers: str | None = None  # "a:b" half-open; None: the first 80% of layers
+    layer_step: int = 1
+    positions: str | None = "all"
+    alphas: tuple[float, ...] = (1.0, 3.0)
+    ablate_scope: str = "all"
+    persona_templates: tuple[str, ...] = ("you_are",)
+    random_control: bool = True
+    random_seed: int = 0
+    batch_size: int = 16
+    interpret: bool = True
+    interpret_alpha: float = 3.0
+    judge_url: str | None = None
+    judge_model: str = "gpt-4o-mini"
+    dtype: str = "auto"
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def fixed(self) -> dict[str, Any]:
+        """The options a rerun on the same folder must keep (roles, domains and test size may grow)."""
+        return {k: v for k, v in self.to_json().items() if k in FIXED_KEYS}
+
+
+def config_from(
+    preset: str | None, file: Mapping[str, Any] | None, overrides: Mapping[str, Any]
+) -> StudyConfig:
+    """Preset, then config file, then explicit options (later wins); unknown keys are errors."""
+    known = {f.name for f in fields(StudyConfig)}
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise RolevecError(f"unknown preset {preset!r}: pass one of {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    for source, mapping in (("config file", file or {}), ("options", overrides)):
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            raise RolevecError(
+                f"unknown {source} key(s) {', '.join(unknown)}: valid keys are {', '.join(sorted(known))}"
+            )
+        values.update({k: v for k, v in mapping.items() if v is not None})
+    for key in ("roles", "domains", "persona_templates"):
+        if isinstance(values.get(key), str):
+            values[key] = tuple(x.strip() for x in values[key].split(",") if x.strip())
+        elif key in values:
+            values[key] = tuple(values[key])
+    if "alphas" in values:
+        raw = values["alphas"]
+        parts = raw.split(",") if isinstance(raw, str) else raw
+        try:
+            values["alphas"] = tuple(float(a) for a in parts)
+        except (TypeError, ValueError):
+            raise RolevecError(f"alphas must be numbers, e.g. 1,3 — not {raw!r}") from None
+    return StudyConfig(**values)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON or TOML file of StudyConfig keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise RolevecError(f"config file {p} does not exist: pass a JSON or TOML file of run options")
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            data: Any = tomllib.loads(p.read_text(encoding="utf-8"))
+        else:
+            data = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise RolevecError(f"config file {p} is not valid JSON/TOML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise RolevecError(f"config file {p} must hold an object of options")
+    return data
+
+
+@dataclass
+class StudyState:
+    """What the stages learnt, for the manifest and the final summary."""
+
+    timings: dict[str, float] = field(default_factory=dict)
+    sampled: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_roles(config: StudyConfig) -> list[str]:
+    from .data import available_roles, domain_roles
+
+    if config.roles == ("all",):
+        paper = [r for roles in domain_roles().values() for r in roles]
+        have = set(available_roles(config.roles_dir))
+        return [r for r in paper if r in have]
+    if not config.roles:
+        raise RolevecError("no roles given: pass --roles mathematician,doctor or --roles all")
+    return list(config.roles)
+
+
+def resolve_domains(config: StudyConfig) -> list[str]:
+    from .mcq import DOMAINS
+
+    if config.domains == ("all",):
+        return list(DOMAINS)
+    unknown = [d for d in config.domains if d not in DOMAINS]
+    if unknown:
+        raise RolevecError(
+            f"unknown domain(s) {', '.join(unknown)}: pass some of {', '.join(DOMAINS)} or all"
+        )
+    return list(config.domains)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from .vectors import atomic_write
+
+    text = json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), force=True)
+
+
+class Study:
+    """One run folder's pipeline; call :meth:`run` (or the stages one by one)."""
+
+    STAGES = ("prompts", "vectors", "questions", "selection", "test", "interpret", "report")
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        config: StudyConfig,
+        run_dir: str | Path,
+        *,
+        args: Mapping[str, Any] | None = None,
+        preset: str | None = None,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.adapter = adapter
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.args = dict(args or {})
+        self.preset = preset
+        self.progress = progress
+        self.log = log
+        self.state = StudyState()
+        self.roles = resolve_roles(config)
+        self.domains = resolve_domains(config)
+        self._check_roles()
+
+    def _check_roles(self) -> None:
+        from .data import role_domain
+
+        orphans = [r for r in self.roles if role_domain(r) is None]
+        if orphans:
+            raise RolevecError(
+                f"role(s) {', '.join(orphans)} have no MMLU domain in the paper's table, so they cannot be "
+                "selected on a validation split: drop them from --roles"
+            )
+
+    # --- bookkeeping -----------------------------------------------------------------------------
+    def _manifest(self) -> None:
+        from .manifest import build_manifest, write_manifest
+
+        extra = {
+            "command": "run",
+            "preset": self.preset or "custom",
+            "config": self.config.to_json(),
+            "roles": self.roles,
+            "domains": self.domains,
+            "sampled": describe_sampling(self.state.sampled, self.roles, self.domains),
+            "sampling_details": self.state.sampled,
+            "timings_s": {k: round(v, 2) for k, v in self.state.timings.items()},
+            "notes": self.state.notes,
+        }
+        write_manifest(self.run_dir / "manifest.json", build_manifest(self.args, self.adapter, extra))
+
+    def _stage(self, name: str, fn: Callable[[], None]) -> None:
+        self.log(f"[{self.STAGES.index(name) + 1}/{len(self.STAGES)}] {name}")
+        start = time.perf_counter()
+        fn()
+        self.state.timings[name] = self.state.timings.get(name, 0.0) + time.perf_counter() - start
+        self._manifest()
+
+    def run(self) -> None:
+        from .records import check_settings
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_settings(self.run_dir, {"study": self.config.fixed()})
+        started = time.perf_counter()
+        self._stage("prompts", self.stage_prompts)
+        self._stage("vectors", self.stage_vectors)
+        self._stage("questions", self.stage_questions)
+        self._stage("selection", self.stage_selection)
+        self._stage("test", self.stage_test)
+        if self.config.interpret:
+            self._stage("interpret", self.stage_interpret)
+        self._stage("report", self.stage_report)
+        self.state.timings["total"] = time.perf_counter() - started
+        self._manifest()
+
+    # --- stages ----------------------------------------------------------------------------------
+    def stage_prompts(self) -> None:
+        """Sample each role's prompts and the base prompts; the exact lists go to prompts.json."""
+        from .data import load_base, load_role_prompts, sample
+
+        path = self.run_dir / "prompts.json"
+        if path.exists():
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            missing = [r for r in self.roles if r not in stored.get("roles", {})]
+            if not missing:
+                self._prompts = stored
+                self._record_prompt_sampling()
+                return
+        c = self.config
+        roles = {r: sample(load_role_prompts(r, c.roles_dir), c.n_prompts, c.prompt_seed) for r in self.roles}
+        base = sample(load_base(c.base, column=c.base_column), c.n_base, c.prompt_seed)
+        self._prompts = {
+            "seed": c.prompt_seed,
+            "base": {"source": base.source, "prompts": list(base.prompts)},
+            "roles": {r: {"source": ps.source, "prompts": list(ps.prompts)} for r, ps in roles.items()},
+        }
+        _write_json(path, self._prompts)
+        self._record_prompt_sampling()
+
+    def _record_prompt_sampling(self) -> None:
+        p = self._prompts
+        counts = {r: len(v["prompts"]) for r, v in p["roles"].items() if r in self.roles}
+        self.state.sampled["prompts"] = {
+            "per_role": counts,
+            "base": len(p["base"]["prompts"]),
+            "seed": p["seed"],
+            "role_source": next(iter(p["roles"].values()))["source"] if p["roles"] else "",
+            "base_source": p["base"]["source"],
+        }
+
+    def stage_vectors(self) -> None:
+        from .activations import extract_role_vectors
+        from .data import PromptSet
+        from .vectors import RoleVectors
+
+        path = self.run_dir / "vectors.safetensors"
+        if path.exists():
+            vectors = RoleVectors.load(path)
+            vectors.check_compatible(self.adapter)
+            if vectors.metadata.get("model_fingerprint") != self.adapter.fingerprint():
+                raise RolevecError(f"{path} was extracted from another model: use another --out")
+            if set(self.roles) <= set(vectors.roles):
+                self.vectors = vectors
+                return
+        p = self._prompts
+        role_sets = {
+            r: PromptSet(r, tuple(p["roles"][r]["prompts"]), p["roles"][r]["source"]) for r in self.roles
+        }
+        base = PromptSet("base", tuple(p["base"]["prompts"]), p["base"]["source"])
+        self.vectors = extract_role_vectors(
+            self.adapter,
+            role_sets,
+            base,
+            batch_size=self.config.batch_size,
+            seed=self.config.prompt_seed,
+            progress=self.progress,
+        )
+        self.vectors.save(path, force=True)
+
+    def stage_questions(self) -> None:
+        from .data import role_domain
+        from .mcq import ensure_split, load_mcq
+
+        wanted = sorted(set(self.domains) | {str(role_domain(r)) for r in self.roles})
+        self.mcq = load_mcq(self.config.mcq, wanted)
+        self.split = ensure_split(
+            self.run_dir / "split.json",
+            self.mcq,
+            seed=self.config.split_seed,
+            val_fraction=self.config.val_fraction,
+        )
+        c = self.config
+        sizes = {
+            d: {
+                "val": len(self.split.select(self.mcq, d, "val", c.val_limit)),
+                "test": len(self.split.select(self.mcq, d, "test", c.test_limit)),
+                "available": len(self.mcq.items[d]),
+            }
+            for d in wanted
+        }
+        self.state.sampled["questions"] = {
+            "source": self.mcq.source,
+            "kind": self.mcq.kind,
+            "split_seed": self.split.seed,
+            "val_fraction": self.split.val_fraction,
+            "per_domain": sizes,
+        }
+        if self.mcq.kind == "builtin":
+            self.state.notes.append(
+                "questions come from rolevec's built-in sample (24 per domain), not MMLU: pass --mcq-dir"
+            )
+        from .evaluation import PromptFormat, run_settings
+        from .records import check_settings
+
+        self.prompt_format = PromptFormat()
+        settings = run_settings(self.adapter, self.prompt_format, self.split, self.config.random_seed)
+        check_settings(self.run_dir, settings)
+
+    def _grid(self) -> tuple[tuple[int, int], tuple[int, ...]]:
+        from .sweep import parse_layers, parse_positions
+
+        layers = parse_layers(self.config.layers, self.adapter.n_layers)
+        positions = parse_positions(self.config.positions, self.vectors.positions)
+        return layers, positions
+
+    def stage_selection(self) -> None:
+        from .data import role_domain
+        from .evaluation import LetterScorer
+        from .records import RecordStore
+        from .selection import select, write_selection
+        from .sweep import run_sweep, write_sweep_file
+
+        c = self.config
+        layers, positions = self._grid()
+        self.scorer = LetterScorer(self.adapter)
+        choices = []
+        modes = {}
+        with RecordStore(self.run_dir / "records.jsonl") as store:
+            for role in self.roles:
+                domain = str(role_domain(role))
+                items = self.split.select(self.mcq, domain, "val", c.val_limit)
+                result = run_sweep(
+                    self.adapter,
+                    self.vectors,
+                    role,
+                    items,
+                    store,
+                    domain=domain,
+                    layers=layers,
+                    layer_step=c.layer_step,
+                    positions=positions,
+                    alphas=c.alphas,
+                    prompt_format=self.prompt_format,
+                    batch_size=c.batch_size,
+                    ablate_scope=c.ablate_scope,
+                    scorer=self.scorer,
+                    progress=self.progress,
+                )
+                write_sweep_file(self.run_dir / "sweep.jsonl", result.rows)
+                choice = select(result.rows)
+                modes[role] = result.reuse
+                choices.append(choice)
+                met = "criterion met" if choice.criterion_met else "criterion NOT met (best addition kept)"
+                self.log(
+                    f"    {role}: layer {choice.layer}, position {choice.position}, α {choice.alpha:g} "
+                    f"(val {choice.val_accuracy:.3f} vs baseline {choice.val_baseline:.3f}; {met})"
+                )
+        write_selection(
+            self.run_dir / "selection.json",
+            self.adapter,
+            split_seed=self.split.seed,
+            layers=layers,
+            choices=choices,
+        )
+        self.choices = {ch.role: ch for ch in choices}
+        self.state.sampled["grid"] = {
+            "layers": list(range(layers[0], layers[1], c.layer_step)),
+            "positions": list(positions),
+            "alphas": list(c.alphas),
+            "ablation": c.ablate_scope,
+            "sweep_mode": modes,
+        }
+
+    def conditions(self) -> list[Any]:
+        from .evaluation import Condition
+
+        out = [Condition.make("baseline")]
+        for role in self.roles:
+            ch = self.choices[role]
+            out += [
+                Condition.make("persona", role=role, persona_template=t)
+                for t in self.config.persona_templates
+            ]
+            out += [
+                Condition.make("add", role=role, layer=ch.layer, position=ch.position, alpha=a)
+                for a in self.config.alphas
+            ]
+            out.append(Condition.make("ablate", role=role, layer=ch.layer, position=ch.position))
+            if self.config.random_control:
+                out.append(
+                    Condition.make("random", role=role, layer=ch.layer, position=ch.position, alpha=ch.alpha)
+                )
+        return out
+
+    def stage_test(self) -> None:
+        from .evaluation import evaluate_conditions
+        from .records import RecordStore
+
+        with RecordStore(self.run_dir / "records.jsonl") as store:
+            report = evaluate_conditions(
+                self.adapter,
+                self.mcq,
+                self.split,
+                self.conditions(),
+                store,
+                vectors=self.vectors,
+                domains=self.domains,
+                split_name="test",
+                limit=self.config.test_limit,
+                prompt_format=self.prompt_format,
+                batch_size=self.config.batch_size,
+                scorer=self.scorer,
+                random_seed=self.config.random_seed,
+                progress=self.progress,
+            )
+        if report.persona_folded:
+            self.state.notes.append(
+                "the chat template rejects system turns: persona text was folded into the user turn"
+            )
+        self.state.sampled["test"] = {"new_records": report.n_new, "already_done": report.n_done_before}
+
+    def stage_interpret(self) -> None:
+        import os
+
+        from .interpret import JUDGE_KEY_ENV, interpret_roles, save_interpret
+
+        path = self.run_dir / "interpret.json"
+        if path.exists():
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            if set(self.roles) <= set(stored.get("roles", {})):
+                return
+        result = interpret_roles(
+            self.adapter,
+            self.vectors,
+            self.run_dir / "selection.json",
+            roles=self.roles,
+            alpha=self.config.interpret_alpha,
+            judge_url=self.config.judge_url,
+            judge_model=self.config.judge_model,
+            judge_api_key=os.environ.get(JUDGE_KEY_ENV),
+            progress=self.progress,
+        )
+        save_interpret(result, path, force=True)
+
+    def stage_report(self) -> None:
+        from .report import write_report
+
+        files = write_report(self.run_dir, force=True)
+        self.report_files = files
+
+
+def run_study(
+    adapter: ModelAdapter,
+    config: StudyConfig,
+    run_dir: str | Path,
+    *,
+    args: Mapping[str, Any] | None = None,
+    preset: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Study:
+    """Run (or resume) the whole study in ``run_dir``; returns the finished :class:`Study`."""
+    study = Study(adapter, config, run_dir, args=args, preset=preset, progress=progress, log=log)
+    study.run()
+    return study
+
+
+def with_overrides(config: StudyConfig, **changes: Any) -> StudyConfig:
+    return replace(config, **changes)
+
+
+def describe_sampling(sampled: Mapping[str, Any], roles: Sequence[str], domains: Sequence[str]) -> str:
+    """One paragraph of what a run sampled, for the console and the report header."""
+    parts = [f"{len(roles)} role(s): {', '.join(roles)}"]
+    prompts = sampled.get("prompts")
+    if prompts:
+        per_role = sorted(set(prompts["per_role"].values()))
+        parts.append(
+            f"{'/'.join(map(str, per_role))} prompts per role and {prompts['base']} base prompts "
+            f"(seed {prompts['seed']})"
+        )
+    questions = sampled.get("questions")
+    if questions:
+        per = questions["per_domain"]
+        tests = sorted({v["test"] for d, v in per.items() if d in domains})
+        vals = sorted({v["val"] for v in per.values()})
+        parts.append(
+            f"{len(domains)} domain(s) × {'/'.join(map(str, tests))} test questions, "
+            f"{'/'.join(map(str, vals))} validation questions per role domain "
+            f"({questions['kind']} questions, split seed {questions['split_seed']})"
+        )
+    grid = sampled.get("grid")
+    if grid:
+        parts.append(
+            f"grid: layers {grid['layers']}, positions {grid['positions']}, α {grid['alphas']}, "
+            f"ablation on {grid['ablation']} sites"
+        )
+    return "; ".join(parts)

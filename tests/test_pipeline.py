@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+
+from rolevec.errors import RolevecError
+from rolevec.mcq import builtin_mcq_dir
+from rolevec.pipeline import PRESETS, StudyConfig, config_from, read_config_file, run_study
+from rolevec.records import read_records
+from rolevec.testing import make_adapter
+
+ARTEFACTS = (
+    "prompts.json",
+    "vectors.safetensors",
+    "split.json",
+    "settings.json",
+    "records.jsonl",
+    "sweep.jsonl",
+    "selection.json",
+    "interpret.json",
+    "report.html",
+    "report.md",
+    "manifest.json",
+)
+
+
+def _tiny_config(**changes: object) -> StudyConfig:
+    base = {
+        "roles": "mathematician,lawyer",
+        "domains": "math,law",
+        "n_prompts": 6,
+        "n_base": 8,
+        "mcq": str(builtin_mcq_dir()),
+        "val_limit": 4,
+        "test_limit": 4,
+        "positions": "-1,-2",
+        "alphas": "1,3",
+        "dtype": "float32",
+    }
+    base.update(changes)
+    return config_from(None, None, base)
+
+
+def _check_artefacts(run_dir: Path, roles: list[str], domains: list[str]) -> None:
+    for name in ARTEFACTS:
+        assert (run_dir / name).is_file(), name
+    records = list(read_records(run_dir / "records.jsonl"))
+    test = [r for r in records if r["split"] == "test"]
+    kinds = {(r["condition"], r["role"]) for r in test}
+    for role in roles:
+        for kind in ("persona", "add", "ablate", "random"):
+            assert (kind, role) in kinds
+    assert {r["domain"] for r in test} == set(domains)
+    selection = json.loads((run_dir / "selection.json").read_text())
+    assert set(selection["roles"]) == set(roles)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert set(manifest["timings_s"]) >= {"prompts", "vectors", "selection", "test", "report", "total"}
+    assert "role(s)" in manifest["sampled"]
+    html = (run_dir / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') >= 5
+    ElementTree.fromstring(html.split("<!DOCTYPE html>", 1)[-1].strip())  # well-formed markup
+
+
+def test_study_on_tiny_model_writes_every_artefact_and_resumes(tmp_path: Path) -> None:
+    adapter = make_adapter("llama")
+    lines: list[str] = []
+    study = run_study(adapter, _tiny_config(), tmp_path, progress=False, log=lines.append)
+    _check_artefacts(tmp_path, ["mathematician", "lawyer"], ["math", "law"])
+    n_records = len(list(read_records(tmp_path / "records.jsonl")))
+    # per role: 4 val baseline shared, sweep 1 layer x 2 positions x 2 alphas + ablations; test grid
+    assert n_records > 2 * 4 * 2 * 5
+    assert any("[7/7] report" in line for line in lines)
+    again = run_study(adapter, _tiny_config(), tmp_path, progress=False, log=lines.append)
+    assert len(list(read_records(tmp_path / "records.jsonl"))) == n_records
+    assert again.state.sampled["test"]["new_records"] == 0
+    assert study.roles == again.roles
+
+
+def test_changed_settings_are_refused(tmp_path: Path) -> None:
+    adapter = make_adapter("llama")
+    run_study(adapter, _tiny_config(interpret=False), tmp_path, progress=False, log=lambda _: None)
+    with pytest.raises(RolevecError, match="other settings"):
+        run_study(adapter, _tiny_config(alphas="2"), tmp_path, progress=False, log=lambda _: None)
+    with pytest.raises(RolevecError, match="seed 0"):
+        run_study(adapter, _tiny_config(split_seed=5), tmp_path, progress=False, log=lambda _: None)
+
+
+def test_config_layers_and_errors(tmp_path: Path) -> None:
+    quick = config_from("quick", None, {})
+    assert len(quick.roles) == 8 and quick.layer_step == PRESETS["quick"]["layer_step"]
+    cfg_file = tmp_path / "run.toml"
+    cfg_file.write_text('roles = "doctor"\nalphas = [2, 4]\n')
+    cfg = config_from("paper", read_config_file(cfg_file), {"test_limit": 5})
+    assert cfg.roles == ("doctor",) and cfg.alphas == (2.0, 4.0) and cfg.test_limit == 5
+    assert cfg.positions == "all"
+    with pytest.raises(RolevecError, match="unknown options key"):
+        config_from(None, None, {"rolez": "x"})
+    with pytest.raises(RolevecError, match="unknown preset"):
+        config_from("huge", None, {})
+    with pytest.raises(RolevecError, match="does not exist"):
+        read_config_file(tmp_path / "missing.json")
+    with pytest.raises(RolevecError, match="no MMLU domain"):
+        run_study(make_adapter("llama"), _tiny_config(roles="historian"), tmp_path, progress=False)
