@@ -9,15 +9,14 @@ size and a 95% Wilson interval, so a small sample never reads as a finding.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .data import domain_roles
 from .errors import RolevecError
 from .records import read_records
 from .stats import mcnemar, wilson
@@ -106,10 +105,8 @@ def load_records(run_dir: str | Path) -> list[Record]:
 
 
 def builtin_domains() -> dict[str, list[str]]:
-    """The paper's Table 2 (domain → roles), as shipped with rolevec."""
-    text = resources.files("rolevec").joinpath("builtin_data/domains.json").read_text(encoding="utf-8")
-    data = json.loads(text)
-    return {str(d): [str(r) for r in roles] for d, roles in data.items()}
+    """The paper's Table 2 (domain → roles)."""
+    return domain_roles()
 
 
 def role_domains(

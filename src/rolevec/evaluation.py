@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .data import role_display
 from .errors import RolevecError
 from .hooks import StopForward, hooked, input_hook, output_hook, skipped
 from .interventions import ablate, add
@@ -87,10 +88,6 @@ class PromptFormat:
 
     def to_json(self) -> dict[str, Any]:
         return {"template": self.template, "answer_prefix": self.answer_prefix}
-
-
-def role_display(role: str) -> str:
-    return role.replace("_", " ").strip()
 
 
 def persona_system(role: str, template: str = "you_are") -> str:

@@ -59,33 +59,17 @@ MMLU_SUBJECTS: dict[str, tuple[str, ...]] = {
 }
 SUBJECT_DOMAIN = {s: d for d, subjects in MMLU_SUBJECTS.items() for s in subjects}
 
-#: The paper's Table 2: the domain each of its 29 roles is evaluated on.
-DOMAIN_ROLES: dict[str, tuple[str, ...]] = {
-    "econ": ("economic_researcher", "economist", "financial_analyst"),
-    "eecs": (
-        "electronics_technician",
-        "data_scientist",
-        "electrical_engineer",
-        "software_engineer",
-        "web_developer",
-    ),
-    "law": ("bailiff", "lawyer"),
-    "math": ("data_analyst", "mathematician", "statistician"),
-    "medicine": ("nurse", "doctor", "physician", "dentist", "surgeon"),
-    "natural_science": ("geneticist", "biologist", "physicist", "teacher", "chemist", "ecologist"),
-    "politics": ("politician", "sheriff", "enthusiast", "partisan"),
-    "psychology": ("psychologist",),
-}
-ROLE_DOMAIN = {r: d for d, roles in DOMAIN_ROLES.items() for r in roles}
-
 
 def role_domain(role: str) -> str:
-    """The paper's domain for a role, or an error asking for --domain."""
-    if role not in ROLE_DOMAIN:
+    """The paper's domain for a role (Table 2, in :mod:`rolevec.data`), or an error asking for --domain."""
+    from .data import role_domain as paper_domain
+
+    domain = paper_domain(role)
+    if domain is None:
         raise RolevecError(
             f"role {role!r} has no domain in the paper's table: pass --domain (one of {', '.join(DOMAINS)})"
         )
-    return ROLE_DOMAIN[role]
+    return domain
 
 
 ENV_VAR = "ROLEVEC_MMLU_DIR"

@@ -9,49 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RolevecError
-from .common import add_model_args, load_from_args
+from .common import add_model_args, load_from_args, plain_warnings, positive_int
 
 if TYPE_CHECKING:
     from ..mcq import MCQSet
 
 CONDITION_NAMES = ("baseline", "persona", "add", "ablate", "random")
-
-
-@contextmanager
-def plain_warnings() -> Iterator[None]:
-    """Library warnings as one ``rolevec: warning: ...`` line each."""
-
-    def show(
-        message: Warning | str,
-        category: type[Warning],
-        filename: str,
-        lineno: int,
-        file: TextIO | None = None,
-        line: str | None = None,
-    ) -> None:
-        print(f"rolevec: warning: {message}", file=sys.stderr)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", UserWarning)
-        warnings.showwarning = show
-        yield
-
-
-def positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {value!r}")
-    return n
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:

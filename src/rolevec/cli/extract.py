@@ -4,35 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from ..errors import RolevecError
-from .common import add_model_args, load_from_args
-
-
-@contextmanager
-def plain_warnings() -> Iterator[None]:
-    """Show library warnings as one ``rolevec: warning: ...`` line each, for the duration of a command."""
-
-    def show(
-        message: Warning | str,
-        category: type[Warning],
-        filename: str,
-        lineno: int,
-        file: TextIO | None = None,
-        line: str | None = None,
-    ) -> None:
-        print(f"rolevec: warning: {message}", file=sys.stderr)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", UserWarning)
-        warnings.showwarning = show
-        yield
+from .common import add_model_args, load_from_args, plain_warnings, positive_int
 
 
 def count_arg(value: str) -> int | None:
@@ -45,16 +22,6 @@ def count_arg(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a positive number or 'all', not {value!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive number or 'all', not {value!r}")
-    return n
-
-
-def positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {value!r}")
     return n
 
 

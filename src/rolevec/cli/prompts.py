@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import RolevecError
-from .extract import plain_warnings, positive_int
+from .common import plain_warnings, positive_int
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -8,8 +8,7 @@ import time
 from typing import Any
 
 from ..errors import RolevecError
-from .common import add_model_args, load_from_args
-from .evaluate import plain_warnings, positive_int
+from .common import add_model_args, load_from_args, plain_warnings, positive_int
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

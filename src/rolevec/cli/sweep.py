@@ -12,12 +12,10 @@ import sys
 from typing import Any
 
 from ..errors import RolevecError
-from .common import add_model_args, load_from_args
+from .common import add_model_args, load_from_args, plain_warnings, positive_int
 from .evaluate import (
     add_data_args,
     load_questions,
-    plain_warnings,
-    positive_int,
     prepare_run_dir,
     prompt_format_from_args,
     split_list,
