@@ -104,3 +104,32 @@ def test_config_layers_and_errors(tmp_path: Path) -> None:
         read_config_file(tmp_path / "missing.json")
     with pytest.raises(RolevecError, match="no MMLU domain"):
         run_study(make_adapter("llama"), _tiny_config(roles="historian"), tmp_path, progress=False)
+
+
+@pytest.mark.e2e
+def test_rolevec_run_on_embedded_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from rolevec.cli import main
+
+    out = tmp_path / "run"
+    argv = [
+        "run", "--out", str(out), "--roles", "mathematician,lawyer", "--domains", "math,law",
+        "--n", "8", "--n-base", "8", "--val-limit", "4", "--test-limit", "4", "--layers", "10:21",
+        "--layer-step", "10", "--positions=-1", "--alphas", "1,3", "--dtype", "bfloat16",
+        "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    _check_artefacts(out, ["mathematician", "lawyer"], ["math", "law"])
+    printed = capsys.readouterr().out
+    assert "Sampled: 2 role(s)" in printed and "small sample" in printed
+    interpret = json.loads((out / "interpret.json").read_text())
+    assert interpret["roles"]["lawyer"]["patchscope"]["steered"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (
+        manifest["model"]["fingerprint"]
+        == json.loads((out / "selection.json").read_text())["model_fingerprint"]
+    )
+    n_records = len(list(read_records(out / "records.jsonl")))
+    assert main(argv) == 0  # a rerun on the finished folder resumes: nothing new to score
+    rerun = json.loads((out / "manifest.json").read_text())
+    assert rerun["sampling_details"]["test"]["new_records"] == 0
+    assert len(list(read_records(out / "records.jsonl"))) == n_records

@@ -580,6 +580,11 @@ def load_model(
                 f"model folder {model!r} does not exist: pass a folder, a .gguf file or a hub id"
             )
         path = str(Path(model).expanduser()) if looks_local else model
+        if looks_local and not (Path(path) / "config.json").is_file():
+            raise RolevecError(
+                f"model folder {model!r} has no config.json: pass a Hugging Face model folder (config.json, "
+                "weights, tokenizer) or a .gguf file"
+            )
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -595,7 +600,7 @@ def load_model(
             ) from exc
         raise RolevecError(
             f"could not load model {model!r} ({first}); pass a local folder, or a hub id on a machine that "
-            "reaches the hub (e.g. `huggingface-cli download ID`)"
+            "reaches the hub (e.g. `huggingface-cli download ID`; HF_HUB_OFFLINE=1 skips the network retries)"
         ) from exc
     hf_model.to(dev)
     dtype_name = str(torch_dtype).removeprefix("torch.")
