@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,14 @@ def paper_data() -> Path:
     if not PAPER_DATA.is_dir():
         pytest.skip(f"paper data not found at {PAPER_DATA}")
     return PAPER_DATA
+
+
+@pytest.fixture(autouse=True)
+def _no_hooks_leak_on_embedded(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The embedded model is shared by the whole session: a test that leaves a hook on it fails here."""
+    yield
+    if "embedded" in request.fixturenames:
+        from rolevec.hooks import count_hooks
+
+        model = request.getfixturevalue("embedded").model
+        assert count_hooks(model) == 0, f"{request.node.name} left hooks on the shared embedded model"

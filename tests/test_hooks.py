@@ -81,3 +81,14 @@ def test_resume_mid_stack_matches_full_run(tiny: ModelAdapter) -> None:
         ):
             resumed = tiny.model(**batch.model_kwargs()).logits
     torch.testing.assert_close(resumed, full, rtol=0, atol=1e-5)
+
+
+def test_count_ignores_hooks_transformers_installs_itself(tiny_llama: ModelAdapter) -> None:
+    batch = tiny_llama.encode([tiny_llama.render("hi")])
+    with torch.inference_mode():
+        tiny_llama.model(**batch.model_kwargs(), output_hidden_states=True)
+    theirs = sum(len(m._forward_hooks) for m in tiny_llama.model.modules())
+    assert theirs > 0 and count_hooks(tiny_llama.model) == 0
+    with hooked(post=[(tiny_llama.blocks[0], output_hook(lambda x: None))]):
+        assert count_hooks(tiny_llama.model) == 1
+    assert count_hooks(tiny_llama.model) == 0

@@ -110,7 +110,7 @@ def test_bad_inputs_give_clear_errors(tmp_path: object) -> None:
         load_model("./no/such/folder")
     with pytest.raises(RolevecError, match=r"\.gguf"):
         load_model("/no/such/model.gguf")
-    with pytest.raises(RolevecError, match="no config.json"):
+    with pytest.raises(RolevecError, match=r"no config\.json"):
         load_model(str(tmp_path))
     with pytest.raises(RolevecError, match="pass cpu"):
         resolve_device("tpu")

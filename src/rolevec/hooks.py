@@ -85,6 +85,16 @@ def output_hook(fn: TensorFn) -> Callable[[nn.Module, tuple[Any, ...], Any], Any
     return hook
 
 
+def _marked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a hook so rolevec's own hooks can be told from others (transformers keeps some of its own)."""
+
+    def hook(*args: Any) -> Any:
+        return fn(*args)
+
+    hook._rolevec_hook = True  # type: ignore[attr-defined]
+    return hook
+
+
 PreHook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any]
 PostHook = Callable[[nn.Module, tuple[Any, ...], Any], Any]
 
@@ -104,9 +114,9 @@ def hooked(
     handles: list[RemovableHandle] = []
     try:
         for module, pre_fn in pre:
-            handles.append(module.register_forward_pre_hook(pre_fn, with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(_marked(pre_fn), with_kwargs=True))
         for module, post_fn in post:
-            handles.append(module.register_forward_hook(post_fn))
+            handles.append(module.register_forward_hook(_marked(post_fn)))
         yield
     finally:
         for handle in reversed(handles):
@@ -141,9 +151,13 @@ def skipped(blocks: Sequence[nn.Module]) -> Iterator[None]:
 
 
 def count_hooks(model: nn.Module) -> int:
-    """Total forward (pre-)hooks on every submodule: zero whenever no rolevec context is open."""
+    """rolevec's hooks and replaced forwards on every submodule: zero whenever no rolevec context is open.
+
+    Hooks that transformers installs for itself (e.g. to record ``output_hidden_states``) are not counted.
+    """
     total = 0
     for module in model.modules():
-        total += len(module._forward_hooks) + len(module._forward_pre_hooks)
-        total += int("forward" in vars(module))
+        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        total += sum(1 for h in hooks if getattr(h, "_rolevec_hook", False))
+        total += int(vars(module).get("forward") is _passthrough)
     return total
