@@ -14,6 +14,7 @@ from rolevec.evaluation import (
     evaluate_conditions,
     intervention,
     persona_system,
+    plan_batches,
     prepare,
     random_direction,
     score,
@@ -92,12 +93,16 @@ def test_answer_prefix_letters_follow_a_space(tiny_llama: ModelAdapter) -> None:
         prepare(tiny_llama, items(1), PromptFormat(answer_prefix="The answer is "))
 
 
-def test_fast_scoring_equals_full_logits(tiny: ModelAdapter) -> None:
-    """Only 4 unembedding rows at the last real token, yet the same numbers as model(...).logits."""
+@pytest.mark.parametrize("share", [True, False])
+def test_fast_scoring_equals_full_logits(tiny: ModelAdapter, share: bool) -> None:
+    """Only 4 unembedding rows at the last real token, the common prompt head run once per batch (or not),
+    yet the same numbers as model(...).logits, also under steering hooks."""
     prepared, _ = prepare(tiny, items(7))
     batch, letter_ids = _batch(tiny, prepared)
     assert int(batch.lengths.min()) < batch.input_ids.shape[1]  # really padded
     scorer = LetterScorer(tiny, probe=False)
+    suffix, prefix = scorer.split(batch)
+    assert prefix is not None and suffix.prefix_length == prefix.length > 10  # the template head is shared
     vecs = vectors_for(tiny)
     for cond in (
         Condition("baseline"),
@@ -105,7 +110,7 @@ def test_fast_scoring_equals_full_logits(tiny: ModelAdapter) -> None:
         Condition.make("ablate", role="mathematician", layer=2, position=-2),
     ):
         with intervention(tiny, cond, vecs):
-            fast = scorer.fast(batch, letter_ids)
+            fast = scorer.fast(batch, letter_ids, share=share)
             naive = scorer.naive(batch, letter_ids)
         assert fast.shape == (7, 4)
         torch.testing.assert_close(fast, naive, rtol=0, atol=1e-4)
@@ -202,3 +207,26 @@ def test_fast_scoring_on_embedded_model(embedded: ModelAdapter) -> None:
     torch.testing.assert_close(
         scorer.fast(batch, letter_ids), scorer.naive(batch, letter_ids), rtol=0, atol=1e-4
     )
+
+
+def test_plan_batches_cuts_padding_within_limits() -> None:
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(60, 140) for _ in range(97)] + [400, 30]
+    batches = plan_batches(lengths, 16, overhead_tokens=64)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(1 <= len(b) <= 16 for b in batches)
+    assert batches[0] == [97]  # the outlier alone: padding 15 rows to 400 costs more than one forward
+
+    def cost(plan: list[list[int]]) -> int:
+        return sum(len(b) * max(lengths[i] for i in b) + 64 for b in plan)
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    chunks = [order[i : i + 16] for i in range(0, len(order), 16)]
+    assert cost(batches) < cost(chunks)
+    assert plan_batches([50] * 40, 16) == [list(range(16)), list(range(16, 32)), list(range(32, 40))]
+    capped = plan_batches(lengths, 16, max_tokens=500)
+    assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 500 for b in capped)
+    with pytest.raises(RolevecError, match="at least 1"):
+        plan_batches(lengths, 0)

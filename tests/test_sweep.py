@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ from rolevec.records import RecordStore, read_records
 from rolevec.selection import load_selection, select, selected_site, write_selection
 from rolevec.sweep import (
     GridRow,
+    _shift,
     _stack,
+    _Work,
     cache_batches,
     default_layers,
     grid_rows,
@@ -31,26 +34,40 @@ from rolevec.testing import make_adapter
 from test_evaluation import items, vectors_for
 
 
-def test_resumed_stacked_candidates_equal_independent_runs(tiny: ModelAdapter) -> None:
-    """Candidates stacked along the batch, run from a cached mid-stack residual, match full steered runs."""
-    vecs = vectors_for(tiny, ("r",))
-    prepared, _ = prepare(tiny, items(5))
-    batch, letter_ids = _batch(tiny, prepared)
-    scorer = LetterScorer(tiny, probe=False)
-    x = residual_at(tiny, batch, 0)
-    for layer in range(tiny.n_layers + 1):
-        x = residual_at(tiny, batch, layer, start=(layer - 1, x)) if layer else x
+def _check_resumed_candidates(
+    adapter: ModelAdapter, n: int, layers: Sequence[int], share_prefix: bool, atol: float = 1e-4
+) -> None:
+    """Candidates stacked along the batch, run from a cached mid-stack residual (with the prompts' common
+    prefix shared or not), match full steered forwards with hooks, letter logit by letter logit."""
+    vecs = vectors_for(adapter, ("r",))
+    prepared, _ = prepare(adapter, items(n))
+    batch, letter_ids = _batch(adapter, prepared)
+    scorer = LetterScorer(adapter, probe=False, share_prefix=share_prefix)
+    work = _Work.of(adapter, batch, scorer)
+    assert (work.split is not None) == share_prefix
+    x = residual_at(adapter, work.batch, layers[0], prefix=work.base)
+    cur = layers[0]
+    for layer in layers:
+        x = residual_at(adapter, work.batch, layer, start=(cur, x), prefix=work.base)
+        cur = layer
         cands = [(-1, 1.0), (-2, 3.0), (-1, -2.0)]
-        shifted = torch.cat([x + a * vecs.vector("r", layer, p).to(x.dtype) for p, a in cands])
+        shifts = [_shift(vecs, "r", layer, p, a, x) for p, a in cands]
         resumed = scorer.letter_logits(
-            _stack(batch, len(cands)), letter_ids.repeat(len(cands), 1), start=(layer, shifted)
+            _stack(work.batch, len(cands)),
+            letter_ids.repeat(len(cands), 1),
+            start=work.resume(adapter, layer, shifts, x),
         )
         for k, (p, a) in enumerate(cands):
             cond = Condition.make("add", role="r", layer=layer, position=p, alpha=a)
-            with intervention(tiny, cond, vecs):
-                independent = scorer.letter_logits(batch, letter_ids)
-            torch.testing.assert_close(resumed[k * 5 : (k + 1) * 5], independent, rtol=0, atol=1e-4)
-    assert count_hooks(tiny.model) == 0
+            with intervention(adapter, cond, vecs):
+                independent = scorer.naive(batch, letter_ids)
+            torch.testing.assert_close(resumed[k * n : (k + 1) * n], independent, rtol=0, atol=atol)
+    assert count_hooks(adapter.model) == 0
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_resumed_stacked_candidates_equal_independent_runs(tiny: ModelAdapter, share_prefix: bool) -> None:
+    _check_resumed_candidates(tiny, 5, range(tiny.n_layers + 1), share_prefix)
 
 
 def _sweep(
@@ -98,6 +115,26 @@ def test_sweep_reuse_matches_independent(arch: str, tmp_path: Path) -> None:
     _assert_same(rec_tight, rec_reused)
 
 
+def test_one_mid_stack_check_serves_every_sweep_of_a_scorer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = make_adapter("llama")
+    scorer = LetterScorer(adapter)
+    calls: list[int] = []
+    real = sweep_module._Work.resume
+
+    def counting(self: Any, *args: Any) -> Any:
+        calls.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(sweep_module._Work, "resume", counting)
+    first, _ = _sweep(adapter, tmp_path, "a", scorer=scorer, ablate_scope="none")
+    n_first = len(calls)
+    second, _ = _sweep(adapter, tmp_path, "b", scorer=scorer, ablate_scope="none")
+    assert len(calls) - n_first == n_first - 1  # the probe's resumed candidate ran only the first time
+    assert first.probe_error == second.probe_error and list(scorer.resume_checks) == [(0, 3, True)]
+
+
 def test_sweep_falls_back_when_mid_stack_resume_differs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -139,7 +176,7 @@ def test_cache_batches_respect_the_bound() -> None:
     for b in batches:
         width = max(len(prepared[i].ids) for i in b)
         assert 2 * len(b) * width * per_token <= bound
-    assert len(batches[0]) == 3
+    assert max(len(b) for b in batches) <= 3
     assert all(len(b) == 1 for b in cache_batches(prepared, 16, per_token, 1))
 
 
@@ -237,21 +274,7 @@ def test_grid_rows_and_sweep_file(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 def test_sweep_reuse_on_embedded_model(embedded: ModelAdapter) -> None:
-    vecs = vectors_for(embedded, ("r",))
-    prepared, _ = prepare(embedded, items(3))
-    batch, letter_ids = _batch(embedded, prepared)
-    scorer = LetterScorer(embedded, probe=False)
-    x = residual_at(embedded, batch, 8)
-    for layer in (8, 9, 20):
-        x = residual_at(embedded, batch, layer, start=(8 if layer == 9 else 9, x)) if layer > 8 else x
-        cands = [(-1, 1.0), (-3, 3.0)]
-        shifted = torch.cat([x + a * vecs.vector("r", layer, p).to(x.dtype) for p, a in cands])
-        resumed = scorer.letter_logits(_stack(batch, 2), letter_ids.repeat(2, 1), start=(layer, shifted))
-        for k, (p, a) in enumerate(cands):
-            cond = Condition.make("add", role="r", layer=layer, position=p, alpha=a)
-            with intervention(embedded, cond, vecs):
-                independent = scorer.letter_logits(batch, letter_ids)
-            torch.testing.assert_close(resumed[k * 3 : (k + 1) * 3], independent, rtol=0, atol=1e-4)
+    _check_resumed_candidates(embedded, 3, (8, 9, 20), share_prefix=True)
 
 
 def test_layer_step_and_zero_vectors_are_skipped(tmp_path: Path) -> None:

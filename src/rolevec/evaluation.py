@@ -34,6 +34,7 @@ from .hooks import StopForward, hooked, input_hook, output_hook, skipped
 from .interventions import ablate, add
 from .mcq import LETTERS, MCQItem, MCQSet, Split
 from .model import Batch, ModelAdapter
+from .prefix import PrefixKV, forward_kwargs, prefix_kv, split_prefix
 from .records import CONDITIONS, RecordStore, condition_identity
 from .vectors import RoleVectors, check_alpha
 
@@ -246,12 +247,49 @@ def prepare(
     return out, folded_any
 
 
+#: The cost of one more forward call, in padded tokens (Python, hooks, the shared prefix's own forward).
+BATCH_OVERHEAD_TOKENS = 64
+
+
+def plan_batches(
+    lengths: Sequence[int],
+    max_rows: int,
+    *,
+    max_tokens: int | None = None,
+    overhead_tokens: int = BATCH_OVERHEAD_TOKENS,
+) -> list[list[int]]:
+    """Indices in batches of similar length, longest first, cut where padding plus per-batch overhead is
+    least (a dynamic programme over the sorted lengths; each batch costs rows × its longest row + overhead).
+
+    ``max_rows`` bounds the rows of a batch and ``max_tokens`` its rows × width (a row longer than that
+    still forms a batch of one).
+    """
+    if max_rows < 1:
+        raise RolevecError(f"batch size must be at least 1, not {max_rows}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    n = len(order)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(end - 1, max(-1, end - 1 - max_rows), -1):
+            rows = end - start
+            width = lengths[order[start]]
+            if rows > 1 and max_tokens is not None and rows * width > max_tokens:
+                break
+            cost = best[start] + rows * width + overhead_tokens
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    batches: list[list[int]] = []
+    end = n
+    while end > 0:
+        batches.append(order[cut[end] : end])
+        end = cut[end]
+    return batches[::-1]
+
+
 def length_batches(prepared: Sequence[Prepared], batch_size: int) -> list[list[int]]:
     """Indices grouped in batches of similar token count (longest first), to cut padding."""
-    if batch_size < 1:
-        raise RolevecError(f"batch size must be at least 1, not {batch_size}")
-    order = sorted(range(len(prepared)), key=lambda i: (-len(prepared[i].ids), i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return plan_batches([len(p.ids) for p in prepared], batch_size)
 
 
 @dataclass(frozen=True)
@@ -299,46 +337,77 @@ def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return (1e-4, 1e-4) if dtype == torch.float32 else (5e-2, 2e-2)
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a forward resumes mid-stack: blocks below ``layer`` are skipped and ``residual`` is put in
+    place at its input. For a batch split after its common prefix, ``prefix`` holds the prefix's states
+    (computed under the same steering), one group per block of rows."""
+
+    layer: int
+    residual: torch.Tensor
+    prefix: PrefixKV | None = None
+
+
 class LetterScorer:
     """Letter logits of a batch, computed only for the four letters at each row's last real token.
 
-    ``start=(layer, residual)`` resumes the forward mid-stack: blocks below ``layer`` are skipped and the
-    given residual is put in place at the input of ``layer`` (rows of ``residual`` must match the batch).
+    With ``share_prefix`` the rows' common head (the chat template's system turn and user header) runs
+    once per batch (see :mod:`rolevec.prefix`). The first batch is checked against a plain full forward;
+    on a mismatch the scorer drops prefix sharing, then the fast path, with a warning.
     """
 
-    def __init__(self, adapter: ModelAdapter, *, fast: bool = True, probe: bool = True) -> None:
+    def __init__(
+        self, adapter: ModelAdapter, *, fast: bool = True, probe: bool = True, share_prefix: bool = True
+    ) -> None:
         self.adapter = adapter
         self.mode = "fast" if fast else "naive"
+        self.share_prefix = share_prefix and fast
         self._probe = probe and fast
         self.probe_error: float | None = None
+        #: The sweep's mid-stack parity checks by (first layer, end layer, prefix shared): (passed, error).
+        self.resume_checks: dict[tuple[int, int, bool], tuple[bool, float]] = {}
         cfg = adapter.config
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.scale = float(getattr(cfg, "logit_scale", None) or 1.0)  # Cohere multiplies
         self.scale /= float(getattr(cfg, "logits_scaling", None) or 1.0)  # Granite divides
 
-    def _forward_kwargs(self, batch: Batch) -> dict[str, Any]:
-        return {**batch.model_kwargs(), "use_cache": False}
-
-    def _start_hooks(self, start: tuple[int, torch.Tensor] | None) -> tuple[Any, list[Any]]:
+    def _start_hooks(self, start: Resume | None) -> tuple[Any, list[Any]]:
         if start is None:
             return nullcontext(), []
-        layer, residual = start
+        layer, residual = start.layer, start.residual
         site = self.adapter.residual_site(layer)
         return skipped(list(self.adapter.blocks[:layer])), [(site, input_hook(lambda x: residual))]
 
-    def naive(
-        self, batch: Batch, letter_ids: torch.Tensor, start: tuple[int, torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    def split(self, batch: Batch) -> tuple[Batch, PrefixKV | None]:
+        """The batch cut after its common prefix and the prefix's states under the active hooks, or the
+        batch unchanged where sharing is off or does not apply."""
+        if not self.share_prefix:
+            return batch, None
+        parts = split_prefix(batch)
+        if parts is None:
+            return batch, None
+        try:
+            return parts.suffix, prefix_kv(self.adapter, parts)
+        except (RolevecError, TypeError, ValueError, AttributeError) as exc:
+            warnings.warn(
+                f"prefix sharing does not work on {self.adapter.name} ({exc}); scoring full rows instead",
+                stacklevel=3,
+            )
+            self.share_prefix = False
+            return batch, None
+
+    def naive(self, batch: Batch, letter_ids: torch.Tensor, start: Resume | None = None) -> torch.Tensor:
         """``model(...).logits[row, last, letters]``: the reference the fast path must match."""
         skip, pre = self._start_hooks(start)
+        kwargs = forward_kwargs(self.adapter, batch, start.prefix if start else None)
         with torch.inference_mode(), skip, hooked(pre=pre):
-            logits = self.adapter.model(**self._forward_kwargs(batch)).logits
+            logits = self.adapter.model(**kwargs).logits
         rows = torch.arange(logits.shape[0], device=logits.device)
         last: torch.Tensor = logits[rows, batch.last_index()]
         return last.gather(1, letter_ids.to(last.device)).float()
 
     def fast(
-        self, batch: Batch, letter_ids: torch.Tensor, start: tuple[int, torch.Tensor] | None = None
+        self, batch: Batch, letter_ids: torch.Tensor, start: Resume | None = None, *, share: bool = True
     ) -> torch.Tensor:
         adapter = self.adapter
         grabbed: dict[str, torch.Tensor] = {}
@@ -347,10 +416,14 @@ class LetterScorer:
             grabbed["h"] = x
             raise StopForward
 
+        prefix = start.prefix if start is not None else None
+        if start is None and share:
+            batch, prefix = self.split(batch)
+        kwargs = forward_kwargs(adapter, batch, prefix)
         skip, pre = self._start_hooks(start)
         with torch.inference_mode(), skip, hooked(pre=pre, post=[(adapter.final_norm, output_hook(grab))]):
             with suppress(StopForward):
-                adapter.model(**self._forward_kwargs(batch))
+                adapter.model(**kwargs)
             if "h" not in grabbed:
                 raise RolevecError("the forward never reached the final norm; the architecture map is wrong")
             hidden = grabbed["h"]
@@ -374,26 +447,42 @@ class LetterScorer:
             return logits.float()
 
     def letter_logits(
-        self, batch: Batch, letter_ids: torch.Tensor, start: tuple[int, torch.Tensor] | None = None
+        self, batch: Batch, letter_ids: torch.Tensor, start: Resume | None = None
     ) -> torch.Tensor:
-        """``[rows, 4]`` float32 letter logits (letters' ids given per row as ``[rows, 4]``)."""
+        """``[rows, 4]`` float32 letter logits (letters' ids given per row as ``[rows, 4]``).
+
+        The parity probe runs on the first call without ``start`` (a full forward is its reference).
+        """
         if self.mode == "naive":
             return self.naive(batch, letter_ids, start)
-        out = self.fast(batch, letter_ids, start)
-        if self._probe:
-            self._probe = False
-            ref = self.naive(batch, letter_ids, start)
-            self.probe_error = float((out - ref).abs().max())
-            atol, rtol = _tolerance(self.adapter.dtype)
-            if not torch.allclose(out, ref, atol=atol, rtol=rtol):
+        out = self.fast(batch, letter_ids, start, share=self.share_prefix)
+        if not self._probe or start is not None:
+            return out
+        self._probe = False
+        ref = self.naive(batch, letter_ids)
+        atol, rtol = _tolerance(self.adapter.dtype)
+        self.probe_error = float((out - ref).abs().max())
+        if torch.allclose(out, ref, atol=atol, rtol=rtol):
+            return out
+        if self.share_prefix:
+            plain = self.fast(batch, letter_ids, share=False)
+            if torch.allclose(plain, ref, atol=atol, rtol=rtol):
                 warnings.warn(
-                    f"fast letter scoring differs from the full forward by {self.probe_error:.2e} on "
-                    f"{self.adapter.name}; using the full forward instead (slower)",
+                    f"sharing the prompts' common prefix changes letter logits by {self.probe_error:.2e} on "
+                    f"{self.adapter.name}; scoring full rows instead (slower)",
                     stacklevel=2,
                 )
-                self.mode = "naive"
-                return ref
-        return out
+                self.share_prefix = False
+                self.probe_error = float((plain - ref).abs().max())
+                return plain
+        warnings.warn(
+            f"fast letter scoring differs from the full forward by {self.probe_error:.2e} on "
+            f"{self.adapter.name}; using the full forward instead (slower)",
+            stacklevel=2,
+        )
+        self.mode = "naive"
+        self.share_prefix = False
+        return ref
 
 
 def _batch(adapter: ModelAdapter, prepared: Sequence[Prepared]) -> tuple[Batch, torch.Tensor]:

@@ -8,7 +8,6 @@ Greedy by default; sampling draws from a ``torch.Generator`` seeded by the calle
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,11 +86,6 @@ def _check_options(max_new_tokens: int, temperature: float, where: str, use_cach
         )
 
 
-def _cache_argument(model: Any) -> str:
-    """The KV-cache keyword of this transformers release: ``cache`` (5.x) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 @torch.inference_mode()
 def _decode(
     adapter: ModelAdapter,
@@ -113,7 +107,7 @@ def _decode(
     out: list[list[int]] = [[] for _ in range(n)]
     pad_id = int(adapter.tokenizer.pad_token_id)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=ids.device)
-    cache_arg = _cache_argument(adapter.model)
+    cache_arg = adapter.cache_argument
     past: Any = None
     for _ in tqdm(range(max_new_tokens), desc="generating", disable=not progress, leave=False):
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import re
 import warnings
@@ -127,6 +128,8 @@ class Batch:
     position_ids: torch.Tensor
     lengths: torch.Tensor  # real tokens per row
     padding_side: str
+    #: Columns already held in a KV cache (see :mod:`rolevec.prefix`); the attention mask covers them too.
+    prefix_length: int = 0
 
     def last_index(self) -> torch.Tensor:
         """Column of each row's last real token."""
@@ -406,6 +409,12 @@ class ModelAdapter:
         if not 0 <= layer <= self.n_layers:
             raise RolevecError(f"layer {layer} is out of range: this model has layers 0..{self.n_layers}")
         return self.blocks[layer] if layer < self.n_layers else self.final_norm
+
+    @property
+    def cache_argument(self) -> str:
+        """The KV-cache keyword of this transformers release: ``cache`` (5.x) or ``past_key_values``."""
+        params = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
 
     @property
     def device(self) -> torch.device:

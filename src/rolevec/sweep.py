@@ -24,7 +24,7 @@ import json
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,12 @@ from .evaluation import (
     LetterScorer,
     Prepared,
     PromptFormat,
+    Resume,
     _batch,
     _tolerance,
     intervention,
     iter_scores,
+    plan_batches,
     prepare,
     results_from_logits,
     to_record,
@@ -47,6 +49,7 @@ from .evaluation import (
 from .hooks import StopForward, hooked, input_hook, skipped
 from .mcq import MCQItem
 from .model import Batch, ModelAdapter
+from .prefix import PrefixKV, PrefixSplit, forward_kwargs, prefix_kv, split_prefix
 from .records import RecordStore, read_records
 from .vectors import RoleVectors, atomic_write, check_alpha
 
@@ -180,9 +183,17 @@ def write_sweep_file(path: str | Path, rows: Sequence[GridRow]) -> Path:
 
 
 def residual_at(
-    adapter: ModelAdapter, batch: Batch, layer: int, start: tuple[int, torch.Tensor] | None = None
+    adapter: ModelAdapter,
+    batch: Batch,
+    layer: int,
+    start: tuple[int, torch.Tensor] | None = None,
+    prefix: PrefixKV | None = None,
 ) -> torch.Tensor:
-    """The residual at the input of ``layer``; from ``start=(l0, x0)`` only blocks l0..layer-1 run."""
+    """The residual at the input of ``layer``; from ``start=(l0, x0)`` only blocks l0..layer-1 run.
+
+    For a batch split after its common prefix, ``prefix`` holds the prefix's (unsteered) states and the
+    residual covers the remaining columns only.
+    """
     if start is not None and start[0] == layer:
         return start[1]
     grabbed: dict[str, torch.Tensor] = {}
@@ -200,8 +211,9 @@ def residual_at(
         skip = skipped(list(adapter.blocks[:l0]))
         pre.append((adapter.residual_site(l0), input_hook(lambda x: x0)))
     pre.append((adapter.residual_site(layer), input_hook(grab)))
+    kwargs = forward_kwargs(adapter, batch, prefix)
     with torch.inference_mode(), skip, hooked(pre=pre), suppress(StopForward):
-        adapter.model(**batch.model_kwargs(), use_cache=False)
+        adapter.model(**kwargs)
     if "x" not in grabbed:
         raise RolevecError(f"the forward never reached layer {layer}; the architecture map is wrong")
     return grabbed["x"]
@@ -210,12 +222,12 @@ def residual_at(
 def _stack(batch: Batch, copies: int) -> Batch:
     if copies == 1:
         return batch
-    return Batch(
-        batch.input_ids.repeat(copies, 1),
-        batch.attention_mask.repeat(copies, 1),
-        batch.position_ids.repeat(copies, 1),
-        batch.lengths.repeat(copies),
-        batch.padding_side,
+    return replace(
+        batch,
+        input_ids=batch.input_ids.repeat(copies, 1),
+        attention_mask=batch.attention_mask.repeat(copies, 1),
+        position_ids=batch.position_ids.repeat(copies, 1),
+        lengths=batch.lengths.repeat(copies),
     )
 
 
@@ -225,6 +237,36 @@ def _shift(
     """α·d exactly as :func:`rolevec.interventions.add` forms it (cast to the model dtype, then scaled)."""
     vec = vectors.vector(role, layer, position).detach().to(device=like.device, dtype=like.dtype)
     return alpha * vec
+
+
+@dataclass(frozen=True)
+class _Work:
+    """One question batch as the sweep runs it: split after the common prefix where the scorer shares it."""
+
+    batch: Batch  # the suffix when split
+    split: PrefixSplit | None
+    base: PrefixKV | None  # the prefix's unsteered states
+
+    @classmethod
+    def of(cls, adapter: ModelAdapter, batch: Batch, scorer: LetterScorer) -> _Work:
+        parts = split_prefix(batch) if scorer.share_prefix else None
+        if parts is None:
+            return cls(batch, None, None)
+        return cls(parts.suffix, parts, prefix_kv(adapter, parts))
+
+    @property
+    def offset(self) -> int:
+        return self.batch.prefix_length
+
+    def resume(
+        self, adapter: ModelAdapter, layer: int, shifts: list[torch.Tensor], x: torch.Tensor
+    ) -> Resume:
+        """Candidates ``shifts`` at ``layer`` stacked along the batch, from the unsteered residual ``x``."""
+        stacked = torch.cat([x + s.to(x.dtype) for s in shifts])
+        prefix = None
+        if self.split is not None:
+            prefix = prefix_kv(adapter, self.split, shift=(layer, torch.stack(shifts)))
+        return Resume(layer, stacked, prefix)
 
 
 def probe_reuse(
@@ -239,10 +281,15 @@ def probe_reuse(
 ) -> tuple[bool, float]:
     """Does resuming mid-stack reproduce full forwards here? One small batch of questions.
 
-    The residual is advanced block by block from the first layer, as the sweep does, and compared with a
-    plain forward at the first, middle and last layer of the range (only those are kept, to bound memory);
-    then one candidate resumed at the middle layer is compared with the same addition done by hooks.
+    The residual is advanced from the first to the middle and the last layer of the range, as the sweep
+    advances it between candidate layers (with the prefix shared when the scorer shares it), and compared
+    with a plain forward there; then one candidate resumed at the middle layer is compared with the same
+    addition done by hooks on a plain full forward. The result is kept on the scorer, so one check serves
+    every role swept with it.
     """
+    key = (layers[0], layers[1], scorer.share_prefix)
+    if key in scorer.resume_checks:
+        return scorer.resume_checks[key]
     chunk = list(prepared[:4])
     batch, letter_ids = _batch(adapter, chunk)
     a, b = layers
@@ -260,23 +307,29 @@ def probe_reuse(
     with torch.inference_mode(), hooked(pre=pre):
         adapter.model(**batch.model_kwargs(), use_cache=False)
     atol, rtol = _tolerance(adapter.dtype)
+    work = _Work.of(adapter, batch, scorer)
     worst = 0.0
-    x = residual_at(adapter, batch, a)
-    for layer in range(a, b):
-        if layer > a:
-            x = residual_at(adapter, batch, layer, start=(layer - 1, x))
-        if layer in full:
-            scale = max(1.0, float(full[layer].abs().max()))
-            worst = max(worst, float((x - full[layer]).abs().max()) / scale)
+    x: torch.Tensor | None = None
+    cur = -1
     x_mid = full[mid]
-    shifted = x_mid + _shift(vectors, role, mid, position, alpha, x_mid).to(x_mid.dtype)
-    resumed = scorer.letter_logits(batch, letter_ids, start=(mid, shifted))
+    for layer in checkpoints:
+        start = (cur, x) if x is not None else None
+        x = residual_at(adapter, work.batch, layer, start=start, prefix=work.base)
+        cur = layer
+        if layer == mid:
+            x_mid = x
+        ref = full[layer][:, work.offset :]
+        scale = max(1.0, float(ref.abs().max()))
+        worst = max(worst, float((x - ref).abs().max()) / scale)
+    shift = _shift(vectors, role, mid, position, alpha, x_mid)
+    resumed = scorer.letter_logits(work.batch, letter_ids, start=work.resume(adapter, mid, [shift], x_mid))
     cond = Condition.make("add", role=role, layer=mid, position=position, alpha=alpha)
     with intervention(adapter, cond, vectors):
-        independent = scorer.letter_logits(batch, letter_ids)
+        independent = scorer.naive(batch, letter_ids)
     logit_err = float((resumed - independent).abs().max())
     ok = worst <= rtol and torch.allclose(resumed, independent, atol=atol, rtol=rtol)
-    return ok, max(worst, logit_err)
+    scorer.resume_checks[key] = (ok, max(worst, logit_err))
+    return scorer.resume_checks[key]
 
 
 def cache_batches(
@@ -287,24 +340,11 @@ def cache_batches(
     The other half is for the stacked candidate copies. A single question too long for the bound still
     forms a batch of one (nothing smaller is possible).
     """
-    if batch_size < 1:
-        raise RolevecError(f"batch size must be at least 1, not {batch_size}")
-    order = sorted(range(len(prepared)), key=lambda i: (-len(prepared[i].ids), i))
-    out: list[list[int]] = []
-    current: list[int] = []
-    width = 0
-    for i in order:
-        n = len(prepared[i].ids)
-        if current:
-            w = max(width, n)
-            if len(current) >= batch_size or 2 * (len(current) + 1) * w * bytes_per_token > max_cache_bytes:
-                out.append(current)
-                current, width = [], 0
-        current.append(i)
-        width = max(width, n)
-    if current:
-        out.append(current)
-    return out
+    return plan_batches(
+        [len(p.ids) for p in prepared],
+        batch_size,
+        max_tokens=max_cache_bytes // (2 * bytes_per_token),
+    )
 
 
 # --- the sweep -------------------------------------------------------------------------------------
@@ -376,27 +416,30 @@ class _Sweep:
         for idx in cache_batches(self.prepared, self.batch_size, per_token, max_cache_bytes):
             chunk = [self.prepared[i] for i in idx]
             qids = {p.item.qid for p in chunk}
-            work = {c: todo & qids for c, todo in pending.items() if todo & qids}
-            if not work:
+            work_todo = {c: todo & qids for c, todo in pending.items() if todo & qids}
+            if not work_todo:
                 continue
             batch, letter_ids = _batch(adapter, chunk)
             rows_q = len(chunk)
             width = batch.input_ids.shape[1]
             by_mem = max(1, max_cache_bytes // max(1, rows_q * width * per_token) - 1)
             copies = max(1, min(max_rows // rows_q, by_mem))
+            work = _Work.of(adapter, batch, self.scorer)
             x: torch.Tensor | None = None
             cur = -1
-            for layer in sorted({c[0] for c in work}):
-                x = residual_at(adapter, batch, layer, start=(cur, x) if x is not None else None)
+            for layer in sorted({c[0] for c in work_todo}):
+                x = residual_at(
+                    adapter, work.batch, layer, start=(cur, x) if x is not None else None, prefix=work.base
+                )
                 cur = layer
-                cands = [c for c in work if c[0] == layer]
+                cands = [c for c in work_todo if c[0] == layer]
                 for s in range(0, len(cands), copies):
                     group = cands[s : s + copies]
-                    stacked = torch.cat(
-                        [x + _shift(self.vectors, self.role, c[0], c[1], c[2], x).to(x.dtype) for c in group]
-                    )
+                    shifts = [_shift(self.vectors, self.role, c[0], c[1], c[2], x) for c in group]
                     logits = self.scorer.letter_logits(
-                        _stack(batch, len(group)), letter_ids.repeat(len(group), 1), start=(layer, stacked)
+                        _stack(work.batch, len(group)),
+                        letter_ids.repeat(len(group), 1),
+                        start=work.resume(adapter, layer, shifts, x),
                     )
                     records = []
                     for g, cand in enumerate(group):
@@ -405,11 +448,11 @@ class _Sweep:
                         )
                         part = logits[g * rows_q : (g + 1) * rows_q]
                         for r in results_from_logits([p.item for p in chunk], part):
-                            if r.qid in work[cand]:
+                            if r.qid in work_todo[cand]:
                                 records.append(to_record(cond, r, self.split_label))
                     self.n_new += self.store.append(records)
                     self.bar.update(len(records))
-                    del stacked, logits
+                    del logits
             del x
 
 

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rolevec.errors import RolevecError
+from rolevec.evaluation import LetterScorer, _batch, prepare
+from rolevec.hooks import count_hooks
+from rolevec.model import ModelAdapter
+from rolevec.prefix import forward_kwargs, prefix_kv, split_prefix
+from test_evaluation import items
+
+
+def test_split_keeps_a_token_per_row_and_the_mask_whole(tiny_llama: ModelAdapter) -> None:
+    same = tiny_llama.pad([[5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 9, 10, 11]])
+    parts = split_prefix(same, min_length=1)
+    assert parts is not None and parts.length == 5  # the shorter row keeps its last token
+    assert parts.suffix.input_ids.tolist() == [[10, tiny_llama.tokenizer.pad_token_id], [10, 11]]
+    assert parts.suffix.attention_mask.shape == (2, 7)  # still covers the prefix columns
+    assert parts.suffix.position_ids.tolist() == [[5, 5], [5, 6]]
+    assert parts.suffix.last_index().tolist() == [0, 1]
+    assert split_prefix(tiny_llama.pad([[1, 2, 3], [4, 5, 6]]), min_length=1) is None  # nothing shared
+    assert split_prefix(tiny_llama.pad([[5, 6, 7, 8, 9]] * 2), min_length=5) is None  # too short to pay
+    assert split_prefix(tiny_llama.pad([[5, 6, 7, 8, 9]]), min_length=1) is None  # one row: no gain
+    assert split_prefix(tiny_llama.pad([[5, 6, 7, 8], [5, 6, 7, 9]], padding_side="left"), 1) is None
+
+
+def test_split_batch_needs_its_prefix(tiny_llama: ModelAdapter) -> None:
+    prepared, _ = prepare(tiny_llama, items(4))
+    batch, _ = _batch(tiny_llama, prepared)
+    parts = split_prefix(batch)
+    assert parts is not None
+    with pytest.raises(RolevecError, match="needs that prefix"):
+        forward_kwargs(tiny_llama, parts.suffix)
+    kv = prefix_kv(tiny_llama, parts, shift=(1, torch.zeros(3, tiny_llama.hidden_size)))
+    assert kv.groups == 3 and kv.length == parts.length
+    with pytest.raises(RolevecError, match="prefix group"):
+        forward_kwargs(tiny_llama, parts.suffix, kv)  # 4 rows, 3 groups
+    assert count_hooks(tiny_llama.model) == 0
+
+
+def test_probe_drops_prefix_sharing_when_it_changes_logits(
+    tiny_llama: ModelAdapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache that does not reproduce the prefix (simulated: its keys perturbed) is caught by the probe;
+    the scorer goes on with full rows and the fast path."""
+    import rolevec.evaluation as evaluation
+
+    real = evaluation.prefix_kv
+
+    def broken(adapter: ModelAdapter, split: object, shift: object = None) -> object:
+        kv = real(adapter, split, shift)  # type: ignore[arg-type]
+        layers = tuple((k + 1.0, v) for k, v in kv.layers)
+        return type(kv)(layers, kv.length)
+
+    monkeypatch.setattr(evaluation, "prefix_kv", broken)
+    prepared, _ = prepare(tiny_llama, items(4))
+    batch, letter_ids = _batch(tiny_llama, prepared)
+    scorer = LetterScorer(tiny_llama)
+    with pytest.warns(UserWarning, match="common prefix"):
+        out = scorer.letter_logits(batch, letter_ids)
+    assert scorer.mode == "fast" and not scorer.share_prefix
+    torch.testing.assert_close(out, scorer.naive(batch, letter_ids), rtol=0, atol=1e-4)
