@@ -216,6 +216,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = json.loads(path.read_text(encoding="utf-8"))
             result["wall_s_total"] = round(elapsed, 1)
             collected[f"{name}-{dtype}"] = result
+    for name in BENCHMARKS:  # results of benchmarks not rerun now stay in the summary, marked as older
+        for dtype in dtypes:
+            path = results / f"{name}-{dtype}{'-quick' if args.quick else ''}.json"
+            if f"{name}-{dtype}" not in collected and path.exists():
+                older = json.loads(path.read_text(encoding="utf-8"))
+                older["from_earlier_run"] = True
+                collected[f"{name}-{dtype}"] = older
+    collected = {
+        f"{n}-{d}": collected[f"{n}-{d}"] for n in BENCHMARKS for d in dtypes if f"{n}-{d}" in collected
+    }
     rows = [row for r in collected.values() for row in summary_rows(r["benchmark"], r["machine"]["dtype"], r)]
     info = machine_info(args.threads, ",".join(dtypes))
     head = (
