@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -158,3 +159,26 @@ def test_embedded_parity_and_padding_on_paper_data(embedded: ModelAdapter, paper
     for batch_size, side in ((1, "right"), (4, "left")):
         got = mean_activations(embedded, prompts, batch_size=batch_size, padding_side=side, progress=False)
         assert float((got - means).norm() / means.norm()) <= 1e-5, (batch_size, side)
+
+
+def test_shared_prefix_gives_the_same_means(tiny: ModelAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The template's head runs once per batch; the read positions stay after the cut, even for identical
+    prompts (whose common head is everything)."""
+    import rolevec.activations as activations
+
+    runs: list[int] = []
+    real = activations.prefix_kv
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        runs.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(activations, "prefix_kv", counting)
+    encoded = activations.encode_prompts(tiny, [*PROMPTS, PROMPTS[0], PROMPTS[0]]).ids
+    sets = [0, 1] * (len(encoded) // 2) + [0] * (len(encoded) % 2)
+    bar = SimpleNamespace(update=lambda n: None)
+    args: dict[str, Any] = {"batch_size": 4, "padding_side": "right", "bar": bar}
+    shared = activations._accumulate(tiny, encoded, sets, 2, **args)
+    assert runs  # the prefix path really ran
+    plain = activations._accumulate(tiny, encoded, sets, 2, share_prefix=False, **args)
+    assert float((shared - plain).norm() / plain.norm()) <= 1e-6

@@ -22,6 +22,7 @@ from .data import PromptSet
 from .errors import RolevecError
 from .hooks import StopForward, hooked, input_hook
 from .model import ModelAdapter
+from .prefix import forward_kwargs, prefix_kv, split_prefix
 from .vectors import RoleVectors
 
 DEFAULT_MAX_TOKENS = 2048
@@ -100,6 +101,7 @@ def _accumulate(
     batch_size: int,
     padding_side: str,
     bar: Any,
+    share_prefix: bool = True,
 ) -> torch.Tensor:
     """Sum of activations per set, float64 ``[n_sets, P, n_layers + 1, H]`` (one pass over all prompts)."""
     if batch_size < 1:
@@ -116,6 +118,8 @@ def _accumulate(
 
     def reader(layer: int) -> Any:
         def fn(hidden: torch.Tensor) -> None:
+            if "rows" not in state:  # a shared prefix's own forward: nothing to read there
+                return None
             rows = state["rows"]
             picked = hidden[rows[:, None], state["cols"]]  # [B, P, H]
             sums[:, :, layer].index_add_(0, state["sets"], picked.to(acc_device, torch.float64))
@@ -131,11 +135,17 @@ def _accumulate(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = adapter.pad([encoded[i] for i in chunk], padding_side=padding_side)
+            # The template's head (and any common start) runs once; the read positions stay in the rest.
+            state.clear()
+            parts = split_prefix(batch, keep=n_pos) if share_prefix else None
+            prefix = prefix_kv(adapter, parts) if parts is not None else None
+            if parts is not None:
+                batch = parts.suffix
             state["rows"] = torch.arange(len(chunk), device=device)
             state["cols"] = batch.last_index()[:, None] + offsets[None, :]
             state["sets"] = torch.tensor([set_index[i] for i in chunk], device=acc_device)
             try:
-                adapter.model(**batch.model_kwargs(), use_cache=False)
+                adapter.model(**forward_kwargs(adapter, batch, prefix))
             except StopForward:
                 pass
             else:

@@ -42,13 +42,16 @@ class PrefixSplit:
         return int(self.prefix_ids.shape[0])
 
 
-def split_prefix(batch: Batch, min_length: int = MIN_PREFIX) -> PrefixSplit | None:
-    """None where sharing does not apply: left padding, an already split batch, or a short common head."""
+def split_prefix(batch: Batch, min_length: int = MIN_PREFIX, keep: int = 1) -> PrefixSplit | None:
+    """None where sharing does not apply: left padding, an already split batch, or a short common head.
+
+    ``keep``: tokens every row keeps after the cut (the positions the caller reads).
+    """
     if batch.padding_side != "right" or batch.prefix_length or batch.input_ids.shape[0] < 2:
         return None
     ids = batch.input_ids
     same = (ids == ids[:1]).all(dim=0).to(torch.int64)
-    length = min(int(same.cumprod(dim=0).sum()), int(batch.lengths.min()) - 1)
+    length = min(int(same.cumprod(dim=0).sum()), int(batch.lengths.min()) - max(1, keep))
     if length < min_length:
         return None
     suffix = Batch(
