@@ -148,10 +148,10 @@ def summary_rows(name: str, dtype: str, r: dict[str, Any]) -> list[list[str]]:
         if r.get("folded_difference") is not None:
             rows.append(
                 [
-                    "4. generation, folded vs unsteered",
+                    "4. generation, folded vs unsteered deep copy",
                     dtype,
                     f"{tps['folded']:.1f} tok/s",
-                    f"{plain:.1f} tok/s",
+                    f"{tps.get('copy', plain):.1f} tok/s",
                     f"{r['folded_difference']:+.1%} time",
                     f"within noise (±{r['noise_band']:.1%})",
                     r["folded_target_verdict"],
