@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         lines.append(
             f"the fold added {extra_biases} bias vectors: a config switch such as mlp_bias gives every "
-            "projection it governs a bias (zeros except one) so that plain transformers reloads the checkpoint"
+            "projection it governs a bias (zeros except one), so plain transformers reloads the checkpoint"
         )
     else:
         lines.append(f"folded: not measured ({fold_error})")
