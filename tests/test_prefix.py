@@ -61,3 +61,26 @@ def test_probe_drops_prefix_sharing_when_it_changes_logits(
         out = scorer.letter_logits(batch, letter_ids)
     assert scorer.mode == "fast" and not scorer.share_prefix
     torch.testing.assert_close(out, scorer.naive(batch, letter_ids), rtol=0, atol=1e-4)
+
+
+def test_probes_cover_whole_and_split_batches(tiny_llama: ModelAdapter) -> None:
+    """A first batch of one long question has no prefix to share: the split path is probed later."""
+    prepared, _ = prepare(tiny_llama, items(5))
+    scorer = LetterScorer(tiny_llama)
+    references: list[int] = []
+    real = scorer.naive
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        references.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    scorer.naive = counting  # type: ignore[method-assign]
+    single, ids1 = _batch(tiny_llama, prepared[:1])
+    scorer.letter_logits(single, ids1)
+    assert references == [1] and scorer._probe_prefix
+    batch, ids = _batch(tiny_llama, prepared)
+    scorer.letter_logits(batch, ids)
+    assert references == [1, 1] and not scorer._probe_prefix
+    scorer.letter_logits(batch, ids)
+    scorer.letter_logits(single, ids1)
+    assert references == [1, 1]  # each probe once

@@ -302,3 +302,17 @@ def test_layer_step_and_zero_vectors_are_skipped(tmp_path: Path) -> None:
     assert {r.layer for r in result.rows} == {2}
     with RecordStore(tmp_path / "other.jsonl") as store, pytest.raises(RolevecError, match="zero"):
         run_sweep(adapter, zeroed, "r", items(4), store, domain="math", layers=(0, 1), progress=False)
+
+
+@pytest.mark.e2e
+def test_mid_stack_check_passes_in_bfloat16_on_embedded_model() -> None:
+    """Half precision moves single large activations of SmolLM2 by several units when the batch shape
+    changes; the check must still accept a correct resume there, or the sweep silently loses its reuse."""
+    from rolevec.model import load_model
+
+    adapter = load_model(None, dtype="bfloat16")
+    prepared, _ = prepare(adapter, items(4))
+    ok, error = sweep_module.probe_reuse(
+        adapter, vectors_for(adapter, ("r",)), "r", prepared, (1, 24), -1, 1.0, LetterScorer(adapter)
+    )
+    assert ok, error

@@ -362,7 +362,10 @@ class LetterScorer:
         self.adapter = adapter
         self.mode = "fast" if fast else "naive"
         self.share_prefix = share_prefix and fast
-        self._probe = probe and fast
+        # One probe for batches scored whole and one for batches split after a shared prefix: the first
+        # batch may be a single long question, which has no prefix to share.
+        self._probe_plain = self._probe_prefix = probe and fast
+        self._last_shared = False
         self.probe_error: float | None = None
         #: The sweep's mid-stack parity checks by (first layer, end layer, prefix shared): (passed, error).
         self.resume_checks: dict[tuple[int, int, bool], tuple[bool, float]] = {}
@@ -419,6 +422,7 @@ class LetterScorer:
         prefix = start.prefix if start is not None else None
         if start is None and share:
             batch, prefix = self.split(batch)
+        self._last_shared = prefix is not None
         kwargs = forward_kwargs(adapter, batch, prefix)
         skip, pre = self._start_hooks(start)
         with torch.inference_mode(), skip, hooked(pre=pre, post=[(adapter.final_norm, output_hook(grab))]):
@@ -451,32 +455,37 @@ class LetterScorer:
     ) -> torch.Tensor:
         """``[rows, 4]`` float32 letter logits (letters' ids given per row as ``[rows, 4]``).
 
-        The parity probe runs on the first call without ``start`` (a full forward is its reference).
+        The parity probes run on the first call without ``start`` that scores whole rows and on the first
+        that shares a prefix (a plain full forward is their reference).
         """
         if self.mode == "naive":
             return self.naive(batch, letter_ids, start)
         out = self.fast(batch, letter_ids, start, share=self.share_prefix)
-        if not self._probe or start is not None:
+        shared = self._last_shared
+        if start is not None or not (self._probe_prefix if shared else self._probe_plain):
             return out
-        self._probe = False
+        if shared:
+            self._probe_prefix = False
+        else:
+            self._probe_plain = False
         ref = self.naive(batch, letter_ids)
         atol, rtol = _tolerance(self.adapter.dtype)
-        self.probe_error = float((out - ref).abs().max())
+        error = float((out - ref).abs().max())
+        self.probe_error = max(error, self.probe_error or 0.0)
         if torch.allclose(out, ref, atol=atol, rtol=rtol):
             return out
-        if self.share_prefix:
+        if shared:
             plain = self.fast(batch, letter_ids, share=False)
             if torch.allclose(plain, ref, atol=atol, rtol=rtol):
                 warnings.warn(
-                    f"sharing the prompts' common prefix changes letter logits by {self.probe_error:.2e} on "
+                    f"sharing the prompts' common prefix changes letter logits by {error:.2e} on "
                     f"{self.adapter.name}; scoring full rows instead (slower)",
                     stacklevel=2,
                 )
-                self.share_prefix = False
-                self.probe_error = float((plain - ref).abs().max())
+                self.share_prefix = self._probe_plain = False
                 return plain
         warnings.warn(
-            f"fast letter scoring differs from the full forward by {self.probe_error:.2e} on "
+            f"fast letter scoring differs from the full forward by {error:.2e} on "
             f"{self.adapter.name}; using the full forward instead (slower)",
             stacklevel=2,
         )
