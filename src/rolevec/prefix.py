@@ -9,7 +9,7 @@ plain full forward, so a model whose cache does not behave this way falls back t
 
 Entry points::
 
-    split_prefix(batch, min_length=4) -> PrefixSplit | None
+    split_prefix(batch, min_length=4, keep=1) -> PrefixSplit | None   # keep: tokens left per row
     prefix_kv(adapter, split, shift=None) -> PrefixKV          # shift=(layer, [groups, hidden])
     forward_kwargs(adapter, batch, prefix=None, rows_per_group=None) -> dict
 """
@@ -17,7 +17,7 @@ Entry points::
 from __future__ import annotations
 
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -147,20 +147,3 @@ def forward_kwargs(
     if per * prefix.groups != rows:
         raise RolevecError(f"{rows} rows do not divide into {prefix.groups} prefix group(s)")
     return {**batch.model_kwargs(), adapter.cache_argument: prefix.cache(per), "use_cache": True}
-
-
-def unsplit(batch: Batch, prefix_ids: torch.Tensor) -> Batch:
-    """The full batch again (for reference forwards)."""
-    if not batch.prefix_length:
-        return batch
-    rows = batch.input_ids.shape[0]
-    head = prefix_ids.to(batch.input_ids.device).unsqueeze(0).expand(rows, -1)
-    n = batch.prefix_length
-    positions = torch.arange(n, device=batch.position_ids.device).unsqueeze(0).expand(rows, -1)
-    return replace(
-        batch,
-        input_ids=torch.cat([head, batch.input_ids], dim=1),
-        position_ids=torch.cat([positions, batch.position_ids], dim=1),
-        lengths=batch.lengths + n,
-        prefix_length=0,
-    )
