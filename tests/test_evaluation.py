@@ -101,8 +101,10 @@ def test_fast_scoring_equals_full_logits(tiny: ModelAdapter, share: bool) -> Non
     batch, letter_ids = _batch(tiny, prepared)
     assert int(batch.lengths.min()) < batch.input_ids.shape[1]  # really padded
     scorer = LetterScorer(tiny, probe=False)
-    suffix, prefix = scorer.split(batch)
-    assert prefix is not None and suffix.prefix_length == prefix.length > 10  # the template head is shared
+    split = scorer.split(batch)
+    assert split is not None
+    parts, prefix = split
+    assert parts.suffix.prefix_length == prefix.length > 10  # the template head is shared
     vecs = vectors_for(tiny)
     for cond in (
         Condition("baseline"),

@@ -43,7 +43,7 @@ def _check_resumed_candidates(
     prepared, _ = prepare(adapter, items(n))
     batch, letter_ids = _batch(adapter, prepared)
     scorer = LetterScorer(adapter, probe=False, share_prefix=share_prefix)
-    work = _Work.of(adapter, batch, scorer)
+    work = _Work.of(batch, scorer)
     assert (work.split is not None) == share_prefix
     x = residual_at(adapter, work.batch, layers[0], prefix=work.base)
     cur = layers[0]

@@ -34,7 +34,7 @@ from .hooks import StopForward, hooked, input_hook, output_hook, skipped
 from .interventions import ablate, add
 from .mcq import LETTERS, MCQItem, MCQSet, Split
 from .model import Batch, ModelAdapter
-from .prefix import PrefixKV, forward_kwargs, prefix_kv, split_prefix
+from .prefix import PrefixKV, PrefixSplit, forward_kwargs, prefix_kv, split_prefix
 from .records import CONDITIONS, RecordStore, condition_identity
 from .vectors import RoleVectors, check_alpha
 
@@ -365,7 +365,6 @@ class LetterScorer:
         # One probe for batches scored whole and one for batches split after a shared prefix: the first
         # batch may be a single long question, which has no prefix to share.
         self._probe_plain = self._probe_prefix = probe and fast
-        self._last_shared = False
         self.probe_error: float | None = None
         #: The sweep's mid-stack parity checks by (first layer, end layer, prefix shared): (passed, error).
         self.resume_checks: dict[tuple[int, int, bool], tuple[bool, float]] = {}
@@ -381,23 +380,23 @@ class LetterScorer:
         site = self.adapter.residual_site(layer)
         return skipped(list(self.adapter.blocks[:layer])), [(site, input_hook(lambda x: residual))]
 
-    def split(self, batch: Batch) -> tuple[Batch, PrefixKV | None]:
-        """The batch cut after its common prefix and the prefix's states under the active hooks, or the
-        batch unchanged where sharing is off or does not apply."""
+    def split(self, batch: Batch) -> tuple[PrefixSplit, PrefixKV] | None:
+        """The batch cut after its common prefix with the prefix's states under the active hooks, or None
+        where sharing is off or does not apply."""
         if not self.share_prefix:
-            return batch, None
+            return None
         parts = split_prefix(batch)
         if parts is None:
-            return batch, None
+            return None
         try:
-            return parts.suffix, prefix_kv(self.adapter, parts)
+            return parts, prefix_kv(self.adapter, parts)
         except (RolevecError, TypeError, ValueError, AttributeError) as exc:
             warnings.warn(
                 f"prefix sharing does not work on {self.adapter.name} ({exc}); scoring full rows instead",
                 stacklevel=3,
             )
             self.share_prefix = False
-            return batch, None
+            return None
 
     def naive(self, batch: Batch, letter_ids: torch.Tensor, start: Resume | None = None) -> torch.Tensor:
         """``model(...).logits[row, last, letters]``: the reference the fast path must match."""
@@ -412,6 +411,20 @@ class LetterScorer:
     def fast(
         self, batch: Batch, letter_ids: torch.Tensor, start: Resume | None = None, *, share: bool = True
     ) -> torch.Tensor:
+        """Letter logits from the final norm's output; ``share`` runs a whole batch's common head once."""
+        if start is not None:
+            return self._fast(batch, letter_ids, start, start.prefix)
+        work, prefix = self._shared(batch) if share else (batch, None)
+        return self._fast(work, letter_ids, None, prefix)
+
+    def _shared(self, batch: Batch) -> tuple[Batch, PrefixKV | None]:
+        """What runs for ``batch``: its suffix and the prefix's states, or the batch itself and None."""
+        split = self.split(batch)
+        return (batch, None) if split is None else (split[0].suffix, split[1])
+
+    def _fast(
+        self, batch: Batch, letter_ids: torch.Tensor, start: Resume | None, prefix: PrefixKV | None
+    ) -> torch.Tensor:
         adapter = self.adapter
         grabbed: dict[str, torch.Tensor] = {}
 
@@ -419,10 +432,6 @@ class LetterScorer:
             grabbed["h"] = x
             raise StopForward
 
-        prefix = start.prefix if start is not None else None
-        if start is None and share:
-            batch, prefix = self.split(batch)
-        self._last_shared = prefix is not None
         kwargs = forward_kwargs(adapter, batch, prefix)
         skip, pre = self._start_hooks(start)
         with torch.inference_mode(), skip, hooked(pre=pre, post=[(adapter.final_norm, output_hook(grab))]):
@@ -460,9 +469,12 @@ class LetterScorer:
         """
         if self.mode == "naive":
             return self.naive(batch, letter_ids, start)
-        out = self.fast(batch, letter_ids, start, share=self.share_prefix)
-        shared = self._last_shared
-        if start is not None or not (self._probe_prefix if shared else self._probe_plain):
+        if start is not None:
+            return self._fast(batch, letter_ids, start, start.prefix)
+        work, prefix = self._shared(batch)
+        out = self._fast(work, letter_ids, None, prefix)
+        shared = prefix is not None
+        if not (self._probe_prefix if shared else self._probe_plain):
             return out
         if shared:
             self._probe_prefix = False

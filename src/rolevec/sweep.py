@@ -49,7 +49,7 @@ from .evaluation import (
 from .hooks import StopForward, hooked, input_hook, skipped
 from .mcq import MCQItem
 from .model import Batch, ModelAdapter
-from .prefix import PrefixKV, PrefixSplit, forward_kwargs, prefix_kv, split_prefix
+from .prefix import PrefixKV, PrefixSplit, forward_kwargs, prefix_kv
 from .records import RecordStore, read_records
 from .vectors import RoleVectors, atomic_write, check_alpha
 
@@ -247,12 +247,12 @@ class _Work:
     split: PrefixSplit | None
     base: PrefixKV | None  # the prefix's unsteered states
 
-    @classmethod
-    def of(cls, adapter: ModelAdapter, batch: Batch, scorer: LetterScorer) -> _Work:
-        parts = split_prefix(batch) if scorer.share_prefix else None
-        if parts is None:
-            return cls(batch, None, None)
-        return cls(parts.suffix, parts, prefix_kv(adapter, parts))
+    @staticmethod
+    def of(batch: Batch, scorer: LetterScorer) -> _Work:
+        split = scorer.split(batch)  # unsteered: no hooks are active here
+        if split is None:
+            return _Work(batch, None, None)
+        return _Work(split[0].suffix, *split)
 
     @property
     def offset(self) -> int:
@@ -307,21 +307,18 @@ def probe_reuse(
     with torch.inference_mode(), hooked(pre=pre):
         adapter.model(**batch.model_kwargs(), use_cache=False)
     atol, rtol = _tolerance(adapter.dtype)
-    work = _Work.of(adapter, batch, scorer)
+    work = _Work.of(batch, scorer)
     worst = 0.0
-    x: torch.Tensor | None = None
-    cur = -1
-    x_mid = full[mid]
+    advanced: dict[int, torch.Tensor] = {}
+    prev: tuple[int, torch.Tensor] | None = None
     for layer in checkpoints:
-        start = (cur, x) if x is not None else None
-        x = residual_at(adapter, work.batch, layer, start=start, prefix=work.base)
-        cur = layer
-        if layer == mid:
-            x_mid = x
+        x = advanced[layer] = residual_at(adapter, work.batch, layer, start=prev, prefix=work.base)
+        prev = (layer, x)
         # Relative to the whole state, not element by element: half precision moves single large
         # activations by a few units whenever the batch shape changes; a wrong resume moves everything.
         ref = full[layer][:, work.offset :].float()
         worst = max(worst, float((x.float() - ref).norm() / ref.norm().clamp(min=1e-12)))
+    x_mid = advanced[mid]
     shift = _shift(vectors, role, mid, position, alpha, x_mid)
     resumed = scorer.letter_logits(work.batch, letter_ids, start=work.resume(adapter, mid, [shift], x_mid))
     cond = Condition.make("add", role=role, layer=mid, position=position, alpha=alpha)
@@ -428,7 +425,7 @@ class _Sweep:
             width = batch.input_ids.shape[1]
             by_mem = max(1, max_cache_bytes // max(1, rows_q * width * per_token) - 1)
             copies = max(1, min(max_rows // rows_q, by_mem))
-            work = _Work.of(adapter, batch, self.scorer)
+            work = _Work.of(batch, self.scorer)
             x: torch.Tensor | None = None
             cur = -1
             for layer in sorted({c[0] for c in work_todo}):
