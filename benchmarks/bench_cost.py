@@ -83,9 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-domain", type=int, default=None, help="questions per domain (default 4)")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
-    if args.repeats is None and args.quick:
-        args.repeats = 2
-    bench = Bench(args, "cost")
+    bench = Bench(args, "cost", quick_repeats=2)
     data = find_data(args.data)
 
     from rolevec.activations import extract_role_vectors

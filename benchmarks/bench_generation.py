@@ -31,9 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=None, help="prompts per run (default 4, quick 2)")
     parser.add_argument("--tokens", type=int, default=None, help="new tokens per prompt (default 64)")
     args = parser.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 3 if args.quick else 5
-    bench = Bench(args, "generation")
+    bench = Bench(args, "generation", repeats=5, quick_repeats=3)
     data = find_data(args.data)
 
     from rolevec.activations import extract_role_vectors

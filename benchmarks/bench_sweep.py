@@ -106,9 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--cross", action="store_true", help="also time the straightforward loop in float32 (bfloat16 runs)"
     )
     args = parser.parse_args(argv)
-    if args.repeats is None and args.quick:
-        args.repeats = 2
-    bench = Bench(args, "sweep")
+    bench = Bench(args, "sweep", quick_repeats=2)
     data = find_data(args.data)
 
     from rolevec.activations import extract_role_vectors

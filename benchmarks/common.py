@@ -121,12 +121,15 @@ def machine_info(threads: int, dtype: str) -> dict[str, Any]:
 class Bench:
     """One benchmark run: pinned threads, the machine, the result skeleton and the memory marks."""
 
-    def __init__(self, args: argparse.Namespace, name: str) -> None:
+    def __init__(
+        self, args: argparse.Namespace, name: str, *, repeats: int = 3, quick_repeats: int | None = None
+    ) -> None:
+        """``repeats``/``quick_repeats``: the rounds when ``--repeats`` is not given (default/quick sizes)."""
         self.args = args
         self.name = name
         threads = pin_threads(args.threads)
         if args.repeats is None:
-            args.repeats = 3
+            args.repeats = quick_repeats if args.quick and quick_repeats is not None else repeats
         if args.repeats < 1:
             sys.exit("benchmark: error: --repeats must be at least 1")
         info = machine_info(threads, args.dtype)
