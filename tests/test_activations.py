@@ -182,3 +182,35 @@ def test_shared_prefix_gives_the_same_means(tiny: ModelAdapter, monkeypatch: pyt
     assert runs  # the prefix path really ran
     plain = activations._accumulate(tiny, encoded, sets, 2, share_prefix=False, **args)
     assert float((shared - plain).norm() / plain.norm()) <= 1e-6
+
+
+def test_a_prefix_cache_that_changes_activations_is_caught(
+    tiny_llama: ModelAdapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first split batch is also read whole; if the two disagree (simulated: the prefix's keys
+    perturbed), extraction warns and reads full rows, giving the unshared means."""
+    import rolevec.activations as activations
+
+    real = activations.prefix_kv
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        kv = real(*args, **kwargs)
+        return type(kv)(tuple((k + 1.0, v) for k, v in kv.layers), kv.length)
+
+    monkeypatch.setattr(activations, "prefix_kv", broken)
+    with pytest.warns(UserWarning, match="common prefix changes activations"):
+        got = mean_activations(tiny_llama, PROMPTS * 3, batch_size=4, progress=False)
+    monkeypatch.setattr(activations, "prefix_kv", real)
+    encoded = activations.encode_prompts(tiny_llama, PROMPTS * 3).ids
+    bar = SimpleNamespace(update=lambda n: None)
+    plain = activations._accumulate(
+        tiny_llama,
+        encoded,
+        [0] * len(encoded),
+        1,
+        batch_size=4,
+        padding_side="right",
+        bar=bar,
+        share_prefix=False,
+    )[0] / len(encoded)
+    assert float((got - plain).norm() / plain.norm()) <= 1e-6
