@@ -187,8 +187,8 @@ def test_shared_prefix_gives_the_same_means(tiny: ModelAdapter, monkeypatch: pyt
 def test_a_prefix_cache_that_changes_activations_is_caught(
     tiny_llama: ModelAdapter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The first split batch is also read whole; if the two disagree (simulated: the prefix's keys
-    perturbed), extraction warns and reads full rows, giving the unshared means."""
+    """Two prompts of the first split batch are read both ways; if they disagree (simulated: the prefix's
+    keys perturbed), extraction warns and reads full rows, giving the unshared means."""
     import rolevec.activations as activations
 
     real = activations.prefix_kv

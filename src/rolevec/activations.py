@@ -23,7 +23,7 @@ from .errors import RolevecError
 from .evaluation import _tolerance
 from .hooks import StopForward, hooked, input_hook
 from .model import Batch, ModelAdapter
-from .prefix import PrefixKV, PrefixSplit, forward_kwargs, prefix_kv, split_prefix
+from .prefix import PrefixKV, forward_kwargs, prefix_kv, split_prefix
 from .vectors import RoleVectors
 
 DEFAULT_MAX_TOKENS = 2048
@@ -148,19 +148,19 @@ def _accumulate(
         finally:
             state.clear()
 
-    def check(parts: PrefixSplit, prefix: PrefixKV, whole: Batch, chunk: Sequence[int]) -> bool:
-        """Read one batch both ways; its whole-row reads go into ``sums``. True when the two agree."""
+    def agrees(rows: Sequence[int]) -> bool | None:
+        """Read a few prompts whole and split after their common prefix (None: they share none)."""
+        sub = adapter.pad([encoded[i] for i in rows], padding_side=padding_side)
+        parts = split_prefix(sub, keep=n_pos)
+        if parts is None:
+            return None
         reads: list[dict[int, torch.Tensor]] = [{}, {}]
-        for keep, (b, p) in zip(reads, ((whole, None), (parts.suffix, prefix)), strict=True):
+        for keep, (b, p) in zip(reads, ((sub, None), (parts.suffix, prefix_kv(adapter, parts))), strict=True):
             captured[0] = keep
             try:
-                read(b, p, chunk)
+                read(b, p, rows)
             finally:
                 captured[0] = None
-        for layer, picked in reads[0].items():
-            sums[:, :, layer].index_add_(
-                0, torch.tensor([set_index[i] for i in chunk], device=acc_device), picked
-            )
         ref = torch.stack([reads[0][k] for k in sorted(reads[0])])
         got = torch.stack([reads[1][k] for k in sorted(reads[0])])
         error = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
@@ -182,11 +182,14 @@ def _accumulate(
             batch = adapter.pad([encoded[i] for i in chunk], padding_side=padding_side)
             # The template's head (and any common start) runs once; the read positions stay in the rest.
             parts = split_prefix(batch, keep=n_pos) if share_prefix else None
+            if parts is not None and unchecked:  # two prompts of the first split batch, both ways
+                verdict = agrees(chunk[-2:])
+                if verdict is not None:
+                    unchecked = False
+                    share_prefix = verdict
+                    parts = parts if verdict else None
             if parts is None:
                 read(batch, None, chunk)
-            elif unchecked:  # the first split batch is also read whole, as the reference
-                unchecked = False
-                share_prefix = check(parts, prefix_kv(adapter, parts), batch, chunk)
             else:
                 read(parts.suffix, prefix_kv(adapter, parts), chunk)
             bar.update(len(chunk))
