@@ -4,10 +4,18 @@ import pytest
 import torch
 
 from rolevec.errors import RolevecError
-from rolevec.evaluation import LetterScorer, _batch, prepare
+from rolevec.evaluation import LetterScorer, _batch, iter_scores, prepare
 from rolevec.hooks import count_hooks
 from rolevec.model import ModelAdapter
-from rolevec.prefix import forward_kwargs, prefix_kv, split_prefix
+from rolevec.prefix import (
+    PrefixKV,
+    PrefixMemo,
+    PrefixSplit,
+    common_length,
+    forward_kwargs,
+    prefix_kv,
+    split_prefix,
+)
 from test_evaluation import items
 
 
@@ -84,3 +92,54 @@ def test_probes_cover_whole_and_split_batches(tiny_llama: ModelAdapter) -> None:
     scorer.letter_logits(batch, ids)
     scorer.letter_logits(single, ids1)
     assert references == [1, 1]  # each probe once
+
+
+def test_common_length_and_cut_at() -> None:
+    assert common_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert common_length([[1, 2, 3], [1, 2, 3, 4]]) == 3  # one row is a prefix of the other
+    assert common_length([]) == 0
+
+
+def test_split_cuts_at_the_run_head(tiny_llama: ModelAdapter) -> None:
+    batch = tiny_llama.pad([[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 9, 10, 12]])
+    longest = split_prefix(batch, min_length=1)
+    assert longest is not None and longest.length == 6
+    capped = split_prefix(batch, min_length=1, at=4)
+    assert capped is not None and capped.length == 4 and capped.suffix.input_ids[:, 0].tolist() == [9, 9]
+    assert split_prefix(batch, min_length=5, at=4) is None  # a cap below the minimum: not worth a forward
+
+
+def test_memo_runs_the_head_once_per_run(tiny_llama: ModelAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every batch of a scoring run reuses the head computed for the first; the logits match full rows."""
+    import rolevec.evaluation as evaluation
+
+    calls: list[int] = []
+    real = evaluation.prefix_kv
+
+    def counting(adapter: ModelAdapter, split: PrefixSplit, shift: object = None) -> PrefixKV:
+        calls.append(split.length)
+        return real(adapter, split, shift)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(evaluation, "prefix_kv", counting)
+    prepared, _ = prepare(tiny_llama, items(12))
+    scorer = LetterScorer(tiny_llama)
+    got = [r for batch in iter_scores(tiny_llama, prepared, scorer=scorer, batch_size=3) for r in batch]
+    head = common_length([p.ids for p in prepared])
+    assert calls == [head]  # four batches, one prefix forward
+    plain = LetterScorer(tiny_llama, share_prefix=False)
+    want = [r for batch in iter_scores(tiny_llama, prepared, scorer=plain, batch_size=3) for r in batch]
+    assert [r.qid for r in got] == [r.qid for r in want]
+    torch.testing.assert_close(
+        torch.tensor([r.logits for r in got]), torch.tensor([r.logits for r in want]), rtol=0, atol=1e-4
+    )
+
+
+def test_memo_entries_are_keyed_by_tokens_and_bounded(tiny_llama: ModelAdapter) -> None:
+    memo = PrefixMemo(max_entries=2)
+    assert memo.at is None  # no run given: each batch cuts at its own common head
+    heads = ([5, 6, 7, 8], [5, 6, 7, 9], [5, 6, 7, 10])
+    for head in (*heads, heads[2]):
+        parts = memo.split(tiny_llama.pad([[*head, 1, 2], [*head, 3]]))
+        assert parts is not None and parts.length == 4
+        memo.states(tiny_llama, parts)
+    assert memo.computed == 3 and len(memo._entries) == 2

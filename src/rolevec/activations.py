@@ -23,7 +23,7 @@ from .errors import RolevecError
 from .evaluation import _tolerance
 from .hooks import StopForward, hooked, input_hook
 from .model import Batch, ModelAdapter
-from .prefix import PrefixKV, forward_kwargs, prefix_kv, split_prefix
+from .prefix import PrefixKV, PrefixMemo, forward_kwargs, prefix_kv, split_prefix
 from .vectors import RoleVectors
 
 DEFAULT_MAX_TOKENS = 2048
@@ -176,12 +176,13 @@ def _accumulate(
     pre = [(adapter.residual_site(layer), input_hook(reader(layer))) for layer in range(n_sites)]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     unchecked = share_prefix
+    memo = PrefixMemo(encoded)  # the readers are the only hooks, so one head serves every batch
     with torch.inference_mode(), hooked(pre=pre):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = adapter.pad([encoded[i] for i in chunk], padding_side=padding_side)
             # The template's head (and any common start) runs once; the read positions stay in the rest.
-            parts = split_prefix(batch, keep=n_pos) if share_prefix else None
+            parts = memo.split(batch, keep=n_pos) if share_prefix else None
             if parts is not None and unchecked:  # two prompts of the first split batch, both ways
                 verdict = agrees(chunk[-2:])
                 if verdict is not None:
@@ -191,7 +192,7 @@ def _accumulate(
             if parts is None:
                 read(batch, None, chunk)
             else:
-                read(parts.suffix, prefix_kv(adapter, parts), chunk)
+                read(parts.suffix, memo.states(adapter, parts, prefix_kv), chunk)
             bar.update(len(chunk))
     return sums.cpu()
 

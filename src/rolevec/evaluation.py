@@ -34,7 +34,7 @@ from .hooks import StopForward, hooked, input_hook, output_hook, skipped
 from .interventions import ablate, add
 from .mcq import LETTERS, MCQItem, MCQSet, Split
 from .model import Batch, ModelAdapter
-from .prefix import PrefixKV, PrefixSplit, forward_kwargs, prefix_kv, split_prefix
+from .prefix import PrefixKV, PrefixMemo, PrefixSplit, forward_kwargs, prefix_kv, split_prefix
 from .records import CONDITIONS, RecordStore, condition_identity
 from .vectors import RoleVectors, check_alpha
 
@@ -380,15 +380,17 @@ class LetterScorer:
         site = self.adapter.residual_site(layer)
         return skipped(list(self.adapter.blocks[:layer])), [(site, input_hook(lambda x: residual))]
 
-    def split(self, batch: Batch) -> tuple[PrefixSplit, PrefixKV] | None:
+    def split(self, batch: Batch, memo: PrefixMemo | None = None) -> tuple[PrefixSplit, PrefixKV] | None:
         """The batch cut after its common prefix with the prefix's states under the active hooks, or None
-        where sharing is off or does not apply."""
+        where sharing is off or does not apply. ``memo`` reuses states of earlier batches of the same run."""
         if not self.share_prefix:
             return None
-        parts = split_prefix(batch)
+        parts = memo.split(batch) if memo is not None else split_prefix(batch)
         if parts is None:
             return None
         try:
+            if memo is not None:
+                return parts, memo.states(self.adapter, parts, prefix_kv)
             return parts, prefix_kv(self.adapter, parts)
         except (RolevecError, TypeError, ValueError, AttributeError) as exc:
             warnings.warn(
@@ -417,9 +419,9 @@ class LetterScorer:
         work, prefix = self._shared(batch) if share else (batch, None)
         return self._fast(work, letter_ids, None, prefix)
 
-    def _shared(self, batch: Batch) -> tuple[Batch, PrefixKV | None]:
+    def _shared(self, batch: Batch, memo: PrefixMemo | None = None) -> tuple[Batch, PrefixKV | None]:
         """What runs for ``batch``: its suffix and the prefix's states, or the batch itself and None."""
-        split = self.split(batch)
+        split = self.split(batch, memo)
         return (batch, None) if split is None else (split[0].suffix, split[1])
 
     def _fast(
@@ -460,18 +462,24 @@ class LetterScorer:
             return logits.float()
 
     def letter_logits(
-        self, batch: Batch, letter_ids: torch.Tensor, start: Resume | None = None
+        self,
+        batch: Batch,
+        letter_ids: torch.Tensor,
+        start: Resume | None = None,
+        *,
+        memo: PrefixMemo | None = None,
     ) -> torch.Tensor:
         """``[rows, 4]`` float32 letter logits (letters' ids given per row as ``[rows, 4]``).
 
         The parity probes run on the first call without ``start`` that scores whole rows and on the first
-        that shares a prefix (a plain full forward is their reference).
+        that shares a prefix (a plain full forward is their reference). ``memo``: the calling run's prefix
+        states, valid while its hooks stay as they are.
         """
         if self.mode == "naive":
             return self.naive(batch, letter_ids, start)
         if start is not None:
             return self._fast(batch, letter_ids, start, start.prefix)
-        work, prefix = self._shared(batch)
+        work, prefix = self._shared(batch, memo)
         out = self._fast(work, letter_ids, None, prefix)
         shared = prefix is not None
         if not (self._probe_prefix if shared else self._probe_plain):
@@ -519,12 +527,17 @@ def iter_scores(
     scorer: LetterScorer | None = None,
     batch_size: int = 16,
 ) -> Iterator[list[ItemResult]]:
-    """Results batch by batch (length-sorted batches; each list in its batch's order)."""
+    """Results batch by batch (length-sorted batches; each list in its batch's order).
+
+    The hooks active at the first batch must stay until the last: the prompts' common head is computed
+    once under them and reused by every batch.
+    """
     scorer = scorer or LetterScorer(adapter)
+    memo = PrefixMemo([p.ids for p in prepared])
     for idx in length_batches(prepared, batch_size):
         chunk = [prepared[i] for i in idx]
         batch, letter_ids = _batch(adapter, chunk)
-        logits = scorer.letter_logits(batch, letter_ids)
+        logits = scorer.letter_logits(batch, letter_ids, memo=memo)
         yield results_from_logits([p.item for p in chunk], logits)
 
 

@@ -7,15 +7,21 @@ the batch attends to copies of them. Steering that differs per row (the sweep's 
 the prefix once per candidate group instead. The scorer's parity probe compares the result against a
 plain full forward, so a model whose cache does not behave this way falls back to full rows.
 
+A :class:`PrefixMemo` carries the states from batch to batch within one run under unchanged hooks: the
+head then runs once per run instead of once per batch. A single row of 24 tokens is the least efficient
+matrix product of the forward; per batch it cost about a tenth of bfloat16 scoring time on SmolLM2.
+
 Entry points::
 
-    split_prefix(batch, min_length=4, keep=1) -> PrefixSplit | None   # keep: tokens left per row
+    split_prefix(batch, min_length=4, keep=1, at=None) -> PrefixSplit | None   # keep: tokens left per row
     prefix_kv(adapter, split, shift=None) -> PrefixKV          # shift=(layer, [groups, hidden])
+    PrefixMemo(run_ids).split(batch, keep) / .states(adapter, split)
     forward_kwargs(adapter, batch, prefix=None, rows_per_group=None) -> dict
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -42,16 +48,33 @@ class PrefixSplit:
         return int(self.prefix_ids.shape[0])
 
 
-def split_prefix(batch: Batch, min_length: int = MIN_PREFIX, keep: int = 1) -> PrefixSplit | None:
+def common_length(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every row shares (0 for no rows)."""
+    if not rows:
+        return 0
+    first, n = rows[0], min(len(r) for r in rows)
+    for i in range(n):
+        token = first[i]
+        if any(r[i] != token for r in rows):
+            return i
+    return n
+
+
+def split_prefix(
+    batch: Batch, min_length: int = MIN_PREFIX, keep: int = 1, at: int | None = None
+) -> PrefixSplit | None:
     """None where sharing does not apply: left padding, an already split batch, or a short common head.
 
-    ``keep``: tokens every row keeps after the cut (the positions the caller reads).
+    ``keep``: tokens every row keeps after the cut (the positions the caller reads). ``at``: cut there at
+    the latest (a run-wide common head, so that every batch of the run cuts at the same place).
     """
     if batch.padding_side != "right" or batch.prefix_length or batch.input_ids.shape[0] < 2:
         return None
     ids = batch.input_ids
     same = (ids == ids[:1]).all(dim=0).to(torch.int64)
     length = min(int(same.cumprod(dim=0).sum()), int(batch.lengths.min()) - max(1, keep))
+    if at is not None:
+        length = min(length, at)
     if length < min_length:
         return None
     suffix = Batch(
@@ -132,6 +155,39 @@ def prefix_kv(
     if len(layers) != adapter.n_layers or any(k is None or k.shape[-2] != n for k, _ in layers):
         raise RolevecError("the prefix cache does not hold every layer's keys; prefix sharing is off")
     return PrefixKV(layers, n)
+
+
+class PrefixMemo:
+    """Prefix states kept from batch to batch of one run, keyed by the prefix's tokens.
+
+    An entry holds states computed under the hooks active when it was made, so a memo must live no longer
+    than that steering: one scoring call under one intervention creates it and drops it. Given the run's
+    prompts, every batch cuts at their common head, so the head runs once for the whole run.
+    """
+
+    def __init__(self, run_ids: Sequence[Sequence[int]] | None = None, max_entries: int = 8) -> None:
+        length = common_length(run_ids) if run_ids else 0
+        self.at = length if length >= MIN_PREFIX else None
+        self.max_entries = max_entries
+        self._entries: dict[tuple[int, ...], PrefixKV] = {}
+        self.computed = 0
+
+    def split(self, batch: Batch, keep: int = 1) -> PrefixSplit | None:
+        return split_prefix(batch, keep=keep, at=self.at)
+
+    def states(
+        self, adapter: ModelAdapter, split: PrefixSplit, compute: Callable[..., PrefixKV] | None = None
+    ) -> PrefixKV:
+        """The prefix's states, run (by ``compute``, default :func:`prefix_kv`) only when not yet held."""
+        key = tuple(int(t) for t in split.prefix_ids.tolist())
+        kv = self._entries.get(key)
+        if kv is None:
+            kv = (compute or prefix_kv)(adapter, split)
+            self.computed += 1
+            if len(self._entries) >= self.max_entries:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = kv
+        return kv
 
 
 def forward_kwargs(

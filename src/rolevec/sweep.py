@@ -49,7 +49,7 @@ from .evaluation import (
 from .hooks import StopForward, hooked, input_hook, skipped
 from .mcq import MCQItem
 from .model import Batch, ModelAdapter
-from .prefix import PrefixKV, PrefixSplit, forward_kwargs, prefix_kv
+from .prefix import PrefixKV, PrefixMemo, PrefixSplit, forward_kwargs, prefix_kv
 from .records import RecordStore, read_records
 from .vectors import RoleVectors, atomic_write, check_alpha
 
@@ -248,8 +248,8 @@ class _Work:
     base: PrefixKV | None  # the prefix's unsteered states
 
     @staticmethod
-    def of(batch: Batch, scorer: LetterScorer) -> _Work:
-        split = scorer.split(batch)  # unsteered: no hooks are active here
+    def of(batch: Batch, scorer: LetterScorer, memo: PrefixMemo | None = None) -> _Work:
+        split = scorer.split(batch, memo)  # unsteered: no hooks are active here
         if split is None:
             return _Work(batch, None, None)
         return _Work(split[0].suffix, *split)
@@ -414,6 +414,7 @@ class _Sweep:
         adapter = self.adapter
         itemsize = torch.empty((), dtype=adapter.dtype).element_size()
         per_token = adapter.hidden_size * itemsize
+        memo = PrefixMemo([p.ids for p in self.prepared])
         for idx in cache_batches(self.prepared, self.batch_size, per_token, max_cache_bytes):
             chunk = [self.prepared[i] for i in idx]
             qids = {p.item.qid for p in chunk}
@@ -425,7 +426,7 @@ class _Sweep:
             width = batch.input_ids.shape[1]
             by_mem = max(1, max_cache_bytes // max(1, rows_q * width * per_token) - 1)
             copies = max(1, min(max_rows // rows_q, by_mem))
-            work = _Work.of(batch, self.scorer)
+            work = _Work.of(batch, self.scorer, memo)
             x: torch.Tensor | None = None
             cur = -1
             for layer in sorted({c[0] for c in work_todo}):
