@@ -6,6 +6,8 @@ Measured here, alternately in one process, on questions of every domain of the p
 * a question scored by rolevec's fast scorer, baseline / persona / ablation (ablation hooks every block);
 * an addition candidate scored inside ``run_sweep`` with reuse, as equivalent fast forwards (the sweep's
   measured time over a subset of the grid, divided by the time of one fast forward per question);
+* the test stage's addition α 1, α 3 and random control of one role at one site, as ``rolevec run`` scores
+  them (``evaluate_conditions``: from a shared residual of the lower layers);
 * an extraction prompt.
 
 These costs are multiplied by the paper preset's grid for this model (``rolevec run --preset paper``):
@@ -88,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from rolevec.activations import extract_role_vectors
     from rolevec.data import load_base, load_role_prompts, sample
-    from rolevec.evaluation import Condition, LetterScorer, score
+    from rolevec.evaluation import Condition, LetterScorer, evaluate_conditions, score
     from rolevec.mcq import load_mcq, make_split
     from rolevec.records import RecordStore
     from rolevec.sweep import default_layers, run_sweep
@@ -128,6 +130,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     persona = Condition.make("persona", role=role)
     ablation = Condition.make("ablate", role=role, layer=site[0], position=site[1])
     all_roles = {role: role_set}
+    test_conditions = [
+        Condition.make("add", role=role, layer=site[0], position=site[1], alpha=1.0),
+        Condition.make("add", role=role, layer=site[0], position=site[1], alpha=3.0),
+        Condition.make("random", role=role, layer=site[0], position=site[1], alpha=1.0),
+    ]
+
+    def test_stage() -> Any:
+        with tempfile.TemporaryDirectory() as tmp, RecordStore(Path(tmp) / "r.jsonl") as store:
+            return evaluate_conditions(
+                adapter,
+                mcq,
+                split,
+                test_conditions,
+                store,
+                vectors=vectors,
+                split_name="val",
+                limit=per_domain,
+                batch_size=args.batch_size,
+                scorer=scorer,
+                progress=False,
+            )
 
     def sweep(alphas: tuple[float, ...]) -> Any:
         with tempfile.TemporaryDirectory() as tmp, RecordStore(Path(tmp) / "r.jsonl") as store:
@@ -155,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ablate": f"rolevec ablation, {dtype}, per question",
         "sweep1": f"rolevec run_sweep, {len(sweep_layers)} layers × α 1, {dtype}",
         "sweep2": f"rolevec run_sweep, {len(sweep_layers)} layers × α 1, 3, {dtype}",
+        "test3": f"rolevec test stage, add α 1, α 3, random at layer {site[0]}, {dtype}",
         "extract": f"rolevec extraction, {dtype}, per prompt",
         "fast_sq": f"rolevec fast scorer on the sweep subset, {dtype}",
     }
@@ -167,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         names["sweep1"]: lambda: sweep((1.0,)),
         names["sweep2"]: lambda: sweep((1.0, 3.0)),
+        names["test3"]: test_stage,
         names["extract"]: lambda: extract_role_vectors(adapter, all_roles, base_set, progress=False),
         names["fast_sq"]: lambda: score(adapter, sweep_q, scorer=scorer, batch_size=args.batch_size),
     }
@@ -184,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fast": t["fast"].best / q,
         "persona": t["persona"].best / q,
         "ablate": t["ablate"].best / q,
+        "test_add_random": t["test3"].best / (len(test_conditions) * q),
     }
     per_prompt_extract = t["extract"].best / (2 * n_prompts)
     # One more α adds one candidate per layer and nothing else, so the difference of the two sweeps is the
@@ -226,14 +252,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "validation ablation": g["val_ablate"] * per_q["ablate"],
         "test baseline": g["test_baseline"] * per_q["fast"],
         "test persona": g["test_persona"] * per_q["persona"],
-        "test addition + random": g["test_add_random"] * per_q["fast"],
+        "test addition + random": g["test_add_random"] * per_q["test_add_random"],
         "test ablation": g["test_ablate"] * per_q["ablate"],
     }
     no_reuse_add = g["val_add"] * per_q["fast"]
     extraction_s = g["extraction_prompts"] * per_prompt_extract
     naive_total = sum(naive_cost.values())
     rolevec_total = sum(rolevec_cost.values()) + extraction_s
-    no_reuse_total = rolevec_total - rolevec_cost["validation addition"] + no_reuse_add
+    no_reuse_test = g["test_add_random"] * per_q["fast"]
+    no_reuse_total = (
+        rolevec_total
+        - rolevec_cost["validation addition"]
+        - rolevec_cost["test addition + random"]
+        + no_reuse_add
+        + no_reuse_test
+    )
 
     # forward passes saved, as full-forward equivalents (block and unembedding parameter counts)
     block_params = sum(p.numel() for blk in adapter.blocks for p in blk.parameters())
@@ -259,6 +292,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         [f"rolevec fast scorer, {dtype}", f"{1 / per_q['fast']:.2f}", f"{per_q['fast'] * 1000:.0f}"],
         [f"rolevec persona, {dtype}", f"{1 / per_q['persona']:.2f}", f"{per_q['persona'] * 1000:.0f}"],
         [f"rolevec ablation, {dtype}", f"{1 / per_q['ablate']:.2f}", f"{per_q['ablate'] * 1000:.0f}"],
+        [
+            f"rolevec test stage, add/random at layer {site[0]} (reuse), {dtype}",
+            f"{1 / per_q['test_add_random']:.2f}",
+            f"{per_q['test_add_random'] * 1000:.0f}",
+        ],
         [
             f"rolevec sweep, marginal addition candidate (reuse), {dtype}, paper grid's layers",
             f"{1 / per_candidate:.2f}",
@@ -343,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "per (question, role) beyond the baseline, measured on 16 questions, is kept (conservative: "
                 "the parity probe is spread over 40-118 questions per role in the real grid)",
                 "straightforward ablation costs the same hook overhead as rolevec's ablation",
+                f"the test stage's additions and random controls are priced at layer {site[0]} (the middle "
+                "of the grid) for one role; roles that chose the same layer also share the blocks below it "
+                "in rolevec run, which is not counted",
                 "the test split is scored for every role on all 8 domains; baseline records are shared",
                 "interpretation (logit lens, judge) and the report are not counted",
             ],

@@ -69,7 +69,7 @@ def theoretical(n_layers: int, cands: Sequence[Candidate]) -> dict[str, float]:
 
 def cache_bound_report(adapter: Any, prepared: Sequence[Any], batch_size: int, bound: int) -> dict[str, Any]:
     """The largest cached residual (+ stacked copies) the sweep holds for these questions, and the bound."""
-    from rolevec.sweep import cache_batches
+    from rolevec.resume import cache_batches
 
     itemsize = torch.empty((), dtype=adapter.dtype).element_size()
     per_token = adapter.hidden_size * itemsize

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -232,3 +233,60 @@ def test_plan_batches_cuts_padding_within_limits() -> None:
     assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 500 for b in capped)
     with pytest.raises(RolevecError, match="at least 1"):
         plan_batches(lengths, 0)
+
+
+def _evaluate(adapter: ModelAdapter, path: Path, **kw: Any) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """Additions and random controls of two roles at three layers (two share one), on two domains."""
+    mcq = MCQSet({"math": items(9), "law": items(5, "law")}, "test")
+    split = make_split(mcq, seed=0, val_fraction=0.3)
+    vecs = vectors_for(adapter, ("mathematician", "lawyer"))
+    top = adapter.n_layers - 1
+    conditions = [Condition("baseline")]
+    for role, layer in (("mathematician", 1), ("lawyer", top), ("lawyer", 1)):
+        conditions += [
+            Condition.make("add", role=role, layer=layer, position=-1, alpha=1.0),
+            Condition.make("add", role=role, layer=layer, position=-1, alpha=3.0),
+            Condition.make("random", role=role, layer=layer, position=-1, alpha=1.0),
+        ]
+    conditions.append(Condition.make("add", role="mathematician", layer=0, position=-2, alpha=2.0))
+    with RecordStore(path) as store:
+        report = evaluate_conditions(
+            adapter, mcq, split, conditions, store, vectors=vecs, split_name="all", progress=False, **kw
+        )
+    assert report.n_new == 14 * len(conditions)
+    return {
+        (r["condition"], r["role"], r["layer"], r["position"], r["alpha"], r["qid"]): r
+        for r in read_records(path)
+    }
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_test_stage_additions_share_the_lower_layers(arch: str, tmp_path: Path) -> None:
+    """Additions and random controls scored from a shared residual give the records of independent runs."""
+    adapter = make_adapter(arch)
+    scorer = LetterScorer(adapter)
+    resumed = _evaluate(adapter, tmp_path / "resumed.jsonl", scorer=scorer)
+    assert list(scorer.resume_checks) == [((0, 1, adapter.n_layers - 1), True)]  # the resumed path ran
+    independent = _evaluate(adapter, tmp_path / "independent.jsonl", reuse=False)
+    assert resumed.keys() == independent.keys()
+    for key, rec in resumed.items():
+        assert rec["pred"] == independent[key]["pred"], key
+        assert rec["probs"] == pytest.approx(independent[key]["probs"], abs=1e-5), key
+
+
+def test_test_stage_falls_back_when_resuming_differs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rolevec.resume as resume_module
+
+    adapter = make_adapter("llama")
+    reference = _evaluate(adapter, tmp_path / "reference.jsonl", reuse=False)
+    real = resume_module.residual_at
+
+    def drifting(*args: Any, **kwargs: Any) -> torch.Tensor:  # an architecture that cannot resume
+        out: torch.Tensor = real(*args, **kwargs)
+        return out + 0.5 if kwargs.get("start") is not None else out
+
+    monkeypatch.setattr(resume_module, "residual_at", drifting)
+    with pytest.warns(UserWarning, match="independently"):
+        got = _evaluate(adapter, tmp_path / "fallback.jsonl")
+    assert got.keys() == reference.keys()
+    assert all(got[k]["pred"] == reference[k]["pred"] for k in got)

@@ -8,25 +8,22 @@ from typing import Any
 import pytest
 import torch
 
+import rolevec.resume as resume_module
 import rolevec.sweep as sweep_module
 from rolevec.errors import RolevecError
 from rolevec.evaluation import Condition, LetterScorer, _batch, intervention, prepare
 from rolevec.hooks import count_hooks
 from rolevec.model import ModelAdapter
 from rolevec.records import RecordStore, read_records
+from rolevec.resume import Addition, Work, cache_batches, residual_at, stack_rows
 from rolevec.selection import load_selection, select, selected_site, write_selection
 from rolevec.sweep import (
     GridRow,
-    _shift,
-    _stack,
-    _Work,
-    cache_batches,
     default_layers,
     grid_rows,
     parse_alphas,
     parse_layers,
     parse_positions,
-    residual_at,
     run_sweep,
     write_sweep_file,
 )
@@ -43,7 +40,7 @@ def _check_resumed_candidates(
     prepared, _ = prepare(adapter, items(n))
     batch, letter_ids = _batch(adapter, prepared)
     scorer = LetterScorer(adapter, probe=False, share_prefix=share_prefix)
-    work = _Work.of(batch, scorer)
+    work = Work.of(batch, scorer)
     assert (work.split is not None) == share_prefix
     x = residual_at(adapter, work.batch, layers[0], prefix=work.base)
     cur = layers[0]
@@ -51,9 +48,9 @@ def _check_resumed_candidates(
         x = residual_at(adapter, work.batch, layer, start=(cur, x), prefix=work.base)
         cur = layer
         cands = [(-1, 1.0), (-2, 3.0), (-1, -2.0)]
-        shifts = [_shift(vecs, "r", layer, p, a, x) for p, a in cands]
+        shifts = [Addition(layer, vecs.vector("r", layer, p), a).shift(x) for p, a in cands]
         resumed = scorer.letter_logits(
-            _stack(work.batch, len(cands)),
+            stack_rows(work.batch, len(cands)),
             letter_ids.repeat(len(cands), 1),
             start=work.resume(adapter, layer, shifts, x),
         )
@@ -121,18 +118,18 @@ def test_one_mid_stack_check_serves_every_sweep_of_a_scorer(
     adapter = make_adapter("llama")
     scorer = LetterScorer(adapter)
     calls: list[int] = []
-    real = sweep_module._Work.resume
+    real = resume_module.Work.resume
 
     def counting(self: Any, *args: Any) -> Any:
         calls.append(1)
         return real(self, *args)
 
-    monkeypatch.setattr(sweep_module._Work, "resume", counting)
+    monkeypatch.setattr(resume_module.Work, "resume", counting)
     first, _ = _sweep(adapter, tmp_path, "a", scorer=scorer, ablate_scope="none")
     n_first = len(calls)
     second, _ = _sweep(adapter, tmp_path, "b", scorer=scorer, ablate_scope="none")
     assert len(calls) - n_first == n_first - 1  # the probe's resumed candidate ran only the first time
-    assert first.probe_error == second.probe_error and list(scorer.resume_checks) == [(0, 3, True)]
+    assert first.probe_error == second.probe_error and list(scorer.resume_checks) == [((0, 1, 2), True)]
 
 
 def test_sweep_falls_back_when_mid_stack_resume_differs(
@@ -140,13 +137,13 @@ def test_sweep_falls_back_when_mid_stack_resume_differs(
 ) -> None:
     adapter = make_adapter("llama")
     _reference, rec_ref = _sweep(adapter, tmp_path, "ref", reuse=False)
-    real = sweep_module.residual_at
+    real = resume_module.residual_at
 
     def drifting(*args: Any, **kwargs: Any) -> torch.Tensor:  # an architecture that cannot resume
         out: torch.Tensor = real(*args, **kwargs)
         return out + 0.5 if kwargs.get("start") is not None else out
 
-    monkeypatch.setattr(sweep_module, "residual_at", drifting)
+    monkeypatch.setattr(resume_module, "residual_at", drifting)
     with pytest.warns(UserWarning, match="independently"):
         result, records = _sweep(adapter, tmp_path, "fallback")
     assert result.reuse == "independent" and result.probe_error is not None and result.probe_error > 1e-3

@@ -51,6 +51,8 @@ PERSONA_TEMPLATES = {
 }
 
 STEERED = ("add", "ablate", "random")
+#: Conditions that add one vector at one layer: they can share the unsteered lower layers.
+ADDITIVE = ("add", "random")
 
 
 # --- prompts ---------------------------------------------------------------------------------------
@@ -366,8 +368,8 @@ class LetterScorer:
         # batch may be a single long question, which has no prefix to share.
         self._probe_plain = self._probe_prefix = probe and fast
         self.probe_error: float | None = None
-        #: The sweep's mid-stack parity checks by (first layer, end layer, prefix shared): (passed, error).
-        self.resume_checks: dict[tuple[int, int, bool], tuple[bool, float]] = {}
+        #: Mid-stack parity checks (rolevec.resume) by (checked layers, prefix shared): (passed, error).
+        self.resume_checks: dict[tuple[tuple[int, ...], bool], tuple[bool, float]] = {}
         cfg = adapter.config
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.scale = float(getattr(cfg, "logit_scale", None) or 1.0)  # Cohere multiplies
@@ -611,12 +613,16 @@ def evaluate_conditions(
     batch_size: int = 16,
     scorer: LetterScorer | None = None,
     random_seed: int = 0,
+    reuse: bool = True,
     progress: bool = True,
 ) -> EvaluationReport:
     """Score every condition on every domain's ``split_name`` items, appending records per batch.
 
     Records already in ``store`` are skipped, so an interrupted call resumes where it stopped. The
     record's ``split`` is the item's own split ("val" or "test"), also when ``split_name`` is "all".
+    With ``reuse`` the additions and random controls of a domain run from one shared unsteered residual
+    (:mod:`rolevec.resume`), each from its own layer up, after a parity check (independent runs where
+    it fails).
     """
     from tqdm.auto import tqdm
 
@@ -635,25 +641,76 @@ def evaluate_conditions(
             if todo:
                 plan.append((cond, domain, todo, which))
     prepared_cache: dict[str | None, dict[str, Prepared]] = {}
+
+    def prepared_for(todo: Sequence[MCQItem], system: str | None) -> list[Prepared]:
+        cache = prepared_cache.setdefault(system, {})
+        fresh = [it for it in todo if it.qid not in cache]
+        if fresh:
+            prepared, folded = prepare(adapter, fresh, prompt_format, system)
+            report.persona_folded |= folded
+            cache.update((p.item.qid, p) for p in prepared)
+        return [cache[it.qid] for it in todo]
+
+    def record(cond: Condition, results: Sequence[ItemResult], which: dict[str, str]) -> None:
+        new = store.append(to_record(cond, r, which[r.qid]) for r in results)
+        report.n_new += new
+        report.per_condition[cond.kind] = report.per_condition.get(cond.kind, 0) + new
+        bar.update(len(results))
+
+    def independent(cond: Condition, domain: str, todo: list[MCQItem], which: dict[str, str]) -> None:
+        prepared = prepared_for(todo, cond.system())
+        bar.set_description(f"{cond.kind} {domain}")
+        with intervention(adapter, cond, vectors, random_seed):
+            for results in iter_scores(adapter, prepared, scorer=scorer, batch_size=batch_size):
+                record(cond, results, which)
+
+    def resumed(domain: str, entries: list[tuple[Condition, str, list[MCQItem], dict[str, str]]]) -> bool:
+        """The domain's additions from a shared residual; False where the parity check fails."""
+        from .resume import Addition, check_resume, score_additions  # resume builds on this module
+
+        union = list({it.qid: it for _, _, todo, _ in entries for it in todo}.values())
+        prepared = prepared_for(union, None)
+        todo_map: dict[Condition, tuple[Addition, set[str]]] = {}
+        for cond, _, todo, _ in entries:
+            assert cond.layer is not None and cond.alpha is not None
+            vec = condition_vector(vectors, cond, random_seed)
+            todo_map[cond] = (Addition(cond.layer, vec, cond.alpha), {it.qid for it in todo})
+        layers = sorted({a.layer for a, _ in todo_map.values()})
+        middle = layers[len(layers) // 2]
+        candidate = next(a for a, _ in todo_map.values() if a.layer == middle)
+        ok, error = check_resume(adapter, prepared, (layers[0], middle, layers[-1]), candidate, scorer)
+        if not ok:
+            warnings.warn(
+                f"resuming the forward mid-stack does not reproduce full runs on {adapter.name} "
+                f"(difference {error:.2e}); scoring each addition independently (slower)",
+                stacklevel=3,
+            )
+            return False
+        which = entries[0][3]
+        bar.set_description(f"add/random {domain}")
+        score_additions(
+            adapter,
+            prepared,
+            todo_map,
+            scorer,
+            lambda cond, results: record(cond, results, which),
+            batch_size=batch_size,
+        )
+        return True
+
+    additive = [e for e in plan if reuse and e[0].kind in ADDITIVE]
     total = sum(len(todo) for _, _, todo, _ in plan)
     with tqdm(total=total, disable=not progress, desc="evaluate", unit="q") as bar:
-        for cond, domain, todo, which in plan:
-            system = cond.system()
-            cache = prepared_cache.setdefault(system, {})
-            fresh = [it for it in todo if it.qid not in cache]
-            if fresh:
-                prepared, folded = prepare(adapter, fresh, prompt_format, system)
-                report.persona_folded |= folded
-                cache.update((p.item.qid, p) for p in prepared)
-            bar.set_description(f"{cond.kind} {domain}")
-            with intervention(adapter, cond, vectors, random_seed):
-                for results in iter_scores(
-                    adapter, [cache[it.qid] for it in todo], scorer=scorer, batch_size=batch_size
-                ):
-                    new = store.append(to_record(cond, r, which[r.qid]) for r in results)
-                    report.n_new += new
-                    report.per_condition[cond.kind] = report.per_condition.get(cond.kind, 0) + new
-                    bar.update(len(results))
+        for entry in plan:
+            if not (reuse and entry[0].kind in ADDITIVE):
+                independent(*entry)
+        by_domain: dict[str, list[tuple[Condition, str, list[MCQItem], dict[str, str]]]] = {}
+        for entry in additive:
+            by_domain.setdefault(entry[1], []).append(entry)
+        for domain, entries in by_domain.items():
+            if not resumed(domain, entries):
+                for entry in entries:
+                    independent(*entry)
     report.scorer_mode = scorer.mode
     return report
 

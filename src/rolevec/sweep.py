@@ -1,12 +1,11 @@
 """The validation sweep over steering sites (layer × position × α) for one role, reusing work.
 
-Addition at layer l leaves everything below l unchanged, so per batch of questions the unsteered residual
-is advanced block by block (only the current layer's input is cached) and each candidate runs only the
-blocks from l up, with blocks below skipped and ``cached + α·d`` put in place at the input of l. Several
-candidates can share one forward, stacked along the batch (rows = questions × candidates). A one-batch
-parity probe checks that resuming mid-stack reproduces the full forward on this architecture; if not, the
-sweep warns and runs every candidate independently. Ablation touches every layer, so its candidates always
-run independently (with the fast scorer).
+Addition at layer l leaves everything below l unchanged, so the addition candidates run from a shared
+unsteered residual (:mod:`rolevec.resume`): per batch of questions the lower blocks run once, and each
+candidate runs only the blocks from l up, several candidates stacked in one forward. A one-batch parity
+probe checks that resuming mid-stack reproduces the full forward on this architecture; if not, the sweep
+warns and runs every candidate independently. Ablation touches every layer, so its candidates always run
+independently (with the fast scorer).
 
 Every per-question result goes to the run's record store, so a killed sweep resumes where it stopped.
 Entry points::
@@ -23,37 +22,28 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import nullcontext, suppress
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .errors import RolevecError
 from .evaluation import (
     Condition,
+    ItemResult,
     LetterScorer,
     Prepared,
     PromptFormat,
-    Resume,
-    _batch,
-    _tolerance,
     intervention,
     iter_scores,
-    plan_batches,
     prepare,
-    results_from_logits,
     to_record,
 )
-from .hooks import StopForward, hooked, input_hook, skipped
 from .mcq import MCQItem
-from .model import Batch, ModelAdapter
-from .prefix import PrefixKV, PrefixMemo, PrefixSplit, forward_kwargs, prefix_kv
+from .model import ModelAdapter
 from .records import RecordStore, read_records
+from .resume import DEFAULT_MAX_CACHE_BYTES, Addition, check_resume, score_additions
 from .vectors import RoleVectors, atomic_write, check_alpha
 
-DEFAULT_MAX_CACHE_BYTES = 512 * 1024**2
 ABLATE_SCOPES = ("all", "passing", "none")
 
 
@@ -179,94 +169,7 @@ def write_sweep_file(path: str | Path, rows: Sequence[GridRow]) -> Path:
     return p
 
 
-# --- mid-stack machinery ---------------------------------------------------------------------------
-
-
-def residual_at(
-    adapter: ModelAdapter,
-    batch: Batch,
-    layer: int,
-    start: tuple[int, torch.Tensor] | None = None,
-    prefix: PrefixKV | None = None,
-) -> torch.Tensor:
-    """The residual at the input of ``layer``; from ``start=(l0, x0)`` only blocks l0..layer-1 run.
-
-    For a batch split after its common prefix, ``prefix`` holds the prefix's (unsteered) states and the
-    residual covers the remaining columns only.
-    """
-    if start is not None and start[0] == layer:
-        return start[1]
-    grabbed: dict[str, torch.Tensor] = {}
-
-    def grab(x: torch.Tensor) -> None:
-        grabbed["x"] = x
-        raise StopForward
-
-    pre: list[Any] = []
-    skip: Any = nullcontext()
-    if start is not None:
-        l0, x0 = start
-        if l0 > layer:
-            raise RolevecError(f"cannot advance the residual from layer {l0} down to {layer}")
-        skip = skipped(list(adapter.blocks[:l0]))
-        pre.append((adapter.residual_site(l0), input_hook(lambda x: x0)))
-    pre.append((adapter.residual_site(layer), input_hook(grab)))
-    kwargs = forward_kwargs(adapter, batch, prefix)
-    with torch.inference_mode(), skip, hooked(pre=pre), suppress(StopForward):
-        adapter.model(**kwargs)
-    if "x" not in grabbed:
-        raise RolevecError(f"the forward never reached layer {layer}; the architecture map is wrong")
-    return grabbed["x"]
-
-
-def _stack(batch: Batch, copies: int) -> Batch:
-    if copies == 1:
-        return batch
-    return replace(
-        batch,
-        input_ids=batch.input_ids.repeat(copies, 1),
-        attention_mask=batch.attention_mask.repeat(copies, 1),
-        position_ids=batch.position_ids.repeat(copies, 1),
-        lengths=batch.lengths.repeat(copies),
-    )
-
-
-def _shift(
-    vectors: RoleVectors, role: str, layer: int, position: int, alpha: float, like: torch.Tensor
-) -> torch.Tensor:
-    """α·d exactly as :func:`rolevec.interventions.add` forms it (cast to the model dtype, then scaled)."""
-    vec = vectors.vector(role, layer, position).detach().to(device=like.device, dtype=like.dtype)
-    return alpha * vec
-
-
-@dataclass(frozen=True)
-class _Work:
-    """One question batch as the sweep runs it: split after the common prefix where the scorer shares it."""
-
-    batch: Batch  # the suffix when split
-    split: PrefixSplit | None
-    base: PrefixKV | None  # the prefix's unsteered states
-
-    @staticmethod
-    def of(batch: Batch, scorer: LetterScorer, memo: PrefixMemo | None = None) -> _Work:
-        split = scorer.split(batch, memo)  # unsteered: no hooks are active here
-        if split is None:
-            return _Work(batch, None, None)
-        return _Work(split[0].suffix, *split)
-
-    @property
-    def offset(self) -> int:
-        return self.batch.prefix_length
-
-    def resume(
-        self, adapter: ModelAdapter, layer: int, shifts: list[torch.Tensor], x: torch.Tensor
-    ) -> Resume:
-        """Candidates ``shifts`` at ``layer`` stacked along the batch, from the unsteered residual ``x``."""
-        stacked = torch.cat([x + s.to(x.dtype) for s in shifts])
-        prefix = None
-        if self.split is not None:
-            prefix = prefix_kv(adapter, self.split, shift=(layer, torch.stack(shifts)))
-        return Resume(layer, stacked, prefix)
+# --- mid-stack resumption ------------------------------------------------------------------------
 
 
 def probe_reuse(
@@ -279,73 +182,12 @@ def probe_reuse(
     alpha: float,
     scorer: LetterScorer,
 ) -> tuple[bool, float]:
-    """Does resuming mid-stack reproduce full forwards here? One small batch of questions.
-
-    The residual is advanced from the first to the middle and the last layer of the range, as the sweep
-    advances it between candidate layers (with the prefix shared when the scorer shares it), and compared
-    with a plain forward there; then one candidate resumed at the middle layer is compared with the same
-    addition done by hooks on whole rows. The result is kept on the scorer, so one check serves
-    every role swept with it.
-    """
-    key = (layers[0], layers[1], scorer.share_prefix)
-    if key in scorer.resume_checks:
-        return scorer.resume_checks[key]
-    chunk = list(prepared[:4])
-    batch, letter_ids = _batch(adapter, chunk)
+    """Does resuming mid-stack reproduce full forwards here? :func:`rolevec.resume.check_resume` over the
+    first, middle and last layer of the range, with one candidate of the role resumed at the middle one."""
     a, b = layers
     mid = (a + b - 1) // 2
-    checkpoints = sorted({a, mid, b - 1})
-    full: dict[int, torch.Tensor] = {}
-
-    def keep(layer: int) -> Any:
-        def fn(x: torch.Tensor) -> None:
-            full[layer] = x.detach().clone()
-
-        return fn
-
-    pre = [(adapter.residual_site(layer), input_hook(keep(layer))) for layer in checkpoints]
-    with torch.inference_mode(), hooked(pre=pre):
-        adapter.model(**batch.model_kwargs(), use_cache=False)
-    atol, rtol = _tolerance(adapter.dtype)
-    work = _Work.of(batch, scorer)
-    worst = 0.0
-    advanced: dict[int, torch.Tensor] = {}
-    prev: tuple[int, torch.Tensor] | None = None
-    for layer in checkpoints:
-        x = advanced[layer] = residual_at(adapter, work.batch, layer, start=prev, prefix=work.base)
-        prev = (layer, x)
-        # Relative to the whole state, not element by element: half precision moves single large
-        # activations by a few units whenever the batch shape changes; a wrong resume moves everything.
-        ref = full[layer][:, work.offset :].float()
-        worst = max(worst, float((x.float() - ref).norm() / ref.norm().clamp(min=1e-12)))
-    x_mid = advanced[mid]
-    shift = _shift(vectors, role, mid, position, alpha, x_mid)
-    resumed = scorer.letter_logits(work.batch, letter_ids, start=work.resume(adapter, mid, [shift], x_mid))
-    cond = Condition.make("add", role=role, layer=mid, position=position, alpha=alpha)
-    # The reference is the same addition by hooks on whole rows, scored by the fast path (which the
-    # scorer's own probe checks against model(...).logits): full logits in half precision are rounded to
-    # steps of up to 0.25, coarser than any tolerance that would still catch a wrong resume.
-    with intervention(adapter, cond, vectors):
-        independent = scorer.fast(batch, letter_ids, share=False)
-    logit_err = float((resumed - independent).abs().max())
-    ok = worst <= rtol and torch.allclose(resumed, independent, atol=atol, rtol=rtol)
-    scorer.resume_checks[key] = (ok, max(worst, logit_err))
-    return scorer.resume_checks[key]
-
-
-def cache_batches(
-    prepared: Sequence[Prepared], batch_size: int, bytes_per_token: int, max_cache_bytes: int
-) -> list[list[int]]:
-    """Length-sorted question batches whose cached residual takes at most half of ``max_cache_bytes``.
-
-    The other half is for the stacked candidate copies. A single question too long for the bound still
-    forms a batch of one (nothing smaller is possible).
-    """
-    return plan_batches(
-        [len(p.ids) for p in prepared],
-        batch_size,
-        max_tokens=max_cache_bytes // (2 * bytes_per_token),
-    )
+    candidate = Addition(mid, vectors.vector(role, mid, position), alpha)
+    return check_resume(adapter, prepared, (a, mid, b - 1), candidate, scorer)
 
 
 # --- the sweep -------------------------------------------------------------------------------------
@@ -405,57 +247,28 @@ class _Sweep:
                 self.n_new += self.store.append(to_record(cond, r, self.split_label) for r in results)
                 self.bar.update(len(results))
 
-    def reuse(
-        self,
-        pending: dict[Candidate, set[str]],
-        max_rows: int,
-        max_cache_bytes: int,
-    ) -> None:
-        adapter = self.adapter
-        itemsize = torch.empty((), dtype=adapter.dtype).element_size()
-        per_token = adapter.hidden_size * itemsize
-        memo = PrefixMemo([p.ids for p in self.prepared])
-        for idx in cache_batches(self.prepared, self.batch_size, per_token, max_cache_bytes):
-            chunk = [self.prepared[i] for i in idx]
-            qids = {p.item.qid for p in chunk}
-            work_todo = {c: todo & qids for c, todo in pending.items() if todo & qids}
-            if not work_todo:
-                continue
-            batch, letter_ids = _batch(adapter, chunk)
-            rows_q = len(chunk)
-            width = batch.input_ids.shape[1]
-            by_mem = max(1, max_cache_bytes // max(1, rows_q * width * per_token) - 1)
-            copies = max(1, min(max_rows // rows_q, by_mem))
-            work = _Work.of(batch, self.scorer, memo)
-            x: torch.Tensor | None = None
-            cur = -1
-            for layer in sorted({c[0] for c in work_todo}):
-                x = residual_at(
-                    adapter, work.batch, layer, start=(cur, x) if x is not None else None, prefix=work.base
-                )
-                cur = layer
-                cands = [c for c in work_todo if c[0] == layer]
-                for s in range(0, len(cands), copies):
-                    group = cands[s : s + copies]
-                    shifts = [_shift(self.vectors, self.role, c[0], c[1], c[2], x) for c in group]
-                    logits = self.scorer.letter_logits(
-                        _stack(work.batch, len(group)),
-                        letter_ids.repeat(len(group), 1),
-                        start=work.resume(adapter, layer, shifts, x),
-                    )
-                    records = []
-                    for g, cand in enumerate(group):
-                        cond = Condition.make(
-                            "add", role=self.role, layer=cand[0], position=cand[1], alpha=cand[2]
-                        )
-                        part = logits[g * rows_q : (g + 1) * rows_q]
-                        for r in results_from_logits([p.item for p in chunk], part):
-                            if r.qid in work_todo[cand]:
-                                records.append(to_record(cond, r, self.split_label))
-                    self.n_new += self.store.append(records)
-                    self.bar.update(len(records))
-                    del logits
-            del x
+    def reuse(self, pending: dict[Candidate, set[str]], max_rows: int, max_cache_bytes: int) -> None:
+        todo = {
+            c: (Addition(c[0], self.vectors.vector(self.role, c[0], c[1]), c[2]), qids)
+            for c, qids in pending.items()
+            if qids
+        }
+
+        def emit(cand: Candidate, results: list[ItemResult]) -> None:
+            cond = Condition.make("add", role=self.role, layer=cand[0], position=cand[1], alpha=cand[2])
+            self.n_new += self.store.append(to_record(cond, r, self.split_label) for r in results)
+            self.bar.update(len(results))
+
+        score_additions(
+            self.adapter,
+            self.prepared,
+            todo,
+            self.scorer,
+            emit,
+            batch_size=self.batch_size,
+            max_rows=max_rows,
+            max_cache_bytes=max_cache_bytes,
+        )
 
 
 def run_sweep(

@@ -91,6 +91,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="you_are ('You are a/an {role}.'), imagine, talking_to, or comma-separated several",
     )
     parser.add_argument("--random-seed", type=int, default=0, help="seed of the random-direction control")
+    parser.add_argument(
+        "--no-reuse",
+        action="store_true",
+        help="score each addition and random control as a full forward (the default runs them from a "
+        "shared residual of the lower layers)",
+    )
     parser.add_argument("--domains", default="all", help="comma-separated domains, or all (default)")
     parser.add_argument(
         "--split", default="test", choices=["test", "val", "all"], help="which questions (default test)"
@@ -287,6 +293,7 @@ def _run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             scorer=scorer,
             random_seed=args.random_seed,
+            reuse=not args.no_reuse,
             progress=not args.no_progress,
         )
     if report.persona_folded:
