@@ -37,16 +37,15 @@ from common import (
 TARGET = 3.0
 
 
-def common_head(rows: Sequence[Sequence[int]]) -> int:
-    """The prefix rolevec shares in one batch: the rows' longest common head, one token left per row."""
-    from rolevec.prefix import MIN_PREFIX
+def cut_at(rows: Sequence[Sequence[int]], at: int | None) -> int:
+    """Where rolevec cuts one batch: the rows' common head, capped at the run's, one token left per row."""
+    from rolevec.prefix import MIN_PREFIX, common_length
 
     if len(rows) < 2:
         return 0
-    n = 0
-    while all(len(r) > n and r[n] == rows[0][n] for r in rows):
-        n += 1
-    n = min(n, min(len(r) for r in rows) - 1)
+    n = min(common_length(rows), min(len(r) for r in rows) - 1)
+    if at is not None:
+        n = min(n, at)
     return n if n >= MIN_PREFIX else 0
 
 
@@ -56,19 +55,28 @@ def compute_ceiling(
     """The same-dtype speed-up that work counts allow: padded tokens × weights each token passes.
 
     The straightforward loop pads batches of 8 in file order and runs the unembedding at every position;
-    rolevec pads length-planned batches, runs each batch's common head once (one row), and skips the
-    unembedding (four rows at one position are free). Attention's quadratic part and fixed per-forward
-    costs are left out.
+    rolevec pads length-planned batches, runs the prompts' common head once per run (one row, kept for
+    every batch) and skips the unembedding (four rows at one position are free). Attention's quadratic
+    part and fixed per-forward costs are left out.
     """
+    from rolevec.prefix import PrefixMemo
+
     prepared, _ = prepare(adapter, items)
     lengths = [len(p.ids) for p in prepared]
     naive = sum(max(lengths[i : i + 8]) * len(lengths[i : i + 8]) for i in range(0, len(lengths), 8))
+    at = PrefixMemo([p.ids for p in prepared]).at
     ours = 0
-    shared = 0
+    cut_rows = 0  # head tokens the rows do not run themselves
+    heads: set[tuple[int, ...]] = set()
     for b in length_batches(prepared, batch_size):
-        head = common_head([prepared[i].ids for i in b])
-        ours += len(b) * (max(lengths[i] for i in b) - head) + head
-        shared += head * (len(b) - 1)
+        head = cut_at([prepared[i].ids for i in b], at)
+        ours += len(b) * (max(lengths[i] for i in b) - head)
+        cut_rows += len(b) * head
+        if head:
+            heads.add(prepared[b[0]].ids[:head])
+    head_tokens = sum(len(h) for h in heads)  # each distinct head runs once
+    ours += head_tokens
+    shared = cut_rows - head_tokens
     blocks = sum(p.numel() for blk in adapter.blocks for p in blk.parameters())
     head_weights = int(adapter.unembed.weight.numel())
     return {

@@ -120,9 +120,9 @@ def test_one_mid_stack_check_serves_every_sweep_of_a_scorer(
     calls: list[int] = []
     real = resume_module.Work.resume
 
-    def counting(self: Any, *args: Any) -> Any:
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
         calls.append(1)
-        return real(self, *args)
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(resume_module.Work, "resume", counting)
     first, _ = _sweep(adapter, tmp_path, "a", scorer=scorer, ablate_scope="none")

@@ -99,6 +99,13 @@ class PrefixKV:
     def groups(self) -> int:
         return int(self.layers[0][0].shape[0])
 
+    def select(self, groups: Sequence[int]) -> PrefixKV:
+        """These groups only, in this order."""
+        idx = torch.tensor(list(groups), device=self.layers[0][0].device)
+        return PrefixKV(
+            tuple((k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.layers), self.length
+        )
+
     def cache(self, rows_per_group: int) -> Any:
         """A fresh transformers cache holding ``rows_per_group`` copies of each group, group-major."""
         from transformers import DynamicCache

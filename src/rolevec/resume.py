@@ -132,14 +132,19 @@ class Work:
         return self.batch.prefix_length
 
     def resume(
-        self, adapter: ModelAdapter, layer: int, shifts: list[torch.Tensor], x: torch.Tensor
+        self,
+        adapter: ModelAdapter,
+        layer: int,
+        shifts: list[torch.Tensor],
+        x: torch.Tensor,
+        prefix: PrefixKV | None = None,
     ) -> Resume:
-        """Candidates ``shifts`` at ``layer`` stacked along the batch, from the unsteered residual ``x``."""
+        """Candidates ``shifts`` at ``layer`` stacked along the batch, from the unsteered residual ``x``;
+        ``prefix``: their prefix states where already computed (one group per shift)."""
         stacked = torch.cat([x + s.to(x.dtype) for s in shifts])
-        prefix = None
-        if self.split is not None:
+        if self.split is not None and prefix is None:
             prefix = prefix_kv(adapter, self.split, shift=(layer, torch.stack(shifts)))
-        return Resume(layer, stacked, prefix)
+        return Resume(layer, stacked, prefix if self.split is not None else None)
 
 
 def check_resume(
@@ -216,6 +221,42 @@ def cache_batches(
     )
 
 
+def cache_groups(
+    widths: Sequence[tuple[int, int]], bytes_per_token: int, max_cache_bytes: int
+) -> list[list[int]]:
+    """Consecutive batches (given as ``(rows, width)``) whose residuals are cached together: at most half
+    of ``max_cache_bytes`` in all, or one batch alone."""
+    groups: list[list[int]] = []
+    used = 0
+    for i, (rows, width) in enumerate(widths):
+        size = rows * width * bytes_per_token
+        if groups and used + size <= max_cache_bytes // 2:
+            groups[-1].append(i)
+            used += size
+        else:
+            groups.append([i])
+            used = size
+    return groups
+
+
+@dataclass
+class _Cached:
+    """One question batch of a cache group, its residual advanced as far as ``layer``."""
+
+    chunk: list[Prepared]
+    work: Work
+    letter_ids: torch.Tensor
+    copies: int
+    x: torch.Tensor | None = None
+    layer: int = -1
+
+    def advance(self, adapter: ModelAdapter, layer: int) -> torch.Tensor:
+        start = (self.layer, self.x) if self.x is not None else None
+        self.x = residual_at(adapter, self.work.batch, layer, start=start, prefix=self.work.base)
+        self.layer = layer
+        return self.x
+
+
 def score_additions(
     adapter: ModelAdapter,
     prepared: Sequence[Prepared],
@@ -226,50 +267,85 @@ def score_additions(
     batch_size: int = 16,
     max_rows: int | None = None,
     max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
-) -> None:
+) -> dict[str, int]:
     """Score each candidate on its pending questions (``todo[key] = (addition, qids)``) from the shared
     unsteered residual, calling ``emit(key, results)`` per batch and candidate. No hooks may be active.
+    Returns counts: forwards, prefix runs, cache groups, and the most bytes of residual held at once
+    (the group's cached residuals plus one forward's stacked copies).
 
-    ``max_rows`` bounds rows per forward when candidates are stacked (default ``batch_size``);
-    ``max_cache_bytes`` bounds the cached residual plus the stacked copies of one question batch.
+    Layer by layer over a group of question batches: the residuals of the whole group are cached, and the
+    shared prefix runs once per layer for all of that layer's candidates (a one-row prefix per candidate
+    and batch was a sixth of a bfloat16 sweep). ``max_rows`` bounds rows per forward when candidates are
+    stacked (default ``batch_size``); ``max_cache_bytes`` bounds the group's cached residuals plus the
+    stacked copies of one forward.
     """
     max_rows = max_rows or batch_size
     itemsize = torch.empty((), dtype=adapter.dtype).element_size()
     per_token = adapter.hidden_size * itemsize
     memo = PrefixMemo([p.ids for p in prepared])
-    for idx in cache_batches(prepared, batch_size, per_token, max_cache_bytes):
-        chunk = [prepared[i] for i in idx]
-        qids = {p.item.qid for p in chunk}
-        here = {key: qids & pending for key, (_, pending) in todo.items() if qids & pending}
-        if not here:
-            continue
-        batch, letter_ids = _batch(adapter, chunk)
-        rows_q = len(chunk)
-        width = batch.input_ids.shape[1]
-        by_mem = max(1, max_cache_bytes // max(1, rows_q * width * per_token) - 1)
-        copies = max(1, min(max_rows // rows_q, by_mem))
-        work = Work.of(batch, scorer, memo)
-        x: torch.Tensor | None = None
-        cur = -1
-        for layer in sorted({todo[key][0].layer for key in here}):
-            x = residual_at(
-                adapter, work.batch, layer, start=(cur, x) if x is not None else None, prefix=work.base
-            )
-            cur = layer
-            keys = [key for key in here if todo[key][0].layer == layer]
-            for s in range(0, len(keys), copies):
-                group = keys[s : s + copies]
-                shifts = [todo[key][0].shift(x) for key in group]
-                logits = scorer.letter_logits(
-                    stack_rows(work.batch, len(group)),
-                    letter_ids.repeat(len(group), 1),
-                    start=work.resume(adapter, layer, shifts, x),
-                )
-                for g, key in enumerate(group):
-                    part = logits[g * rows_q : (g + 1) * rows_q]
-                    results = [
-                        r for r in results_from_logits([p.item for p in chunk], part) if r.qid in here[key]
-                    ]
-                    emit(key, results)
-                del logits
-        del x
+    wanted = {q for _, pending in todo.values() for q in pending}
+    batches = [
+        [prepared[i] for i in idx]
+        for idx in cache_batches(prepared, batch_size, per_token, max_cache_bytes)
+        if any(prepared[i].item.qid in wanted for i in idx)
+    ]
+    widths = [(len(chunk), max(len(p.ids) for p in chunk)) for chunk in batches]
+    stats = {"forwards": 0, "prefix_runs": 0, "cache_groups": 0, "largest_cache_bytes": 0}
+    for group in cache_groups(widths, per_token, max_cache_bytes):
+        stats["cache_groups"] += 1
+        held = 0  # bytes of the group's cached residuals
+        cached: list[_Cached] = []
+        for g in group:
+            chunk = batches[g]
+            batch, letter_ids = _batch(adapter, chunk)
+            rows_q, width = widths[g]
+            by_mem = max(1, max_cache_bytes // max(1, 2 * rows_q * width * per_token))  # the other half
+            copies = max(1, min(max_rows // rows_q, by_mem))
+            cached.append(_Cached(chunk, Work.of(batch, scorer, memo), letter_ids, copies))
+        qids = [{p.item.qid for p in c.chunk} for c in cached]
+        layers = sorted(
+            {todo[key][0].layer for key, (_, pending) in todo.items() if any(q & pending for q in qids)}
+        )
+        for layer in layers:
+            keys = [
+                key
+                for key, (a, pending) in todo.items()
+                if a.layer == layer and any(q & pending for q in qids)
+            ]
+            index = {key: k for k, key in enumerate(keys)}
+            steered: dict[tuple[int, ...], PrefixKV] = {}  # the layer's candidates' prefix, per head
+            for c, q in zip(cached, qids, strict=True):
+                here = [key for key in keys if q & todo[key][1]]
+                if not here:
+                    continue
+                x = c.advance(adapter, layer)
+                held = sum(int(o.x.numel()) * itemsize for o in cached if o.x is not None)
+                for s in range(0, len(here), c.copies):
+                    part_keys = here[s : s + c.copies]
+                    shifts = [todo[key][0].shift(x) for key in part_keys]
+                    prefix = None
+                    if c.work.split is not None:
+                        head = tuple(int(t) for t in c.work.split.prefix_ids.tolist())
+                        if head not in steered:
+                            all_shifts = torch.stack([todo[key][0].shift(x) for key in keys])
+                            steered[head] = prefix_kv(adapter, c.work.split, shift=(layer, all_shifts))
+                            stats["prefix_runs"] += 1
+                        prefix = steered[head].select([index[key] for key in part_keys])
+                    start = c.work.resume(adapter, layer, shifts, x, prefix=prefix)
+                    stacked_bytes = int(start.residual.numel()) * itemsize
+                    stats["largest_cache_bytes"] = max(stats["largest_cache_bytes"], held + stacked_bytes)
+                    stats["forwards"] += 1
+                    logits = scorer.letter_logits(
+                        stack_rows(c.work.batch, len(part_keys)),
+                        c.letter_ids.repeat(len(part_keys), 1),
+                        start=start,
+                    )
+                    rows_q = len(c.chunk)
+                    for g, key in enumerate(part_keys):
+                        part = results_from_logits(
+                            [p.item for p in c.chunk], logits[g * rows_q : (g + 1) * rows_q]
+                        )
+                        emit(key, [r for r in part if r.qid in todo[key][1]])
+                    del logits, start
+            del steered
+    return stats

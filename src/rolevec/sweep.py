@@ -231,6 +231,7 @@ class _Sweep:
         self.batch_size = batch_size
         self.bar = bar
         self.n_new = 0
+        self.stats: dict[str, int] = {}
 
     def pending(self, cond: Condition) -> set[str]:
         ident = cond.identity()
@@ -259,7 +260,7 @@ class _Sweep:
             self.n_new += self.store.append(to_record(cond, r, self.split_label) for r in results)
             self.bar.update(len(results))
 
-        score_additions(
+        self.stats = score_additions(
             self.adapter,
             self.prepared,
             todo,
@@ -414,7 +415,7 @@ def run_sweep(
         if in_range
         else _baseline_accuracy(store.path, domain, qids, split_label)
     )
-    return SweepResult(role, domain, in_range, base_acc, mode, probe_error, sweep.n_new)
+    return SweepResult(role, domain, in_range, base_acc, mode, probe_error, sweep.n_new, dict(sweep.stats))
 
 
 def _baseline_accuracy(path: Path, domain: str, qids: Sequence[str], split: str) -> float:
