@@ -7,7 +7,8 @@ Measured here, alternately in one process, on questions of every domain of the p
 * an addition candidate scored inside ``run_sweep`` with reuse, as equivalent fast forwards (the sweep's
   measured time over a subset of the grid, divided by the time of one fast forward per question);
 * the test stage's addition α 1, α 3 and random control of one role at one site, as ``rolevec run`` scores
-  them (``evaluate_conditions``: from a shared residual of the lower layers);
+  them (``evaluate_conditions``, a whole domain per call: from a shared residual of the lower layers), as
+  equivalent fast forwards of the same questions;
 * an extraction prompt.
 
 These costs are multiplied by the paper preset's grid for this model (``rolevec run --preset paper``):
@@ -136,17 +137,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         Condition.make("random", role=role, layer=site[0], position=site[1], alpha=1.0),
     ]
 
-    def test_stage() -> Any:
+    # The test stage scores a whole domain per call (about 245 test questions on average); a few questions
+    # per domain would price its fixed per-call work (the steered prefix, the residual advance) far too
+    # high. Its cost is measured on two domains' whole validation splits, relative to the fast scorer on
+    # the same questions, and that ratio prices the test stage's additions.
+    test_domains = ["politics", "psychology"] if not args.quick else ["psychology"]
+    test_limit = None if not args.quick else 12
+    test_items = [it for d in test_domains for it in split.select(mcq, d, "val", test_limit)]
+
+    def test_stage(conditions: list[Any]) -> Any:
         with tempfile.TemporaryDirectory() as tmp, RecordStore(Path(tmp) / "r.jsonl") as store:
             return evaluate_conditions(
                 adapter,
                 mcq,
                 split,
-                test_conditions,
+                conditions,
                 store,
                 vectors=vectors,
+                domains=test_domains,
                 split_name="val",
-                limit=per_domain,
+                limit=test_limit,
                 batch_size=args.batch_size,
                 scorer=scorer,
                 progress=False,
@@ -179,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sweep1": f"rolevec run_sweep, {len(sweep_layers)} layers × α 1, {dtype}",
         "sweep2": f"rolevec run_sweep, {len(sweep_layers)} layers × α 1, 3, {dtype}",
         "test3": f"rolevec test stage, add α 1, α 3, random at layer {site[0]}, {dtype}",
+        "test_base": f"rolevec test stage, baseline on the same questions, {dtype}",
         "extract": f"rolevec extraction, {dtype}, per prompt",
         "fast_sq": f"rolevec fast scorer on the sweep subset, {dtype}",
     }
@@ -191,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         names["sweep1"]: lambda: sweep((1.0,)),
         names["sweep2"]: lambda: sweep((1.0, 3.0)),
-        names["test3"]: test_stage,
+        names["test3"]: lambda: test_stage(test_conditions),
+        names["test_base"]: lambda: test_stage([Condition("baseline")]),
         names["extract"]: lambda: extract_role_vectors(adapter, all_roles, base_set, progress=False),
         names["fast_sq"]: lambda: score(adapter, sweep_q, scorer=scorer, batch_size=args.batch_size),
     }
@@ -209,8 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fast": t["fast"].best / q,
         "persona": t["persona"].best / q,
         "ablate": t["ablate"].best / q,
-        "test_add_random": t["test3"].best / (len(test_conditions) * q),
     }
+    # a test-stage addition in units of a fast forward of the same questions, priced at the mean question
+    test_equiv = t["test3"].best / (len(test_conditions) * t["test_base"].best)
+    per_q["test_add_random"] = test_equiv * per_q["fast"]
     per_prompt_extract = t["extract"].best / (2 * n_prompts)
     # One more α adds one candidate per layer and nothing else, so the difference of the two sweeps is the
     # marginal cost of a candidate; what the α=1 sweep costs beyond its candidates is the fixed cost per
@@ -326,6 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(block-count theory {theory_marginal:.3f}); on the grid's layers "
         f"{per_candidate / per_q['fast']:.3f}; fixed cost per (question, role) {fixed_equiv:.2f} fast "
         "forwards, the baseline included",
+        f"test stage: an addition or random control at layer {site[0]} costs {test_equiv:.3f} fast forwards "
+        f"({len(test_items)} validation questions of {', '.join(test_domains)}; block-count theory "
+        f"{(site[0] / n + len(test_conditions) * (n - site[0]) / n) / len(test_conditions):.3f})",
         f"inferences: {total_inf:,.0f} for this model vs the paper's {PAPER_INFERENCES:,.0f} "
         f"({PAPER_INFERENCES / total_inf:.0f}x more, over the paper's models and grid)",
         f"projected on this machine ({bench.data['machine']['threads']} thread(s)): straightforward float32 "
@@ -355,6 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sweep_candidate_s_on_grid_layers": per_candidate,
             "sweep_fixed_s_per_question_role": fixed,
             "sweep_fixed_fast_forwards_per_question_role": fixed_equiv,
+            "test_stage": {
+                "domains": test_domains,
+                "questions": len(test_items),
+                "fast_forwards": test_equiv,
+            },
             "grid": g,
             "inferences": inferences,
             "total_inferences": total_inf,
