@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .data import PromptSet
 from .errors import RolevecError
-from .evaluation import _tolerance
+from .evaluation import state_tolerance
 from .hooks import StopForward, hooked, input_hook
 from .model import Batch, ModelAdapter
 from .prefix import PrefixKV, PrefixMemo, forward_kwargs, prefix_kv, split_prefix
@@ -164,7 +164,7 @@ def _accumulate(
         ref = torch.stack([reads[0][k] for k in sorted(reads[0])])
         got = torch.stack([reads[1][k] for k in sorted(reads[0])])
         error = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
-        if error <= _tolerance(adapter.dtype)[1]:
+        if error <= state_tolerance(adapter.dtype, adapter.n_layers):
             return True
         warnings.warn(
             f"sharing the prompts' common prefix changes activations by {error:.2e} (relative) on "

@@ -38,6 +38,7 @@ from .evaluation import (
     _tolerance,
     plan_batches,
     results_from_logits,
+    state_tolerance,
 )
 from .hooks import StopForward, hooked, input_hook, skipped
 from .interventions import add
@@ -201,7 +202,8 @@ def check_resume(
     with add(adapter, candidate.vector, layers=candidate.layer, alpha=candidate.alpha):
         independent = scorer.fast(batch, letter_ids, share=False)
     logit_err = float((resumed - independent).abs().max())
-    ok = worst <= rtol and torch.allclose(resumed, independent, atol=atol, rtol=rtol)
+    ok = worst <= state_tolerance(adapter.dtype, adapter.n_layers)
+    ok = ok and torch.allclose(resumed, independent, atol=atol, rtol=rtol)
     scorer.resume_checks[key] = (ok, max(worst, logit_err))
     return scorer.resume_checks[key]
 
