@@ -145,9 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     test_limit = None if not args.quick else 12
     test_items = [it for d in test_domains for it in split.select(mcq, d, "val", test_limit)]
 
-    def test_stage(conditions: list[Any]) -> Any:
+    def in_store(run: Any) -> Any:
+        """``run(store)`` with a throwaway record store (nothing is reused between rounds)."""
         with tempfile.TemporaryDirectory() as tmp, RecordStore(Path(tmp) / "r.jsonl") as store:
-            return evaluate_conditions(
+            return run(store)
+
+    def test_stage(conditions: list[Any]) -> Any:
+        return in_store(
+            lambda store: evaluate_conditions(
                 adapter,
                 mcq,
                 split,
@@ -161,10 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scorer=scorer,
                 progress=False,
             )
+        )
 
     def sweep(alphas: tuple[float, ...]) -> Any:
-        with tempfile.TemporaryDirectory() as tmp, RecordStore(Path(tmp) / "r.jsonl") as store:
-            return run_sweep(
+        return in_store(
+            lambda store: run_sweep(
                 adapter,
                 vectors,
                 role,
@@ -180,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scorer=scorer,
                 progress=False,
             )
+        )
 
     names = {
         "naive32": "straightforward, float32, per question",

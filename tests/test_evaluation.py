@@ -274,18 +274,23 @@ def test_test_stage_additions_share_the_lower_layers(arch: str, tmp_path: Path) 
         assert rec["probs"] == pytest.approx(independent[key]["probs"], abs=1e-5), key
 
 
-def test_test_stage_falls_back_when_resuming_differs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def break_resume(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulate an architecture that cannot be resumed mid-stack: advanced residuals drift."""
     import rolevec.resume as resume_module
 
-    adapter = make_adapter("llama")
-    reference = _evaluate(adapter, tmp_path / "reference.jsonl", reuse=False)
     real = resume_module.residual_at
 
-    def drifting(*args: Any, **kwargs: Any) -> torch.Tensor:  # an architecture that cannot resume
+    def drifting(*args: Any, **kwargs: Any) -> torch.Tensor:
         out: torch.Tensor = real(*args, **kwargs)
         return out + 0.5 if kwargs.get("start") is not None else out
 
     monkeypatch.setattr(resume_module, "residual_at", drifting)
+
+
+def test_test_stage_falls_back_when_resuming_differs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter = make_adapter("llama")
+    reference = _evaluate(adapter, tmp_path / "reference.jsonl", reuse=False)
+    break_resume(monkeypatch)
     with pytest.warns(UserWarning, match="independently"):
         got = _evaluate(adapter, tmp_path / "fallback.jsonl")
     assert got.keys() == reference.keys()

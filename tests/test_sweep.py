@@ -28,7 +28,7 @@ from rolevec.sweep import (
     write_sweep_file,
 )
 from rolevec.testing import make_adapter
-from test_evaluation import items, vectors_for
+from test_evaluation import break_resume, items, vectors_for
 
 
 def _check_resumed_candidates(
@@ -137,13 +137,7 @@ def test_sweep_falls_back_when_mid_stack_resume_differs(
 ) -> None:
     adapter = make_adapter("llama")
     _reference, rec_ref = _sweep(adapter, tmp_path, "ref", reuse=False)
-    real = resume_module.residual_at
-
-    def drifting(*args: Any, **kwargs: Any) -> torch.Tensor:  # an architecture that cannot resume
-        out: torch.Tensor = real(*args, **kwargs)
-        return out + 0.5 if kwargs.get("start") is not None else out
-
-    monkeypatch.setattr(resume_module, "residual_at", drifting)
+    break_resume(monkeypatch)
     with pytest.warns(UserWarning, match="independently"):
         result, records = _sweep(adapter, tmp_path, "fallback")
     assert result.reuse == "independent" and result.probe_error is not None and result.probe_error > 1e-3
