@@ -37,18 +37,6 @@ from common import (
 TARGET = 3.0
 
 
-def cut_at(rows: Sequence[Sequence[int]], at: int | None) -> int:
-    """Where rolevec cuts one batch: the rows' common head, capped at the run's, one token left per row."""
-    from rolevec.prefix import MIN_PREFIX, common_length
-
-    if len(rows) < 2:
-        return 0
-    n = min(common_length(rows), min(len(r) for r in rows) - 1)
-    if at is not None:
-        n = min(n, at)
-    return n if n >= MIN_PREFIX else 0
-
-
 def compute_ceiling(
     adapter: Any, items: Sequence[Any], batch_size: int, prepare: Any, length_batches: Any
 ) -> dict[str, Any]:
@@ -64,12 +52,13 @@ def compute_ceiling(
     prepared, _ = prepare(adapter, items)
     lengths = [len(p.ids) for p in prepared]
     naive = sum(max(lengths[i : i + 8]) * len(lengths[i : i + 8]) for i in range(0, len(lengths), 8))
-    at = PrefixMemo([p.ids for p in prepared]).at
+    memo = PrefixMemo([p.ids for p in prepared])
     ours = 0
     cut_rows = 0  # head tokens the rows do not run themselves
     heads: set[tuple[int, ...]] = set()
     for b in length_batches(prepared, batch_size):
-        head = cut_at([prepared[i].ids for i in b], at)
+        parts = memo.split(adapter.pad([prepared[i].ids for i in b], padding_side="right"))  # rolevec's cut
+        head = parts.length if parts is not None else 0
         ours += len(b) * (max(lengths[i] for i in b) - head)
         cut_rows += len(b) * head
         if head:

@@ -488,7 +488,7 @@ class LetterScorer:
         if self.mode == "naive":
             return self.naive(batch, letter_ids, start)
         if start is not None:
-            return self._fast(batch, letter_ids, start, start.prefix)
+            return self.fast(batch, letter_ids, start)
         work, prefix = self._shared(batch, memo)
         out = self._fast(work, letter_ids, None, prefix)
         shared = prefix is not None
@@ -706,15 +706,14 @@ def evaluate_conditions(
         )
         return True
 
-    additive = [e for e in plan if reuse and e[0].kind in ADDITIVE]
+    by_domain: dict[str, list[tuple[Condition, str, list[MCQItem], dict[str, str]]]] = {}
     total = sum(len(todo) for _, _, todo, _ in plan)
     with tqdm(total=total, disable=not progress, desc="evaluate", unit="q") as bar:
         for entry in plan:
-            if not (reuse and entry[0].kind in ADDITIVE):
+            if reuse and entry[0].kind in ADDITIVE:
+                by_domain.setdefault(entry[1], []).append(entry)  # after the rest, from shared residuals
+            else:
                 independent(*entry)
-        by_domain: dict[str, list[tuple[Condition, str, list[MCQItem], dict[str, str]]]] = {}
-        for entry in additive:
-            by_domain.setdefault(entry[1], []).append(entry)
         for domain, entries in by_domain.items():
             if not resumed(domain, entries):
                 for entry in entries:
