@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sets = {r: sample(load_role_prompts(r, data / "roles"), n, 42) for r in roles}
     base = sample(load_base(data / "base" / "alpaca_train.json"), n, 42)
     prompts = [p for ps in (*sets.values(), base) for p in ps.prompts]
-    adapter = load(args.dtype)
+    adapter = load(args.dtype, args)
     bench.mark("load")
     tok = adapter.tokenizer
     add_special = adapter.chat.add_special_tokens
@@ -60,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = []
         for s in range(0, len(order), args.batch_size):
             chunk = [{"input_ids": ids[i]} for i in order[s : s + args.batch_size]]
-            out.append(tok.pad(chunk, padding=True, padding_side="right", return_tensors="pt"))
+            out.append(
+                tok.pad(chunk, padding=True, padding_side="right", return_tensors="pt").to(adapter.device)
+            )
         return out
 
     def bare(module: Any) -> int:
@@ -84,7 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         names["backbone"]: lambda: bare(adapter.model.base_model),
         names["rolevec"]: rolevec,
     }
-    timings = interleaved(methods, args.repeats, warmup={"rolevec": rolevec})
+    timings = interleaved(
+        methods, args.repeats, warmup={"rolevec": rolevec, "full": lambda: bare(adapter.model)}
+    )
     bench.add_timings(timings)
     t = {k: timings[v] for k, v in names.items()}
     vs_full = ratio(t["full"].best, t["rolevec"].best)

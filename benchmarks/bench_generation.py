@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rolevec.interventions import resolve_steering
     from rolevec.model import ModelAdapter
 
-    adapter = load(args.dtype)
+    adapter = load(args.dtype, args)
     bench.mark("load")
     role_set = sample(load_role_prompts(args.role, data / "roles"), 32, 42)
     base_set = sample(load_base(data / "base" / "alpaca_train.json"), 32, 42)

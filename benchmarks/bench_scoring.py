@@ -95,9 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     items = load_questions(data, per_domain)
     n = len(items)
     print(f"{n} questions ({per_domain} per domain, file order) from {data / 'mmlu_domains'}", flush=True)
-    adapters = {"float32": load("float32")}
+    adapters = {"float32": load("float32", args)}
     if args.dtype != "float32":
-        adapters[args.dtype] = load(args.dtype)
+        adapters[args.dtype] = load(args.dtype, args)
     bench.mark("load")
     dtype = args.dtype
     ceiling = compute_ceiling(adapters[dtype], items, args.batch_size, prepare, length_batches)

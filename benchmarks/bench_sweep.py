@@ -108,8 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rolevec.sweep import DEFAULT_MAX_CACHE_BYTES, default_layers, run_sweep
 
     dtype = args.dtype
-    adapter = load(dtype)
-    adapter32 = load("float32") if args.cross and dtype != "float32" else None
+    adapter = load(dtype, args)
+    adapter32 = load("float32", args) if args.cross and dtype != "float32" else None
     bench.mark("load")
     n_layers = adapter.n_layers
     domain = str(role_domain(args.role))

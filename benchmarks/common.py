@@ -51,6 +51,18 @@ def base_parser(description: str) -> argparse.ArgumentParser:
         "--data", default=None, help="the paper's data folder (default: ../shared/data/role-vectors-paper)"
     )
     parser.add_argument("--results", default=str(RESULTS), help="folder for the JSON results")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct), or "
+        f"random:SHAPE for random weights of a published shape ({', '.join(RANDOM_SHAPES)}): speed only",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer folder for random:SHAPE models (default: the embedded model's tokenizer)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; write no JSON")
     return parser
 
@@ -67,6 +79,45 @@ def find_data(arg: str | None) -> Path:
         f"benchmark: error: the paper's data (mmlu_domains/, roles/, base/) was not found in {tried}; "
         "pass --data DIR or set ROLEVEC_PAPER_DATA"
     )
+
+
+# Published decoder shapes (Llama architecture), for speed figures where the weights cannot be fetched:
+# the cost of a forward does not depend on the weights' values. The tokenizer is the embedded model's
+# (49,152 ids, all inside each shape's vocabulary), so prompts are the same tokens for every shape.
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
+    "smollm2-135m": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "rope_theta": 100000.0,
+    },
+    "llama-3.2-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+        "rope_theta": 500000.0,
+    },
+    "llama-3.1-8b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+        "rope_theta": 500000.0,
+    },
+}
 
 
 def pin_threads(n: int) -> int:
@@ -101,10 +152,12 @@ def _cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512f", "avx2")))
 
 
-def machine_info(threads: int, dtype: str) -> dict[str, Any]:
+def machine_info(threads: int, dtype: str, device: str = "cpu", model: str | None = None) -> dict[str, Any]:
     import transformers
 
     return {
+        "device": device,
+        "model": model_label(model),
         "cpu": _lscpu_model(),
         "cores": os.cpu_count(),
         "cpu_flags": _cpu_flags(),
@@ -132,9 +185,11 @@ class Bench:
             args.repeats = quick_repeats if args.quick and quick_repeats is not None else repeats
         if args.repeats < 1:
             sys.exit("benchmark: error: --repeats must be at least 1")
-        info = machine_info(threads, args.dtype)
+        info = machine_info(threads, args.dtype, args.device, args.model)
+        where = f"{info['gpu']} ({args.device}), " if args.device != "cpu" else ""
         print(
-            f"{name}: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {threads} thread(s), "
+            f"{name}: {info['model']}, {where}{info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
+            f"{threads} thread(s), "
             f"dtype {args.dtype}, {'quick' if args.quick else 'default'} size, {args.repeats} round(s); "
             f"load average {info['load_average_at_start'][0]:.2f}",
             flush=True,
@@ -147,6 +202,7 @@ class Bench:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         self.peaks: dict[str, float] = {}
+        self.gpu_peak = 0.0
 
     def mark(self, label: str) -> None:
         """Record the peak RSS since the last reset under ``label`` (e.g. after loading the model)."""
@@ -155,26 +211,87 @@ class Bench:
     def add_timings(self, timings: dict[str, Timing]) -> None:
         for t in timings.values():
             self.peaks[t.name] = max(self.peaks.get(t.name, 0.0), t.peak)
+            self.gpu_peak = max([self.gpu_peak, *t.gpu_peak_mb])
 
     def finish(self, table: str) -> None:
         """Print the table and the benchmark's peak memory; write the JSON unless ``--no-write``."""
         self.mark("end")
         self.data["peak_rss_mb"] = round(max(self.peaks.values()), 1)
         self.data["peak_rss_by_phase_mb"] = {k: round(v, 1) for k, v in self.peaks.items()}
+        if torch.cuda.is_available() and self.args.device != "cpu":
+            current = torch.cuda.max_memory_allocated() / 2**20  # since the last timed run's reset
+            self.data["peak_gpu_mb"] = round(max(self.gpu_peak, current), 1)
         self.data["table_markdown"] = table
         print()
         print(table)
-        print(f"\npeak RSS of this benchmark: {self.data['peak_rss_mb']:.0f} MiB", flush=True)
+        gpu = f", peak GPU memory {self.data['peak_gpu_mb']:.0f} MiB" if "peak_gpu_mb" in self.data else ""
+        print(f"\npeak RSS of this benchmark: {self.data['peak_rss_mb']:.0f} MiB{gpu}", flush=True)
         if not self.args.no_write:
             path = write_json(result_path(self.args, self.name), self.data)
             print(f"wrote {path}")
 
 
-def load(dtype: str) -> Any:
-    """The embedded model (SmolLM2-135M-Instruct) on the CPU in ``dtype``."""
+def model_label(model: str | None) -> str:
+    if model is None:
+        return "SmolLM2-135M-Instruct (embedded)"
+    if model.startswith("random:"):
+        return f"{model.removeprefix('random:')} shape, random weights"
+    return model
+
+
+def load(dtype: str, args: argparse.Namespace) -> Any:
+    """The model of ``--model`` (default: the embedded SmolLM2-135M-Instruct) on ``--device`` in ``dtype``."""
     from rolevec.model import load_model
 
-    return load_model(None, device="cpu", dtype=dtype)
+    if args.model is not None and args.model.startswith("random:"):
+        return random_model(args.model.removeprefix("random:"), args.tokenizer, args.device, dtype)
+    return load_model(args.model, device=args.device, dtype=dtype)
+
+
+def random_model(shape: str, tokenizer: str | None, device: str, dtype: str) -> Any:
+    """A Llama-architecture model of a published shape with seeded random weights, built on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from rolevec.model import (
+        ModelAdapter,
+        _load_tokenizer,
+        embedded_model_file,
+        resolve_device,
+        resolve_dtype,
+    )
+
+    if shape not in RANDOM_SHAPES:
+        sys.exit(
+            f"benchmark: error: unknown shape {shape!r} in --model random:SHAPE; "
+            f"pick from {', '.join(RANDOM_SHAPES)}"
+        )
+    if tokenizer is None:
+        gguf = embedded_model_file()
+        tok = _load_tokenizer(str(gguf.parent), gguf.name, False)
+    else:
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    config = LlamaConfig(
+        **RANDOM_SHAPES[shape],
+        rms_norm_eps=1e-5,
+        max_position_embeddings=8192,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    with torch.device(dev):  # drawn in float32, then cast: every dtype gets the same weights
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(torch_dtype)
+    name = f"random:{shape}"
+    source = {
+        "model": name,
+        "path": "",
+        "gguf_file": "",
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "device": str(dev),
+    }
+    return ModelAdapter(model, tok, name=name, source=source)
 
 
 # --- memory ----------------------------------------------------------------------------------------
@@ -225,6 +342,7 @@ class Timing:
     cpu: list[float] = field(default_factory=list)
     peak_mb: list[float] = field(default_factory=list)
     start_mb: list[float] = field(default_factory=list)
+    gpu_peak_mb: list[float] = field(default_factory=list)
     result: Any = None
 
     @property
@@ -253,14 +371,27 @@ class Timing:
             "cpu_utilisation": round(sum(self.cpu) / max(1e-9, sum(self.wall)), 3),
             "peak_rss_mb": round(self.peak, 1),
             "extra_rss_mb": round(self.extra_mb, 1),
+            **({"peak_gpu_mb": round(max(self.gpu_peak_mb), 1)} if self.gpu_peak_mb else {}),
         }
 
 
+def _on_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def timed(timing: Timing, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` once; on a GPU the clock stops after the device has finished (``synchronize``)."""
     reset_peak()
     start_rss = rss_mb()
+    gpu = _on_gpu()
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     c0, t0 = time.process_time(), time.perf_counter()
     result = fn()
+    if gpu:
+        torch.cuda.synchronize()
+        timing.gpu_peak_mb.append(torch.cuda.max_memory_allocated() / 2**20)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     timing.wall.append(wall)
     timing.cpu.append(cpu)
@@ -323,9 +454,17 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def run_tag(device: str, model: str | None) -> str:
+    """File-name tag of a device and model other than the CPU and the embedded model ('' for those)."""
+    parts = [] if device == "cpu" else [device.replace(":", "")]
+    if model is not None:
+        parts.append(model.removeprefix("random:").rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf"))
+    return "".join(f"-{p}" for p in parts)
+
+
 def result_path(args: argparse.Namespace, name: str) -> Path:
     suffix = "-quick" if args.quick else ""
-    return Path(args.results) / f"{name}-{args.dtype}{suffix}.json"
+    return Path(args.results) / f"{name}-{args.dtype}{run_tag(args.device, args.model)}{suffix}.json"
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
@@ -371,7 +510,7 @@ class NaiveScorer:
         self.batch_size = batch_size
         self.format = PromptFormat()
         probe = self.text(PromptFormat().template)
-        self.letter_ids = torch.tensor(adapter.letter_token_ids(probe))
+        self.letter_ids = torch.tensor(adapter.letter_token_ids(probe), device=adapter.device)
 
     def text(self, user: str, system: str | None = None) -> str:
         messages = [{"role": "user", "content": user}]
@@ -390,7 +529,7 @@ class NaiveScorer:
                 padding=True,
                 padding_side="right",
                 add_special_tokens=add_special,
-            )
+            ).to(self.model.device)
             with torch.inference_mode():
                 logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
             last = enc["attention_mask"].sum(dim=1) - 1

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, find_data, machine_info, markdown_table, write_json
+from common import RESULTS, find_data, machine_info, markdown_table, model_label, run_tag, write_json
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("scoring", "sweep", "extraction", "generation", "cost")
@@ -25,7 +25,7 @@ BENCHMARKS = ("scoring", "sweep", "extraction", "generation", "cost")
 
 def summary_rows(name: str, dtype: str, r: dict[str, Any]) -> list[list[str]]:
     """Rows of the summary table: benchmark, dtype, rolevec, baseline, ratio, target, verdict, peak RSS."""
-    peak = f"{r['peak_rss_mb']:.0f}"
+    peak = f"{r['peak_rss_mb']:.0f}" + (f" / GPU {r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else "")
     m = r["methods"]
     if name == "scoring":
         q = r["questions_per_s"]
@@ -163,7 +163,7 @@ def summary_rows(name: str, dtype: str, r: dict[str, Any]) -> list[list[str]]:
         h = r["projected_hours"]
         return [
             [
-                f"5. paper preset, {r['total_inferences']:,} inferences, CPU hours",
+                f"5. paper preset, {r['total_inferences']:,} inferences, {r.get('hours_on', 'CPU')} hours",
                 f"{dtype} vs float32",
                 f"{h['rolevec']:.1f} h",
                 f"{h['straightforward_float32']:.1f} h",
@@ -185,7 +185,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--data", default=None)
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    parser.add_argument("--model", default=None, help="as in each script (default: the embedded model)")
+    parser.add_argument("--tokenizer", default=None, help="as in each script, for --model random:SHAPE")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="rolevec's batch size where a script takes one"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="seconds each script may run before it is stopped"
+    )
+    parser.add_argument(
+        "--skip", default="", help="NAME:DTYPE pairs to leave out, e.g. generation:float32 (large models)"
+    )
     args = parser.parse_args(argv)
+    tag = run_tag(args.device, args.model)
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
     data = find_data(args.data)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     only = [b.strip() for b in args.only.split(",") if b.strip()]
@@ -197,8 +211,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures: list[str] = []
     for name in only:
         for dtype in dtypes:
+            if f"{name}:{dtype}" in skip:
+                continue
             cmd = [sys.executable, str(HERE / f"bench_{name}.py"), "--dtype", dtype, "--data", str(data)]
-            cmd += ["--threads", str(args.threads), "--results", str(results)]
+            cmd += ["--threads", str(args.threads), "--results", str(results), "--device", args.device]
+            if args.model:
+                cmd += ["--model", args.model]
+            if args.tokenizer:
+                cmd += ["--tokenizer", args.tokenizer]
+            if args.batch_size and name != "generation":
+                cmd += ["--batch-size", str(args.batch_size)]
             if args.quick:
                 cmd.append("--quick")
             if args.repeats:
@@ -207,9 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cmd.append("--cross")
             print(f"\n=== {name} ({dtype}) ===", flush=True)
             start = time.perf_counter()
-            code = subprocess.call(cmd)
+            try:
+                code = subprocess.call(cmd, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                failures.append(f"{name} ({dtype}): stopped after {args.timeout:g} s (--timeout)")
+                continue
             elapsed = time.perf_counter() - start
-            path = results / f"{name}-{dtype}{'-quick' if args.quick else ''}.json"
+            path = results / f"{name}-{dtype}{tag}{'-quick' if args.quick else ''}.json"
             if code != 0 or not path.exists():
                 failures.append(f"{name} ({dtype}): exit status {code}")
                 continue
@@ -218,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             collected[f"{name}-{dtype}"] = result
     for name in BENCHMARKS:  # results of benchmarks not rerun now stay in the summary, marked as older
         for dtype in dtypes:
-            path = results / f"{name}-{dtype}{'-quick' if args.quick else ''}.json"
+            path = results / f"{name}-{dtype}{tag}{'-quick' if args.quick else ''}.json"
             if f"{name}-{dtype}" not in collected and path.exists():
                 older = json.loads(path.read_text(encoding="utf-8"))
                 older["from_earlier_run"] = True
@@ -227,20 +253,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{n}-{d}": collected[f"{n}-{d}"] for n in BENCHMARKS for d in dtypes if f"{n}-{d}" in collected
     }
     rows = [row for r in collected.values() for row in summary_rows(r["benchmark"], r["machine"]["dtype"], r)]
-    info = machine_info(args.threads, ",".join(dtypes))
+    info = machine_info(args.threads, ",".join(dtypes), args.device, args.model)
+    gpu = f"GPU: {info['gpu']} ({args.device}); " if args.device != "cpu" else ""
     head = (
-        f"Machine: {info['cpu']}, {info['cores']} cores ({', '.join(info['cpu_flags'])}), torch "
+        f"Machine: {gpu}{info['cpu']}, {info['cores']} cores ({', '.join(info['cpu_flags'])}), torch "
         f"{info['torch']}, transformers {info['transformers']}, {args.threads} thread(s); model: "
-        f"SmolLM2-135M-Instruct (embedded); {'quick' if args.quick else 'default'} sizes; "
+        f"{model_label(args.model)}; {'quick' if args.quick else 'default'} sizes; "
         f"{time.strftime('%Y-%m-%d')}."
     )
+    memory = "peak RSS MiB" + (" / GPU MiB" if args.device != "cpu" else "")
     table = markdown_table(
-        ["benchmark", "dtype", "rolevec", "baseline", "ratio", "target", "verdict", "peak RSS MiB"], rows
+        ["benchmark", "dtype", "rolevec", "baseline", "ratio", "target", "verdict", memory], rows
     )
     md = head + "\n\n" + table + "\n"
     if failures:
         md += "\nFailed: " + "; ".join(failures) + "\n"
-    suffix = "-quick" if args.quick else ""
+    suffix = tag + ("-quick" if args.quick else "")
     write_json(results / f"latest{suffix}.json", {"machine": info, "results": collected, "failed": failures})
     tmp = results / f".latest{suffix}.md.tmp"
     tmp.write_text(md, encoding="utf-8")
