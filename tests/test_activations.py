@@ -181,6 +181,9 @@ def test_shared_prefix_gives_the_same_means(tiny: ModelAdapter, monkeypatch: pyt
     shared = activations._accumulate(tiny, encoded, sets, 2, **args)
     assert len(encoded) > 2 * args["batch_size"]  # several split batches...
     assert len(runs) == 2  # ...one head for all of them, one for the two-prompt check
+    again = activations._accumulate(tiny, encoded, sets, 2, **args)
+    assert len(runs) == 3  # a later run on the same adapter keeps the check's verdict: its head only
+    assert torch.equal(again, shared)
     plain = activations._accumulate(tiny, encoded, sets, 2, share_prefix=False, **args)
     assert float((shared - plain).norm() / plain.norm()) <= 1e-6
 

@@ -235,6 +235,23 @@ def test_plan_batches_cuts_padding_within_limits() -> None:
         plan_batches(lengths, 0)
 
 
+def test_a_forward_costs_more_tokens_on_a_gpu_so_batches_fill_up() -> None:
+    """On a GPU one more forward costs as much as ~10^3 padded tokens, so batches are cut only where
+    padding is far costlier (the H200 benchmark: 13 forwards of up to 64 rows were no faster than 16 of 8)."""
+    import random
+
+    from rolevec.evaluation import batch_overhead_tokens
+
+    assert batch_overhead_tokens(torch.device("cpu")) == 64
+    gpu = batch_overhead_tokens(torch.device("cuda"))
+    assert gpu >= 16 * batch_overhead_tokens(torch.device("cpu"))
+    rng = random.Random(0)
+    lengths = [rng.randint(60, 260) for _ in range(128)]  # MMLU prompts' spread
+    on_cpu = plan_batches(lengths, 64, overhead_tokens=64)
+    on_gpu = plan_batches(lengths, 64, overhead_tokens=gpu)
+    assert len(on_gpu) <= 4 < len(on_cpu)
+
+
 def _evaluate(adapter: ModelAdapter, path: Path, **kw: Any) -> dict[tuple[Any, ...], dict[str, Any]]:
     """Additions and random controls of two roles at three layers (two share one), on two domains."""
     mcq = MCQSet({"math": items(9), "law": items(5, "law")}, "test")

@@ -175,7 +175,9 @@ def _accumulate(
 
     pre = [(adapter.residual_site(layer), input_hook(reader(layer))) for layer in range(n_sites)]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
-    unchecked = share_prefix
+    check_key = ("extraction-shared-prefix", str(adapter.dtype), padding_side, n_pos)
+    unchecked = share_prefix and check_key not in adapter.checks
+    share_prefix = share_prefix and adapter.checks.get(check_key, True)
     memo = PrefixMemo(encoded)  # the readers are the only hooks, so one head serves every batch
     with torch.inference_mode(), hooked(pre=pre):
         for start in range(0, len(order), batch_size):
@@ -187,7 +189,7 @@ def _accumulate(
                 verdict = agrees(chunk[-2:])
                 if verdict is not None:
                     unchecked = False
-                    share_prefix = verdict
+                    share_prefix = adapter.checks[check_key] = verdict
                     parts = parts if verdict else None
             if parts is None:
                 read(batch, None, chunk)

@@ -252,6 +252,15 @@ def prepare(
 
 #: The cost of one more forward call, in padded tokens (Python, hooks, the shared prefix's own forward).
 BATCH_OVERHEAD_TOKENS = 64
+#: The same on a GPU, where a forward of a 1B–8B model is bound by its kernel launches and Python up to
+#: thousands of tokens: on an H200, 128 questions at batch 64 cut into 13 forwards (the CPU's overhead)
+#: scored no faster than 16 forwards of 8 with full logits.
+ACCELERATOR_BATCH_OVERHEAD_TOKENS = 1024
+
+
+def batch_overhead_tokens(device: torch.device) -> int:
+    """What one more forward costs on ``device``, in padded tokens (see ``plan_batches``)."""
+    return BATCH_OVERHEAD_TOKENS if device.type == "cpu" else ACCELERATOR_BATCH_OVERHEAD_TOKENS
 
 
 def plan_batches(
@@ -290,9 +299,11 @@ def plan_batches(
     return batches[::-1]
 
 
-def length_batches(prepared: Sequence[Prepared], batch_size: int) -> list[list[int]]:
+def length_batches(
+    prepared: Sequence[Prepared], batch_size: int, *, overhead_tokens: int = BATCH_OVERHEAD_TOKENS
+) -> list[list[int]]:
     """Indices grouped in batches of similar token count (longest first), to cut padding."""
-    return plan_batches([len(p.ids) for p in prepared], batch_size)
+    return plan_batches([len(p.ids) for p in prepared], batch_size, overhead_tokens=overhead_tokens)
 
 
 @dataclass(frozen=True)
@@ -544,7 +555,8 @@ def iter_scores(
     """
     scorer = scorer or LetterScorer(adapter)
     memo = PrefixMemo([p.ids for p in prepared])
-    for idx in length_batches(prepared, batch_size):
+    overhead = batch_overhead_tokens(adapter.device)
+    for idx in length_batches(prepared, batch_size, overhead_tokens=overhead):
         chunk = [prepared[i] for i in idx]
         batch, letter_ids = _batch(adapter, chunk)
         logits = scorer.letter_logits(batch, letter_ids, memo=memo)

@@ -362,6 +362,9 @@ class ModelAdapter:
         self.source = source or {"model": name}
         self.arch = map_architecture(model, block_pattern)
         self.chat = ChatFormat.from_tokenizer(tokenizer)
+        #: Verdicts of one-time parity checks that depend only on the model, its dtype and its template
+        #: (e.g. extraction's shared-prefix check), so that later calls on this adapter skip them.
+        self.checks: dict[tuple[object, ...], bool] = {}
 
     # --- structure -------------------------------------------------------------------------------
     @property

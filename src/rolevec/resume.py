@@ -30,12 +30,14 @@ import torch
 
 from .errors import RolevecError
 from .evaluation import (
+    BATCH_OVERHEAD_TOKENS,
     ItemResult,
     LetterScorer,
     Prepared,
     Resume,
     _batch,
     _tolerance,
+    batch_overhead_tokens,
     plan_batches,
     results_from_logits,
     state_tolerance,
@@ -209,7 +211,12 @@ def check_resume(
 
 
 def cache_batches(
-    prepared: Sequence[Prepared], batch_size: int, bytes_per_token: int, max_cache_bytes: int
+    prepared: Sequence[Prepared],
+    batch_size: int,
+    bytes_per_token: int,
+    max_cache_bytes: int,
+    *,
+    overhead_tokens: int = BATCH_OVERHEAD_TOKENS,
 ) -> list[list[int]]:
     """Length-sorted question batches whose cached residual takes at most half of ``max_cache_bytes``.
 
@@ -220,6 +227,7 @@ def cache_batches(
         [len(p.ids) for p in prepared],
         batch_size,
         max_tokens=max_cache_bytes // (2 * bytes_per_token),
+        overhead_tokens=overhead_tokens,
     )
 
 
@@ -288,7 +296,13 @@ def score_additions(
     wanted = {q for _, pending in todo.values() for q in pending}
     batches = [
         [prepared[i] for i in idx]
-        for idx in cache_batches(prepared, batch_size, per_token, max_cache_bytes)
+        for idx in cache_batches(
+            prepared,
+            batch_size,
+            per_token,
+            max_cache_bytes,
+            overhead_tokens=batch_overhead_tokens(adapter.device),
+        )
         if any(prepared[i].item.qid in wanted for i in idx)
     ]
     widths = [(len(chunk), max(len(p.ids) for p in chunk)) for chunk in batches]
