@@ -184,6 +184,10 @@ def test_shared_prefix_gives_the_same_means(tiny: ModelAdapter, monkeypatch: pyt
     again = activations._accumulate(tiny, encoded, sets, 2, **args)
     assert len(runs) == 3  # a later run on the same adapter keeps the check's verdict: its head only
     assert torch.equal(again, shared)
+    monkeypatch.setattr(activations, "shares_prefix", lambda device: False)  # an accelerator's policy
+    whole = activations._accumulate(tiny, encoded, sets, 2, **args)
+    assert len(runs) == 3  # no head run: full rows
+    assert float((whole - shared).norm() / shared.norm()) <= 1e-6
     plain = activations._accumulate(tiny, encoded, sets, 2, share_prefix=False, **args)
     assert float((shared - plain).norm() / plain.norm()) <= 1e-6
 

@@ -312,3 +312,32 @@ def test_test_stage_falls_back_when_resuming_differs(tmp_path: Path, monkeypatch
         got = _evaluate(adapter, tmp_path / "fallback.jsonl")
     assert got.keys() == reference.keys()
     assert all(got[k]["pred"] == reference[k]["pred"] for k in got)
+
+
+def test_accelerators_score_whole_rows_with_the_same_logits(
+    tiny_llama: ModelAdapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where ``shares_prefix`` says no (accelerators), no prefix is run and the letter logits stay the
+    same as with the shared head."""
+    import rolevec.evaluation as evaluation
+
+    assert evaluation.shares_prefix(torch.device("cpu"))
+    assert not evaluation.shares_prefix(torch.device("cuda"))
+    shared = score(tiny_llama, items(9), batch_size=4)
+    runs: list[int] = []
+    real = evaluation.prefix_kv
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        runs.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "prefix_kv", counting)
+    monkeypatch.setattr(evaluation, "shares_prefix", lambda device: False)
+    whole = score(tiny_llama, items(9), batch_size=4)
+    assert runs == []
+    assert [r.pred for r in whole] == [r.pred for r in shared]
+    for a, b in zip(whole, shared, strict=True):
+        assert max(abs(x - y) for x, y in zip(a.logits, b.logits, strict=True)) <= 1e-4
+    monkeypatch.setattr(evaluation, "shares_prefix", lambda device: True)
+    score(tiny_llama, items(9), batch_size=4)
+    assert len(runs) == 1  # the CPU policy: one head for the run

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .data import PromptSet
 from .errors import RolevecError
-from .evaluation import state_tolerance
+from .evaluation import shares_prefix, state_tolerance
 from .hooks import StopForward, hooked, input_hook
 from .model import Batch, ModelAdapter
 from .prefix import PrefixKV, PrefixMemo, forward_kwargs, prefix_kv, split_prefix
@@ -102,9 +102,12 @@ def _accumulate(
     batch_size: int,
     padding_side: str,
     bar: Any,
-    share_prefix: bool = True,
+    share_prefix: bool | None = None,
 ) -> torch.Tensor:
-    """Sum of activations per set, float64 ``[n_sets, P, n_layers + 1, H]`` (one pass over all prompts)."""
+    """Sum of activations per set, float64 ``[n_sets, P, n_layers + 1, H]`` (one pass over all prompts).
+
+    ``share_prefix`` (default: on a CPU only, see ``evaluation.shares_prefix``) runs the common head once.
+    """
     if batch_size < 1:
         raise RolevecError(f"batch size must be at least 1, not {batch_size}")
     if padding_side not in {"left", "right"}:
@@ -175,6 +178,8 @@ def _accumulate(
 
     pre = [(adapter.residual_site(layer), input_hook(reader(layer))) for layer in range(n_sites)]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    if share_prefix is None:
+        share_prefix = shares_prefix(device)
     check_key = ("extraction-shared-prefix", str(adapter.dtype), padding_side, n_pos)
     unchecked = share_prefix and check_key not in adapter.checks
     share_prefix = share_prefix and adapter.checks.get(check_key, True)
