@@ -43,21 +43,23 @@ def compute_ceiling(
     """The same-dtype speed-up that work counts allow: padded tokens × weights each token passes.
 
     The straightforward loop pads batches of 8 in file order and runs the unembedding at every position;
-    rolevec pads length-planned batches, runs the prompts' common head once per run (one row, kept for
-    every batch) and skips the unembedding (four rows at one position are free). Attention's quadratic
-    part and fixed per-forward costs are left out.
+    rolevec pads length-planned batches, runs the prompts' common head once per run on a CPU (one row,
+    kept for every batch; accelerators read whole rows) and skips the unembedding (four rows at one
+    position are free). Attention's quadratic part and fixed per-forward costs are left out.
     """
+    from rolevec.evaluation import batch_overhead_tokens, shares_prefix
     from rolevec.prefix import PrefixMemo
 
     prepared, _ = prepare(adapter, items)
+    share = shares_prefix(adapter.device)  # accelerators read whole rows
     lengths = [len(p.ids) for p in prepared]
     naive = sum(max(lengths[i : i + 8]) * len(lengths[i : i + 8]) for i in range(0, len(lengths), 8))
     memo = PrefixMemo([p.ids for p in prepared])
     ours = 0
     cut_rows = 0  # head tokens the rows do not run themselves
     heads: set[tuple[int, ...]] = set()
-    for b in length_batches(prepared, batch_size):
-        parts = memo.split(adapter.pad([prepared[i].ids for i in b], padding_side="right"))  # rolevec's cut
+    for b in length_batches(prepared, batch_size, overhead_tokens=batch_overhead_tokens(adapter.device)):
+        parts = memo.split(adapter.pad([prepared[i].ids for i in b], padding_side="right")) if share else None
         head = parts.length if parts is not None else 0
         ours += len(b) * (max(lengths[i] for i in b) - head)
         cut_rows += len(b) * head
