@@ -13,7 +13,7 @@ from rolevec.data import PromptSet, load_base, load_role_prompts, sample
 from rolevec.errors import RolevecError
 from rolevec.hooks import count_hooks, hooked
 from rolevec.model import ModelAdapter
-from rolevec.testing import make_adapter
+from rolevec.testing import counted, make_adapter
 
 PROMPTS = [
     "Prove that the square root of two is irrational.",
@@ -167,13 +167,7 @@ def test_shared_prefix_gives_the_same_means(tiny: ModelAdapter, monkeypatch: pyt
     import rolevec.activations as activations
 
     runs: list[int] = []
-    real = activations.prefix_kv
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        runs.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(activations, "prefix_kv", counting)
+    monkeypatch.setattr(activations, "prefix_kv", counted(activations.prefix_kv, runs))
     encoded = activations.encode_prompts(tiny, [*PROMPTS, PROMPTS[0], PROMPTS[0]]).ids
     sets = [0, 1] * (len(encoded) // 2) + [0] * (len(encoded) % 2)
     bar = SimpleNamespace(update=lambda n: None)

@@ -24,7 +24,7 @@ from rolevec.hooks import count_hooks
 from rolevec.mcq import MCQItem, MCQSet, make_split
 from rolevec.model import ModelAdapter
 from rolevec.records import RecordStore, read_records
-from rolevec.testing import make_adapter
+from rolevec.testing import counted, make_adapter
 from rolevec.vectors import RoleVectors
 
 
@@ -325,13 +325,7 @@ def test_accelerators_score_whole_rows_with_the_same_logits(
     assert not evaluation.shares_prefix(torch.device("cuda"))
     shared = score(tiny_llama, items(9), batch_size=4)
     runs: list[int] = []
-    real = evaluation.prefix_kv
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        runs.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(evaluation, "prefix_kv", counting)
+    monkeypatch.setattr(evaluation, "prefix_kv", counted(evaluation.prefix_kv, runs))
     monkeypatch.setattr(evaluation, "shares_prefix", lambda device: False)
     whole = score(tiny_llama, items(9), batch_size=4)
     assert runs == []

@@ -6,6 +6,7 @@ and each model is a random initialisation of a real transformers architecture.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -139,3 +140,13 @@ def make_adapter(
     tokenizer = make_tokenizer(template)
     model = make_model(arch, len(tokenizer), seed=seed, n_layers=n_layers)
     return ModelAdapter(model, tokenizer, name=f"tiny-{arch}")
+
+
+def counted(fn: Callable[..., Any], calls: list[int]) -> Callable[..., Any]:
+    """``fn`` that appends to ``calls`` each time it runs: tests count prefix or probe forwards with it."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapper
