@@ -130,6 +130,32 @@ def test_broken_gguf_says_so(tmp_path: pytest.TempPathFactory) -> None:
             load_model(str(bad))
 
 
+def test_gguf_weights_are_asked_for_dequantized(
+    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rolevec edits and reads plain weights, so a GGUF load asks transformers not to keep packed blocks."""
+    import transformers
+    from transformers.utils import quantization_config
+
+    if not hasattr(quantization_config, "GgufConfig"):
+        pytest.skip("this transformers release always dequantizes GGUF weights")
+
+    seen: dict[str, object] = {}
+
+    def capture(path: str, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise OSError("stop after the arguments")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: object())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", capture)
+    gguf = tmp_path / "m.gguf"  # type: ignore[operator]
+    gguf.write_bytes(b"x")
+    with pytest.raises(RolevecError, match="GGUF"):
+        load_model(str(gguf))
+    config = seen["quantization_config"]
+    assert seen["gguf_file"] == "m.gguf" and getattr(config, "dequantize", False) is True
+
+
 @pytest.mark.e2e
 def test_embedded_model_mapping(embedded: ModelAdapter) -> None:
     assert embedded.n_layers == 30 and embedded.hidden_size == 576

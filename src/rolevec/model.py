@@ -562,6 +562,17 @@ def _load_tokenizer(path: str, gguf_file: str | None, trust_remote_code: bool) -
     return AutoTokenizer.from_pretrained(path, **kwargs)
 
 
+def _dequantized(gguf_file: str) -> dict[str, Any]:
+    """Ask for plain float weights: rolevec edits and reads weights (folding, the letter rows), which a
+    transformers release that keeps GGUF blocks packed (``GgufLinear``, with the ``kernels`` package)
+    would hide. Releases without ``GgufConfig`` always dequantize."""
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
+
+
 def load_model(
     model: str | None = None,
     *,
@@ -600,6 +611,7 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+        kwargs.update(_dequantized(gguf_file))
     try:
         tokenizer = _load_tokenizer(path, gguf_file, trust_remote_code)
         hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
