@@ -241,17 +241,24 @@ def model_label(model: str | None) -> str:
 
 def load(dtype: str, args: argparse.Namespace) -> Any:
     """The model of ``--model`` (default: the embedded SmolLM2-135M-Instruct) on ``--device`` in ``dtype``."""
+    from rolevec.errors import RolevecError
     from rolevec.model import load_model
 
-    if args.model is not None and args.model.startswith("random:"):
-        return random_model(args.model.removeprefix("random:"), args.tokenizer, args.device, dtype)
-    return load_model(args.model, device=args.device, dtype=dtype)
+    try:
+        if args.model is not None and args.model.startswith("random:"):
+            return random_model(args.model.removeprefix("random:"), args.tokenizer, args.device, dtype)
+        return load_model(args.model, device=args.device, dtype=dtype)
+    except RolevecError as exc:
+        sys.exit(f"benchmark: error: {exc}")
 
 
 def random_model(shape: str, tokenizer: str | None, device: str, dtype: str) -> Any:
-    """A Llama-architecture model of a published shape with seeded random weights, built on ``device``."""
+    """A Llama-architecture model of a published shape with seeded random weights, built on ``device``.
+
+    Raises ``RolevecError`` for an unknown shape, tokenizer folder, device or dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+    from rolevec.errors import RolevecError
     from rolevec.model import (
         ModelAdapter,
         _load_tokenizer,
@@ -261,15 +268,19 @@ def random_model(shape: str, tokenizer: str | None, device: str, dtype: str) -> 
     )
 
     if shape not in RANDOM_SHAPES:
-        sys.exit(
-            f"benchmark: error: unknown shape {shape!r} in --model random:SHAPE; "
-            f"pick from {', '.join(RANDOM_SHAPES)}"
+        raise RolevecError(
+            f"unknown shape {shape!r} in --model random:SHAPE; pick from {', '.join(RANDOM_SHAPES)}"
         )
     if tokenizer is None:
         gguf = embedded_model_file()
         tok = _load_tokenizer(str(gguf.parent), gguf.name, False)
     else:
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+        try:
+            tok = AutoTokenizer.from_pretrained(tokenizer)
+        except (OSError, ValueError) as exc:
+            raise RolevecError(
+                f"no tokenizer in {tokenizer!r}: pass a folder saved by save_pretrained"
+            ) from exc
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     config = LlamaConfig(

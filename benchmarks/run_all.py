@@ -198,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--skip", default="", help="NAME:DTYPE pairs to leave out, e.g. generation:float32 (large models)"
     )
     args = parser.parse_args(argv)
+    if args.timeout is not None and args.timeout <= 0:
+        parser.error(f"--timeout must be positive seconds, not {args.timeout:g}")
     tag = run_tag(args.device, args.model)
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
     data = find_data(args.data)

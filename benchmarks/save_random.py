@@ -21,7 +21,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the embedded model's)")
     args = parser.parse_args(argv)
-    adapter = random_model(args.shape, args.tokenizer, args.device, args.dtype)
+    from rolevec.errors import RolevecError
+
+    try:
+        adapter = random_model(args.shape, args.tokenizer, args.device, args.dtype)
+    except RolevecError as exc:
+        parser.exit(2, f"save_random: error: {exc}\n")
     adapter.model.save_pretrained(args.folder)
     adapter.tokenizer.save_pretrained(args.folder)
     print(f"saved {args.shape} (random weights, {args.dtype}) to {args.folder}")

@@ -183,20 +183,22 @@ def _accumulate(
     check_key = ("extraction-shared-prefix", str(adapter.dtype), padding_side, n_pos)
     unchecked = share_prefix and check_key not in adapter.checks
     share_prefix = share_prefix and adapter.checks.get(check_key, True)
-    memo = PrefixMemo(encoded)  # the readers are the only hooks, so one head serves every batch
+    # The readers are the only hooks, so one head serves every batch.
+    memo = PrefixMemo(encoded) if share_prefix else None
     with torch.inference_mode(), hooked(pre=pre):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = adapter.pad([encoded[i] for i in chunk], padding_side=padding_side)
             # The template's head (and any common start) runs once; the read positions stay in the rest.
-            parts = memo.split(batch, keep=n_pos) if share_prefix else None
+            parts = memo.split(batch, keep=n_pos) if memo is not None else None
             if parts is not None and unchecked:  # two prompts of the first split batch, both ways
                 verdict = agrees(chunk[-2:])
                 if verdict is not None:
                     unchecked = False
-                    share_prefix = adapter.checks[check_key] = verdict
-                    parts = parts if verdict else None
-            if parts is None:
+                    adapter.checks[check_key] = verdict
+                    if not verdict:
+                        memo = parts = None
+            if memo is None or parts is None:
                 read(batch, None, chunk)
             else:
                 read(parts.suffix, memo.states(adapter, parts, prefix_kv), chunk)
