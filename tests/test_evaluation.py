@@ -120,6 +120,37 @@ def test_fast_scoring_equals_full_logits(tiny: ModelAdapter, share: bool) -> Non
     assert count_hooks(tiny.model) == 0
 
 
+def test_intervention_applies_each_condition_with_its_own_vector(tiny_llama: ModelAdapter) -> None:
+    """``intervention`` (what evaluation and the sweep steer with) against the interventions called
+    directly: addition of the role vector, its random control, ablation of its direction."""
+    from rolevec.interventions import ablate, add
+
+    vecs = vectors_for(tiny_llama)
+    prepared, _ = prepare(tiny_llama, items(5))
+    batch, letter_ids = _batch(tiny_llama, prepared)
+    scorer = LetterScorer(tiny_llama, probe=False)
+    baseline = scorer.naive(batch, letter_ids)
+    d = vecs.vector("mathematician", 2, -1)
+    control = random_direction(d, 0, key="mathematician:2:-1")
+    expected = {
+        "add": (add, {"vector": d, "layers": 2, "alpha": 3.0}),
+        "random": (add, {"vector": control, "layers": 2, "alpha": 3.0}),
+        "ablate": (ablate, {"direction": d}),
+    }
+    got: dict[str, torch.Tensor] = {}
+    for kind, (direct, kwargs) in expected.items():
+        cond = Condition.make(kind, role="mathematician", layer=2, position=-1, alpha=3.0)
+        with intervention(tiny_llama, cond, vecs):
+            got[kind] = scorer.naive(batch, letter_ids)
+        with direct(tiny_llama, **kwargs):
+            torch.testing.assert_close(got[kind], scorer.naive(batch, letter_ids), rtol=0, atol=1e-6)
+        assert (got[kind] - baseline).abs().max() > 1e-3  # each condition changes the logits
+    assert (got["random"] - got["add"]).abs().max() > 1e-3  # the control is not the role vector
+    with intervention(tiny_llama, Condition.make("persona", role="mathematician"), vecs):
+        torch.testing.assert_close(scorer.naive(batch, letter_ids), baseline)  # a prompt, not a hook
+    assert count_hooks(tiny_llama.model) == 0
+
+
 def test_probe_falls_back_to_full_forward_on_mismatch(tiny_llama: ModelAdapter) -> None:
     scorer = LetterScorer(tiny_llama)
     scorer.softcap = 0.5  # a wrong post-processing the probe must catch
@@ -191,14 +222,25 @@ def test_evaluate_conditions_writes_and_resumes(tiny_llama: ModelAdapter, tmp_pa
     assert sorted(q for q, s in splits.items() if s == "val") == sorted(
         split.domains["math"]["val"] + split.domains["law"]["val"]
     )
-    random_preds = [r["pred"] for r in records if r["condition"] == "random"]
-    add_preds = [r["pred"] for r in records if r["condition"] == "add"]
-    assert len(random_preds) == len(add_preds) == 16
-    direct = score(tiny_llama, items(10), conditions[2], vectors=vecs)
-    stored = {r["qid"]: r for r in records if r["condition"] == "add"}
-    for res in direct:
-        assert stored[res.qid]["pred"] == res.pred
-        assert stored[res.qid]["probs"] == pytest.approx(list(res.probs), abs=1e-6)
+    stored = {c.kind: {r["qid"]: r for r in records if r["condition"] == c.kind} for c in conditions}
+    assert all(len(by_qid) == 16 for by_qid in stored.values())
+    # Each condition's records are what score() gives for it alone; the persona's are the baseline's
+    # questions asked under "You are a mathematician." (prepared here without Condition.system()).
+    math = items(10)
+    persona, _ = prepare(tiny_llama, math, system="You are a mathematician.")
+    batch, letter_ids = _batch(tiny_llama, persona)
+    persona_probs = LetterScorer(tiny_llama, probe=False).naive(batch, letter_ids).softmax(-1)
+    for k, item in enumerate(math):
+        assert stored["persona"][item.qid]["probs"] == pytest.approx(persona_probs[k].tolist(), abs=1e-5)
+    for cond in conditions:
+        for res in score(tiny_llama, math, cond, vectors=vecs):
+            assert stored[cond.kind][res.qid]["pred"] == res.pred
+            assert stored[cond.kind][res.qid]["probs"] == pytest.approx(list(res.probs), abs=1e-6)
+        if cond.kind != "baseline":  # and every condition differs from the baseline somewhere
+            assert any(
+                stored[cond.kind][q]["probs"] != pytest.approx(stored["baseline"][q]["probs"], abs=1e-4)
+                for q in stored["baseline"]
+            )
 
 
 @pytest.mark.e2e

@@ -56,7 +56,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         question = body["messages"][-1]["content"].lower()
         text = question.split("\n")[1]
-        answer = "Yes." if "medic" in text or "doctor" in text else "No" if "weather" in text else "Perhaps"
+        if self.server.mode == "by-kind":  # yes to word lists, no to texts
+            answer = "Yes." if text.startswith("word list:") else "No"
+        else:
+            related = "medic" in text or "doctor" in text
+            answer = "Yes." if related else "No" if "weather" in text else "Perhaps"
         self._send(
             200, json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
         )
@@ -239,6 +243,7 @@ def test_interpret_roles_writes_the_documented_format(
     tiny_llama: ModelAdapter, judge: FakeJudge, tmp_path: Path
 ) -> None:
     vectors, selection = _tiny_run(tiny_llama)
+    judge.mode = "by-kind"
     out = interpret_roles(
         tiny_llama, vectors, selection, top_k=3, max_new_tokens=4, judge_url=_url(judge), progress=False
     )
@@ -251,8 +256,19 @@ def test_interpret_roles_writes_the_documented_format(
     assert doctor["vector_norm"] == pytest.approx(float(vectors.vector("doctor", 1, -1).norm()))
     assert doctor["patchscope"]["unsteered"] == out["unsteered"]
     assert [len(doctor["logit_lens"][v][k]) for v in ("normed", "raw") for k in ("top", "bottom")] == [3] * 4
-    assert set(doctor["judge"]) == {"patchscope", "logit_lens"}
     assert len(judge.requests) == 4  # two verdicts for each of the two roles with a site
+    asked = [r["body"]["messages"][-1]["content"] for r in judge.requests]
+    for name in ("doctor", "lawyer"):
+        entry = out["roles"][name]
+        # the verdicts are the judge's replies, to the steered text and to the normed lens's top words
+        assert entry["judge"] == {
+            "patchscope": {"related": False, "answer": "No"},
+            "logit_lens": {"related": True, "answer": "Yes."},
+        }
+        words = ", ".join(repr(t["token"]) for t in entry["logit_lens"]["normed"]["top"])
+        steered = entry["patchscope"]["steered"]
+        assert any(a.startswith(f"Profession: {name}\nText: {steered}\n") for a in asked)
+        assert any(a.startswith(f"Profession: {name}\nWord list: {words}\n") for a in asked)
     path = save_interpret(out, tmp_path / "interpret.json")
     assert load_interpret(path) == json.loads(json.dumps(out))
     with pytest.raises(RolevecError, match="--force"):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from rolevec.cli import main
 from rolevec.data import load_prompts
@@ -144,10 +145,24 @@ def test_generate_prompts_with_a_fake_generator() -> None:
 
 
 def test_local_generator_runs_a_real_model(tiny_llama: ModelAdapter) -> None:
+    """Batched, left-padded generation gives each prompt's own greedy continuation (one row, no cache)."""
+    requests = ["Explain eigenvalues.", "Hi", "Write a poem about the sea."]
     gen = LocalGenerator(tiny_llama, max_new_tokens=5, batch_size=2)
-    replies = gen.complete(["Explain eigenvalues.", "Hi", "Write a poem about the sea."])
-    assert len(replies) == 3 and all(isinstance(r, str) for r in replies)
-    assert all(len(tiny_llama.tokenizer(r, add_special_tokens=False)["input_ids"]) <= 6 for r in replies)
+    replies = gen.complete(requests)
+    tok = tiny_llama.tokenizer
+    stop = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+    for request, reply in zip(requests, replies, strict=True):
+        ids = tiny_llama.encode([tiny_llama.render(request)]).input_ids
+        new: list[int] = []
+        with torch.inference_mode():
+            for _ in range(5):
+                token = int(tiny_llama.model(input_ids=ids).logits[0, -1].argmax())
+                if token in stop:
+                    break
+                new.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        assert reply == tok.decode(new, skip_special_tokens=True)
+    assert replies[0] and not replies[1]  # one continues, one stops at once (<|im_end|>): both compared
 
 
 @dataclass

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ import torch
 import rolevec.resume as resume_module
 import rolevec.sweep as sweep_module
 from rolevec.errors import RolevecError
-from rolevec.evaluation import Condition, LetterScorer, _batch, intervention, prepare
+from rolevec.evaluation import Condition, LetterScorer, _batch, intervention, prepare, score
 from rolevec.hooks import count_hooks
+from rolevec.mcq import MCQItem
 from rolevec.model import ModelAdapter
 from rolevec.records import RecordStore, read_records
 from rolevec.resume import Addition, Work, cache_batches, residual_at, stack_rows
@@ -68,7 +70,7 @@ def test_resumed_stacked_candidates_equal_independent_runs(tiny: ModelAdapter, s
 
 
 def _sweep(
-    adapter: ModelAdapter, tmp_path: Path, name: str, **kw: Any
+    adapter: ModelAdapter, tmp_path: Path, name: str, questions: list[MCQItem] | None = None, **kw: Any
 ) -> tuple[Any, dict[Any, dict[str, Any]]]:
     vecs = vectors_for(adapter, ("r",))
     path = tmp_path / name / "records.jsonl"
@@ -82,7 +84,7 @@ def _sweep(
     }
     options.update(kw)
     with RecordStore(path) as store:
-        result = run_sweep(adapter, vecs, "r", items(7), store, **options)
+        result = run_sweep(adapter, vecs, "r", questions or items(7), store, **options)
     records = {
         (r["condition"], r["layer"], r["position"], r["alpha"], r["qid"]): r for r in read_records(path)
     }
@@ -146,13 +148,20 @@ def test_sweep_falls_back_when_mid_stack_resume_differs(
 
 def test_sweep_resumes_and_ablates_only_passing_sites(tmp_path: Path) -> None:
     adapter = make_adapter("qwen2")
-    first, rec_first = _sweep(adapter, tmp_path, "run", ablate_scope="passing")
+    # Gold answers are what one addition predicts, so that site beats the baseline and the filter has
+    # something to keep (random weights alone leave no passing site).
+    steer = Condition.make("add", role="r", layer=1, position=-1, alpha=4.0)
+    steered = score(adapter, items(7), steer, vectors=vectors_for(adapter, ("r",)))
+    qs = [replace(q, answer=r.pred) for q, r in zip(items(7), steered, strict=True)]
+    assert not all(r.correct for r in score(adapter, qs, "baseline"))
+    first, rec_first = _sweep(adapter, tmp_path, "run", qs, ablate_scope="passing")
     add_rows = [r for r in first.rows if r.condition == "add"]
     passing = {(r.layer, r.position) for r in add_rows if r.accuracy > r.baseline_accuracy}
+    assert (1, -1) in passing and len(passing) < 6  # some sites pass, some do not
     assert {(r.layer, r.position) for r in first.rows if r.condition == "ablate"} == passing
-    again, rec_again = _sweep(adapter, tmp_path, "run", ablate_scope="passing")
+    again, rec_again = _sweep(adapter, tmp_path, "run", qs, ablate_scope="passing")
     assert again.n_new == 0 and rec_again.keys() == rec_first.keys()
-    full, _ = _sweep(adapter, tmp_path, "run", ablate_scope="all")
+    full, _ = _sweep(adapter, tmp_path, "run", qs, ablate_scope="all")
     assert full.n_new == 7 * (6 - len(passing))
 
 

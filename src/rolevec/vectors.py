@@ -138,6 +138,7 @@ class RoleVectors:
             "positions": list(self.positions),
             "position_tokens": list(self.position_tokens),
             **self.metadata,
+            "roles": list(self.roles),  # safetensors sorts its keys; this keeps the caller's order
         }
         meta = {"rolevec": json.dumps(header, ensure_ascii=False)}
         out = Path(path)
@@ -164,6 +165,9 @@ class RoleVectors:
         tokens = tuple(str(x) for x in header.pop("position_tokens"))
         header.pop("format", None)
         header.pop("layer_convention", None)
+        order = header.pop("roles", None)
+        if isinstance(order, list) and sorted(map(str, order)) == sorted(means):
+            means = {str(r): means[str(r)] for r in order}
         return cls(
             role_means=means, base_mean=base, positions=positions, position_tokens=tokens, metadata=header
         )
