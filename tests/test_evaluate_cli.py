@@ -234,6 +234,67 @@ def test_bad_input_is_one_clear_error(
     assert "--vectors" in msg
 
 
+def test_failed_commands_leave_nothing_behind(
+    tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad site, template, role or output path is refused before the run folder is written, so the
+    corrected rerun is not refused for "other settings"; an unwritable --out is one line, no traceback."""
+    vectors = ["--vectors", str(tiny_dir / "vectors.safetensors")]
+    site = ["--layer", "1", "--position", "-1", "--alpha", "1"]
+    out = tmp_path / "run"
+    for bad, message in (
+        (["--conditions", "random", "--role", "lawyer", *vectors, *site[2:], "--layer", "99"], "layer 99"),
+        (["--conditions", "persona", "--role", "lawyer", "--persona-template", "bogus"], "persona template"),
+        (["--conditions", "add", "--role", "poet", *vectors, *site], "role 'poet'"),
+    ):
+        assert "evaluate" not in bad
+        msg = _error(capsys, ["evaluate", *bad, *_common(tiny_dir, out), "--limit", "2"])
+        assert message in msg
+        assert not out.exists()
+    assert (
+        main(
+            [
+                "evaluate",
+                "--conditions",
+                "random",
+                "--role",
+                "lawyer",
+                *vectors,
+                *site,
+                *_common(tiny_dir, out),
+                "--limit",
+                "2",
+            ]
+        )
+        == 0
+    )
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    for argv in (
+        ["evaluate", "--conditions", "baseline", *_common(tiny_dir, blocker / "run")],
+        _sweep_args(tiny_dir, blocker / "run"),
+        ["extract", "--roles", "doctor", "--model", str(tiny_dir / "model"), "--out", str(blocker / "v.st")],
+        [
+            "export",
+            "--format",
+            "gguf",
+            "--alpha",
+            "1",
+            "--vectors",
+            str(tiny_dir / "vectors.safetensors"),
+            "--role",
+            "lawyer",
+            "--layer",
+            "2",
+            "--out",
+            str(blocker / "cv.gguf"),
+        ],
+    ):
+        msg = _error(capsys, argv)
+        assert f"{blocker} is a file, not a folder" in msg
+    assert blocker.read_text() == "x"
+
+
 def test_selection_from_another_model_is_refused(
     tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -243,6 +243,10 @@ def test_generate_cli_reads_a_control_vector(
     out = capsys.readouterr().out
     assert out.startswith("[steered: add α=1 (role 'cv', layer 2, position -1)]")
     assert generate(tiny, "Hi", steering=steering, max_new_tokens=6).text in out
+    # the file carries its layers: a --layer beside it would be ignored, so it is refused
+    assert main(["generate", *model_opts, "--control-vector", str(path), "--layer", "3", "Hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--layer would be ignored" in err[0]
 
 
 def test_real_lm_eval_loader_reproduces_hooked_steering(tmp_path: Path) -> None:

@@ -155,7 +155,8 @@ def test_few_prompts_and_long_prompts_warn(
     argv = _extract(tiny_dir, out, "--roles", "verbose,doctor", "--roles-dir", str(roles_dir))
     assert main([*argv, "--base", str(base_file), "--n", "4", "--max-tokens", "40", "--no-progress"]) == 0
     err = capsys.readouterr().err
-    assert "rolevec: warning: verbose: only 2 prompts" in err and "fewer than n=4" in err
+    assert "warning: 2 prompt sets have fewer than n=4 prompts and are used whole: verbose (2)" in err
+    assert err.count("fewer than n=4") == 1  # one line for all the small sets
     assert "rolevec: warning: 1 prompt(s) were longer than max_tokens=40" in err
     meta = RoleVectors.load(out).metadata
     assert meta["prompts"]["verbose"]["n"] == 2 and meta["n_shortened"] == 1 and meta["max_tokens"] == 40

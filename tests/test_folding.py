@@ -209,6 +209,19 @@ def test_fold_cli_writes_a_standard_checkpoint(
     assert json.loads((out / "manifest.json").read_text())["steering"]["mode"] == "ablate"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folded", "model", "v.safetensors"]
 
+    # --force replaces an earlier fold, never a folder of other files, nor a file
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    (tmp_path / "file.txt").write_text("precious")
+    for target in (mine, tmp_path / "file.txt"):
+        capsys.readouterr()
+        args = ["--role", "doctor", "--layer", "1", "--ablate", "--out", str(target), "--force"]
+        assert main(["fold", *opts, *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "choose another --out" in err[0]
+    assert (mine / "notes.txt").read_text() == (tmp_path / "file.txt").read_text() == "precious"
+
 
 @pytest.mark.parametrize(
     ("extra", "message"),

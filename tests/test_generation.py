@@ -178,13 +178,21 @@ def test_generate_cli_takes_defaults_from_a_selection(
         ([*base, "--selection", str(selection), "Hi"], "fingerprint ffffffffffffffff"),
         ([*base, "--selection", str(tmp_path / "missing.json"), "Hi"], "does not exist"),
         ([*base, "--alpha", "inf", "Hi"], "finite"),
+        ([*base, "--alpha", "1", "--temperature", "-1", "Hi"], "--temperature"),
         (["generate", *opts, "--role", "chef", "--alpha", "1", "Hi"], "role 'chef'"),
     ]
+    doc["model_fingerprint"] = tiny.fingerprint()
+    doc["roles"]["doctor"] = {**entry, "layer": "abc"}
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(doc))
+    cases.append(([*base, "--selection", str(broken), "Hi"], "must be numbers"))
     for args, message in cases:
         capsys.readouterr()
         assert main(args) == 2
-        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rolevec")]
+        captured = capsys.readouterr()
+        err = [line for line in captured.err.splitlines() if line.startswith("rolevec")]
         assert len(err) == 1 and message in err[0], (args, err)
+        assert "[steered" not in captured.out  # refused before anything is generated
 
 
 @pytest.mark.e2e

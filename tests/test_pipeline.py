@@ -106,6 +106,40 @@ def test_config_layers_and_errors(tmp_path: Path) -> None:
         run_study(make_adapter("llama"), _tiny_config(roles="historian"), tmp_path, progress=False)
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"roles": 5}, "roles must be a list"),
+        ({"n_prompts": -5}, "n_prompts must be an integer >= 1"),
+        ({"val_fraction": 1.5}, "val_fraction must be between 0 and 1"),
+        ({"ablate_scope": "some"}, "ablate_scope must be all, passing or none"),
+        ({"roles_dir": "/no/such/folder"}, "roles_dir '/no/such/folder' does not exist"),
+        ({"mcq": "/no/such/file.json"}, "mcq '/no/such/file.json' does not exist"),
+    ],
+)
+def test_bad_config_values_are_refused_up_front(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(RolevecError, match=message):
+        _tiny_config(**changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"layers": "3:2"}, "is empty"),
+        ({"layers": "0:99"}, "out of range"),
+        ({"positions": "0"}, "positions"),
+        ({"persona_templates": "bogus"}, "unknown persona template"),
+    ],
+)
+def test_a_bad_grid_is_refused_before_the_run_folder_is_written(
+    tmp_path: Path, changes: dict[str, object], message: str
+) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.raises(RolevecError, match=message):
+        run_study(make_adapter("llama"), _tiny_config(**changes), run_dir, progress=False)
+    assert not run_dir.exists()  # so the corrected rerun is not refused for "other settings"
+
+
 @pytest.mark.e2e
 def test_rolevec_run_on_embedded_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from rolevec.cli import main

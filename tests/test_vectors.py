@@ -69,6 +69,19 @@ def test_bad_lookups(tmp_path: Path) -> None:
     junk.write_bytes(b"\x00" * 64)
     with pytest.raises(RolevecError, match="not a readable"):
         RoleVectors.load(junk)
+    # readable safetensors, but no positions in the header, or a base mean of the wrong rank
+    from safetensors.torch import save_file
+
+    header = {"rolevec": json.dumps({"format": "rolevec.vectors/1"})}
+    save_file({"mean/__base__": torch.zeros(2, 3, 4)}, str(junk), metadata=header)
+    with pytest.raises(RolevecError, match="lacks valid positions"):
+        RoleVectors.load(junk)
+    header = {
+        "rolevec": json.dumps({"format": "rolevec.vectors/1", "positions": [-1], "position_tokens": ["a"]})
+    }
+    save_file({"mean/__base__": torch.zeros(3, 4)}, str(junk), metadata=header)
+    with pytest.raises(RolevecError, match="not a usable rolevec vector file: base mean has shape"):
+        RoleVectors.load(junk)
 
 
 def test_compatibility_checks() -> None:

@@ -136,7 +136,11 @@ def persona_bars_figure(a: Analysis) -> bytes:
     ax.invert_yaxis()
     ax.set_xlabel("relative change of accuracy on the role's own domain (%)", fontsize=8)
     ax.set_title("Persona prompt vs role vector, own domain (error bars: 95% CI)", fontsize=9)
-    ax.legend(fontsize=7, loc="best")
+    if ax.get_legend_handles_labels()[0]:  # no bars where every baseline was 0 (no relative change)
+        ax.legend(fontsize=7, loc="best")
+    else:
+        note = "no relative change to show (baseline accuracy 0)"
+        ax.text(0.5, 0.5, note, ha="center", transform=ax.transAxes)
     fig.tight_layout()
     return png_bytes(fig)
 

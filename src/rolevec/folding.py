@@ -426,13 +426,32 @@ def fold(adapter: ModelAdapter, steering: Steering, *, verify: bool = True) -> M
 # --- writing a checkpoint ----------------------------------------------------------------------------
 
 
-def write_folder(out: str | Path, write: Callable[[Path], None], *, force: bool = False) -> Path:
-    """Fill a temporary folder beside ``out`` and rename it into place, so ``out`` is never half-written."""
+def check_folder_out(out: str | Path, *, force: bool = False, marker: str | None = None) -> Path:
+    """Refuse an ``out`` that exists without ``force``, that is a file, or (with ``marker``) that is a
+    non-empty folder without that file: --force replaces an earlier output, never someone's folder."""
+    from .vectors import check_writable
+
     target = Path(out)
-    if target.exists() and not force:
+    check_writable(target)
+    if not target.exists():
+        return target
+    if not force:
         raise RolevecError(f"{target} already exists: pass --force to overwrite it, or choose another --out")
-    if target.exists() and not target.is_dir():
+    if not target.is_dir():
         raise RolevecError(f"{target} exists and is not a folder: choose another --out")
+    if marker is not None and any(target.iterdir()) and not (target / marker).is_file():
+        raise RolevecError(
+            f"{target} is a folder rolevec did not write (it has files but no {marker}); --force replaces "
+            "only an earlier output: choose another --out, or empty the folder"
+        )
+    return target
+
+
+def write_folder(
+    out: str | Path, write: Callable[[Path], None], *, force: bool = False, marker: str | None = None
+) -> Path:
+    """Fill a temporary folder beside ``out`` and rename it into place, so ``out`` is never half-written."""
+    target = check_folder_out(out, force=force, marker=marker)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
@@ -502,4 +521,4 @@ def save_folded(
                     f"(relative logit error {err:.1e}); nothing was written. {HOOKED_ADVICE}"
                 )
 
-    return write_folder(out, write, force=force)
+    return write_folder(out, write, force=force, marker=MANIFEST_NAME)

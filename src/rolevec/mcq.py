@@ -310,7 +310,7 @@ def load_mcq(
         if missing:
             raise RolevecError(
                 f"no question file for domain(s) {', '.join(missing)} in {path} "
-                f"(it has: {', '.join(files)}); pass --domains from that list"
+                f"(it has: {', '.join(files)}); pass domains from that list"
             )
         items: dict[str, list[MCQItem]] = {}
         bad = 0

@@ -13,7 +13,8 @@ import inspect
 import json
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -573,6 +574,21 @@ def _dequantized(gguf_file: str) -> dict[str, Any]:
     return {"quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
 
 
+@contextmanager
+def _loading_bars(show: bool) -> Iterator[None]:
+    """transformers' progress bars off for one load (restored after, also on error)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not show:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not show:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     model: str | None = None,
     *,
@@ -580,8 +596,11 @@ def load_model(
     dtype: str = "float32",
     block_pattern: str | None = None,
     trust_remote_code: bool = False,
+    progress: bool = True,
 ) -> ModelAdapter:
-    """Load a causal LM by hub id, local folder or .gguf file; ``None`` loads the embedded default."""
+    """Load a causal LM by hub id, local folder or .gguf file; ``None`` loads the embedded default.
+
+    ``progress=False`` also hides transformers' own loading bars (weights, GGUF dequantisation)."""
     from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)
@@ -613,8 +632,9 @@ def load_model(
         kwargs["gguf_file"] = gguf_file
         kwargs.update(_dequantized(gguf_file))
     try:
-        tokenizer = _load_tokenizer(path, gguf_file, trust_remote_code)
-        hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with _loading_bars(progress):
+            tokenizer = _load_tokenizer(path, gguf_file, trust_remote_code)
+            hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if gguf_file:

@@ -117,6 +117,39 @@ class StudyConfig:
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    def check(self) -> None:
+        """Refuse bad values before a run writes anything (a config file's are not type-checked)."""
+        import math
+
+        def integer(key: str, low: int, optional: bool = False) -> None:
+            value = getattr(self, key)
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                allowed = f"an integer >= {low}" + (" or null" if optional else "")
+                raise RolevecError(f"{key} must be {allowed}, not {value!r}")
+
+        for key in ("n_prompts", "n_base", "val_limit", "test_limit"):
+            integer(key, 1, optional=True)
+        for key in ("layer_step", "batch_size"):
+            integer(key, 1)
+        for key in ("prompt_seed", "split_seed", "random_seed"):
+            integer(key, 0)
+        if not isinstance(self.val_fraction, int | float) or not 0 < self.val_fraction < 1:
+            raise RolevecError(f"val_fraction must be between 0 and 1, not {self.val_fraction!r}")
+        if not self.alphas or not all(math.isfinite(a) for a in self.alphas):
+            raise RolevecError(f"alphas must be finite numbers, e.g. 1,3 — not {list(self.alphas)}")
+        if self.ablate_scope not in ("all", "passing", "none"):
+            raise RolevecError(f"ablate_scope must be all, passing or none, not {self.ablate_scope!r}")
+        for key in ("layers", "positions", "roles_dir", "base", "base_column", "mcq", "judge_url"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise RolevecError(f"{key} must be a string, not {value!r}")
+        for key, kind in (("roles_dir", "folder"), ("base", "file"), ("mcq", "file or folder")):
+            value = getattr(self, key)
+            if value and not value.startswith("hf:") and not Path(value).expanduser().exists():
+                raise RolevecError(f"{key} {value!r} does not exist: pass an existing {kind}")
+
     def fixed(self) -> dict[str, Any]:
         """The options a rerun on the same folder must keep (roles, domains and test size may grow)."""
         return {k: v for k, v in self.to_json().items() if k in FIXED_KEYS}
@@ -140,10 +173,13 @@ def config_from(
             )
         values.update({k: v for k, v in mapping.items() if v is not None})
     for key in ("roles", "domains", "persona_templates"):
-        if isinstance(values.get(key), str):
-            values[key] = tuple(x.strip() for x in values[key].split(",") if x.strip())
+        raw = values.get(key)
+        if isinstance(raw, str):
+            values[key] = tuple(x.strip() for x in raw.split(",") if x.strip())
         elif key in values:
-            values[key] = tuple(values[key])
+            if not isinstance(raw, list | tuple) or not all(isinstance(x, str) for x in raw):
+                raise RolevecError(f"{key} must be a list of names or a comma-separated string, not {raw!r}")
+            values[key] = tuple(raw)
     if "alphas" in values:
         raw = values["alphas"]
         parts = raw.split(",") if isinstance(raw, str) else raw
@@ -151,7 +187,9 @@ def config_from(
             values["alphas"] = tuple(float(a) for a in parts)
         except (TypeError, ValueError):
             raise RolevecError(f"alphas must be numbers, e.g. 1,3 — not {raw!r}") from None
-    return StudyConfig(**values)
+    config = StudyConfig(**values)
+    config.check()
+    return config
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -207,6 +245,20 @@ def resolve_domains(config: StudyConfig) -> list[str]:
     return list(config.domains)
 
 
+def check_roles(config: StudyConfig) -> tuple[list[str], list[str]]:
+    """The run's roles and domains; every role needs a domain to be selected on its validation split."""
+    from .data import role_domain
+
+    roles, domains = resolve_roles(config), resolve_domains(config)
+    orphans = [r for r in roles if role_domain(r) is None]
+    if orphans:
+        raise RolevecError(
+            f"role(s) {', '.join(orphans)} have no MMLU domain in the paper's table, so they cannot be "
+            "selected on a validation split: drop them from --roles"
+        )
+    return roles, domains
+
+
 def _write_json(path: Path, data: Any) -> None:
     from .vectors import atomic_write
 
@@ -238,19 +290,7 @@ class Study:
         self.progress = progress
         self.log = log
         self.state = StudyState()
-        self.roles = resolve_roles(config)
-        self.domains = resolve_domains(config)
-        self._check_roles()
-
-    def _check_roles(self) -> None:
-        from .data import role_domain
-
-        orphans = [r for r in self.roles if role_domain(r) is None]
-        if orphans:
-            raise RolevecError(
-                f"role(s) {', '.join(orphans)} have no MMLU domain in the paper's table, so they cannot be "
-                "selected on a validation split: drop them from --roles"
-            )
+        self.roles, self.domains = check_roles(config)
 
     # --- bookkeeping -----------------------------------------------------------------------------
     def _manifest(self) -> None:
@@ -276,9 +316,20 @@ class Study:
         self.state.timings[name] = self.state.timings.get(name, 0.0) + time.perf_counter() - start
         self._manifest()
 
+    def check_grid(self) -> None:
+        """The layer range and positions against this model, before anything is written."""
+        from .evaluation import persona_system
+        from .sweep import parse_layers, parse_positions
+
+        parse_layers(self.config.layers, self.adapter.n_layers)
+        parse_positions(self.config.positions, tuple(self.adapter.chat.positions))
+        for template in self.config.persona_templates:
+            persona_system("doctor", template)
+
     def run(self) -> None:
         from .records import check_settings
 
+        self.check_grid()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         check_settings(self.run_dir, {"study": self.config.fixed()})
         started = time.perf_counter()

@@ -1009,10 +1009,9 @@ def console_summary(run_dir: str | Path) -> list[str]:
                 continue
             d = s.in_domain
             acc = f"{d.accuracy:.3f} ({d.base_accuracy:.3f})"
-            lines.append(
-                f"{role:<22}{label:<14}{acc:<24}{d.rel_change:>11.1f}%{d.p_value:>8.3f}{d.n:>6}"
-                f"{s.ood_mean_rel:>14.1f}%"
-            )
+            rel = "n/a" if math.isnan(d.rel_change) else f"{d.rel_change:.1f}%"  # a baseline of 0
+            ood = "n/a" if math.isnan(s.ood_mean_rel) else f"{s.ood_mean_rel:.1f}%"
+            lines.append(f"{role:<22}{label:<14}{acc:<24}{rel:>12}{d.p_value:>8.3f}{d.n:>6}{ood:>15}")
     if a.min_n < SMALL_N:
         lines.append(
             f"(small sample: n = {a.min_n} in the smallest cell; differences are noise unless p < 0.05)"

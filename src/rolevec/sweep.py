@@ -73,6 +73,8 @@ def parse_layers(text: str | None, n_layers: int) -> tuple[int, int]:
             b = a + 1
     except ValueError:
         raise RolevecError(f"--layers {text!r} is not a range: pass e.g. 0:24, 10:, or 12") from None
+    if a >= b:
+        raise RolevecError(f"--layers {text!r} is empty (a:b is half-open, b > a): pass e.g. {a}:{a + 1}")
     if not 0 <= a < b <= n_layers + 1:
         raise RolevecError(f"--layers {text!r} is out of range: this model has layers 0..{n_layers}")
     return a, b

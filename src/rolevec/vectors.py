@@ -48,6 +48,26 @@ def atomic_write(path: Path, write: Any, *, force: bool = False) -> None:
             os.unlink(tmp)
 
 
+def check_writable(path: str | Path) -> None:
+    """Refuse an output that cannot be written, before the slow work: a file in the way of its folder,
+    or a folder that takes no new files. Creates nothing."""
+    target = Path(path).expanduser()
+    probe = target if target.is_dir() else target.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RolevecError(f"cannot write {target}: {probe} is a file, not a folder; pass another --out")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".rolevec-write-check.", dir=probe)
+    except OSError as exc:
+        raise RolevecError(
+            f"cannot write {target}: {probe} takes no new files ({exc.strerror or exc}); "
+            "pass a writable --out"
+        ) from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
 @dataclass(frozen=True)
 class RoleVectors:
     """Role means, the base mean and their differences for one model, with provenance."""
@@ -59,11 +79,11 @@ class RoleVectors:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        expected = (len(self.positions), self.base_mean.shape[1], self.base_mean.shape[2])
         if self.base_mean.ndim != 3 or self.base_mean.shape[0] != len(self.positions):
             raise RolevecError(
                 f"base mean has shape {tuple(self.base_mean.shape)}, expected [positions, L, H]"
             )
+        expected = (len(self.positions), self.base_mean.shape[1], self.base_mean.shape[2])
         for role, mean in self.role_means.items():
             if tuple(mean.shape) != expected:
                 raise RolevecError(f"role {role!r} mean has shape {tuple(mean.shape)}, expected {expected}")
@@ -161,16 +181,25 @@ class RoleVectors:
         if header.get("format") != FORMAT or BASE_KEY not in means:
             raise RolevecError(f"{p} is not a rolevec vector file (no {FORMAT!r} header)")
         base = means.pop(BASE_KEY)
-        positions = tuple(int(x) for x in header.pop("positions"))
-        tokens = tuple(str(x) for x in header.pop("position_tokens"))
+        try:
+            positions = tuple(int(x) for x in header.pop("positions"))
+            tokens = tuple(str(x) for x in header.pop("position_tokens"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RolevecError(
+                f"{p} is not a rolevec vector file: its header lacks valid positions ({exc!r}); "
+                "extract it again with `rolevec extract`"
+            ) from None
         header.pop("format", None)
         header.pop("layer_convention", None)
         order = header.pop("roles", None)
         if isinstance(order, list) and sorted(map(str, order)) == sorted(means):
             means = {str(r): means[str(r)] for r in order}
-        return cls(
-            role_means=means, base_mean=base, positions=positions, position_tokens=tokens, metadata=header
-        )
+        try:
+            return cls(
+                role_means=means, base_mean=base, positions=positions, position_tokens=tokens, metadata=header
+            )
+        except RolevecError as exc:
+            raise RolevecError(f"{p} is not a usable rolevec vector file: {exc}") from None
 
 
 def check_alpha(alpha: float) -> float:

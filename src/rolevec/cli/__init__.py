@@ -1,7 +1,8 @@
 """The `rolevec` command: a thin layer that parses arguments and calls the library.
 
 Each subcommand lives in its own module with a ``register(subparsers)`` function; errors the user can fix
-(RolevecError) become one line on stderr and exit status 2, never a traceback.
+(RolevecError) and file system refusals (OSError) become one line on stderr and exit status 2, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = args.func(args)
     except RolevecError as exc:
         print(f"rolevec: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file system refusal the checks up front could not foresee
+        where = f" {exc.filename}" if exc.filename else ""
+        print(
+            f"rolevec: error: cannot use{where} ({exc.strerror or exc}): check the path and its permissions",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("rolevec: interrupted; finished work is kept and a rerun continues from it", file=sys.stderr)

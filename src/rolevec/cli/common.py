@@ -46,6 +46,7 @@ def load_from_args(args: argparse.Namespace) -> ModelAdapter:
         dtype=args.dtype,
         block_pattern=args.block_pattern,
         trust_remote_code=args.trust_remote_code,
+        progress=not getattr(args, "no_progress", False),
     )
 
 

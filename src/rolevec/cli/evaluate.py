@@ -112,14 +112,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def prepare_run_dir(out: str, force: bool) -> Path:
+    """Check the run folder (created by its first write, so an early error leaves no empty folder)."""
     from ..records import clear_run
+    from ..vectors import check_writable
 
     run_dir = Path(out)
     if run_dir.exists() and not run_dir.is_dir():
         raise RolevecError(f"--out {out} is a file: pass a folder")
+    check_writable(run_dir)
     if force and run_dir.exists():
         clear_run(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -172,7 +174,7 @@ def split_list(text: str | None) -> list[str]:
 
 
 def _conditions(args: argparse.Namespace, adapter: Any, vectors: Any) -> list[Any]:
-    from ..evaluation import Condition
+    from ..evaluation import Condition, condition_vector
     from ..selection import load_selection, selected_site
 
     kinds = split_list(args.conditions)
@@ -217,6 +219,11 @@ def _conditions(args: argparse.Namespace, adapter: Any, vectors: Any) -> list[An
                 out.extend(Condition.make("persona", role=role, persona_template=t) for t in templates)
             else:
                 out.append(Condition.make(kind, role=role, layer=layer, position=position, alpha=alpha))
+    for cond in out:  # refuse a site the file lacks, or a bad template, before the run folder is written
+        if cond.kind in ("add", "ablate", "random"):
+            condition_vector(vectors, cond, args.random_seed)
+        elif cond.kind == "persona":
+            cond.system()
     return out
 
 
@@ -246,13 +253,12 @@ def _run(args: argparse.Namespace) -> int:
     from ..vectors import RoleVectors, atomic_write
 
     run_dir = prepare_run_dir(args.out, args.force)
+    domains = parse_domains(args.domains)
+    vectors = RoleVectors.load(args.vectors) if args.vectors else None
     adapter = load_from_args(args)
-    vectors = None
-    if args.vectors:
-        vectors = RoleVectors.load(args.vectors)
+    if vectors is not None:
         vectors.check_compatible(adapter)
     conditions = _conditions(args, adapter, vectors)
-    domains = parse_domains(args.domains)
     mcq = load_questions(args, domains)
     prompt_format = prompt_format_from_args(args)
     base = _base_split(args, run_dir)

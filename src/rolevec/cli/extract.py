@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -95,17 +96,36 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..activations import extract_role_vectors
     from ..data import PromptSet, load_base, load_role_prompts, sample
+    from ..vectors import check_writable
 
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise RolevecError(f"--out {out} is a folder: pass a file name such as {out / 'vectors.safetensors'}")
     if out.exists() and not args.force:
         raise RolevecError(f"{out} already exists: pass --force to overwrite it, or choose another --out")
+    check_writable(out)
     roles = parse_roles(args.roles, args.roles_dir)
     sets: dict[str, PromptSet] = {}
-    for role in roles:
-        sets[role] = sample(load_role_prompts(role, args.roles_dir), args.n, args.seed)
-    base = sample(load_base(args.base, column=args.base_column), args.n, args.seed)
+    with warnings.catch_warnings(record=True) as short:  # one line for all the sets smaller than --n
+        warnings.simplefilter("always", UserWarning)
+        for role in roles:
+            sets[role] = sample(load_role_prompts(role, args.roles_dir), args.n, args.seed)
+        base = sample(load_base(args.base, column=args.base_column), args.n, args.seed)
+    others = [w for w in short if "fewer than n=" not in str(w.message)]
+    for w in others:
+        warnings.warn(str(w.message), stacklevel=1)
+    short = [w for w in short if w not in others]
+    if len(short) == 1:
+        warnings.warn(str(short[0].message), stacklevel=1)
+    elif short:
+        small = [ps for ps in [*sets.values(), base] if args.n is not None and len(ps) < args.n]
+        named = ", ".join(f"{ps.name} ({len(ps)})" for ps in small[:6])
+        more = f" and {len(small) - 6} more" if len(small) > 6 else ""
+        warnings.warn(
+            f"{len(small)} prompt sets have fewer than n={args.n} prompts and are used whole: {named}{more}; "
+            "pass a smaller --n, or --n all, to say so",
+            stacklevel=1,
+        )
     for ps in [*sets.values(), base]:
         dup = f", {ps.n_duplicates_dropped} duplicate(s) dropped" if ps.n_duplicates_dropped else ""
         print(f"{ps.name}: {len(ps)} prompts from {ps.source}{dup}", file=sys.stderr)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .common import add_model_args, load_from_args
-from .steer_args import add_strength_args, add_vector_args, check_alpha_arg, check_out, load_vectors
+from .steer_args import add_strength_args, add_vector_args, check_alpha_arg, load_vectors
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,11 +29,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import RolevecError
-    from ..folding import fold, fold_problem, save_folded
+    from ..folding import check_folder_out, fold, fold_problem, save_folded
     from ..interventions import resolve_steering
-    from ..manifest import build_manifest, vector_provenance
+    from ..manifest import MANIFEST_NAME, build_manifest, vector_provenance
 
-    out = check_out(args.out, args.force)
+    out = check_folder_out(args.out, force=args.force, marker=MANIFEST_NAME)
     check_alpha_arg(args.alpha)
     vectors = load_vectors(args.vectors)
     position = -1 if args.position is None else args.position

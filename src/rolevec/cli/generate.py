@@ -70,11 +70,26 @@ def run(args: argparse.Namespace) -> int:
     check_alpha_arg(args.alpha)
     if args.max_new_tokens < 1:
         raise RolevecError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+    if not args.temperature >= 0.0 or args.temperature == float("inf"):
+        raise RolevecError(f"--temperature must be a finite number ≥ 0 (0 = greedy), not {args.temperature}")
     steering: Steering
     if args.control_vector:
-        if args.vectors or args.ablate or args.selection:
+        given = [
+            flag
+            for flag, value in (
+                ("--vectors", args.vectors),
+                ("--selection", args.selection),
+                ("--ablate", args.ablate),
+                ("--role", args.role),
+                ("--layer", args.layer),
+                ("--position", args.position),
+            )
+            if value not in (None, False)
+        ]
+        if given:
             raise RolevecError(
-                "--control-vector replaces --vectors/--selection/--ablate: pass one or the other"
+                f"--control-vector carries its own layers and vectors, so {', '.join(given)} would be "
+                "ignored: pass --control-vector (with --alpha to scale it) or those options, not both"
             )
         steering = steering_from_control_vector(
             args.control_vector, scale=1.0 if args.alpha is None else args.alpha

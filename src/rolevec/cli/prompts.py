@@ -67,13 +67,17 @@ def _run(args: argparse.Namespace) -> int:
         load_personas,
         write_prompts,
     )
+    from ..vectors import check_writable
 
     role = normalise_role(args.role)
     if not role:
         raise RolevecError("--role is empty: pass a role name such as mathematician")
     out = Path(args.out or f"{role}.json").expanduser()
+    if out.is_dir():
+        raise RolevecError(f"--out {out} is a folder: pass a file name such as {out / (role + '.json')}")
     if out.exists() and not args.force:
         raise RolevecError(f"{out} already exists: pass --force to overwrite it, or choose another --out")
+    check_writable(out)
     personas = load_personas(args.personas)
     generator: Generator
     if is_url(args.generator):

@@ -85,8 +85,9 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..pipeline import config_from, describe_sampling, read_config_file, run_study
+    from ..pipeline import check_roles, config_from, describe_sampling, read_config_file, run_study
     from ..records import clear_run
+    from ..vectors import check_writable
 
     file_cfg = read_config_file(args.config) if args.config else None
     overrides: dict[str, Any] = {k: getattr(args, k) for k in OVERRIDES}
@@ -95,9 +96,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.dtype is not None:
         overrides["dtype"] = args.dtype
     config = config_from(args.preset, file_cfg, overrides)
+    check_roles(config)  # before the model loads: a typo costs nothing
     run_dir = Path(args.out)
     if run_dir.exists() and not run_dir.is_dir():
         raise RolevecError(f"--out {run_dir} is a file: pass a folder")
+    check_writable(run_dir)
     if args.force and run_dir.exists():
         clear_run(run_dir)
         for name in RUN_OUTPUTS:

@@ -51,9 +51,14 @@ def add_strength_args(parser: argparse.ArgumentParser, *, required: bool) -> Non
 
 
 def check_out(path: str, force: bool) -> Path:
+    from ..vectors import check_writable
+
     out = Path(path)
     if out.exists() and not force:
         raise RolevecError(f"{out} already exists: pass --force to overwrite it, or choose another --out")
+    if out.is_dir():
+        raise RolevecError(f"{out} is a folder: pass a file name for --out")
+    check_writable(out)
     return out
 
 
@@ -121,7 +126,14 @@ def choose(
         )
     if args.ablate:
         alpha = None
-    return Choice(int(layer), int(position), None if alpha is None else float(alpha), origin), selection
+    try:
+        choice = Choice(int(layer), int(position), None if alpha is None else float(alpha), origin)
+    except (TypeError, ValueError):
+        raise RolevecError(
+            f"{origin} gives layer {layer!r}, position {position!r}, alpha {alpha!r}: these must be numbers; "
+            "pass --layer/--position/--alpha or a selection.json written by `rolevec sweep`"
+        ) from None
+    return choice, selection
 
 
 def check_selection_model(selection: dict[str, Any] | None, adapter: ModelAdapter, allow: bool) -> None:
