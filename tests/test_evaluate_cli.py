@@ -317,3 +317,25 @@ def test_selection_from_another_model_is_refused(
     explicit = ["--layer", "1", "--position", "-1", "--alpha", "1"]
     msg = _error(capsys, [*argv, *explicit, *_common(tiny_dir, tmp_path / "run")])
     assert "either --selection or" in msg
+
+
+def test_vectors_from_another_model_need_allow_other_model(
+    tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As generate, fold and export do: refused by default, a warning with --allow-other-model."""
+    other = tmp_path / "other.safetensors"
+    vecs = RoleVectors.load(tiny_dir / "vectors.safetensors")
+    RoleVectors(
+        vecs.role_means, vecs.base_mean, vecs.positions, vecs.position_tokens, {"model_fingerprint": "f" * 16}
+    ).save(other)
+    site = ["--layer", "1", "--position", "-1", "--alpha", "1", "--domains", "law", "--limit", "2"]
+    evaluate = ["evaluate", "--vectors", str(other), "--role", "lawyer", "--conditions", "add", *site]
+    sweep = ["sweep", "--vectors", str(other), "--role", "lawyer", "--layers", "1:2", "--positions", "-1"]
+    sweep += ["--limit", "2", "--ablate", "none"]
+    for k, argv in enumerate((evaluate, sweep)):
+        out = tmp_path / f"run{k}"
+        msg = _error(capsys, [*argv, *_common(tiny_dir, out)])
+        assert "fingerprint ffffffffffffffff" in msg and "--allow-other-model" in msg
+        assert not out.exists()
+        assert main([*argv, *_common(tiny_dir, out), "--allow-other-model"]) == 0
+        assert "rolevec: warning: vectors come from" in capsys.readouterr().err

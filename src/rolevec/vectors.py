@@ -129,8 +129,9 @@ class RoleVectors:
         i = self.position_index(position)
         return self._role(role)[i, layer] - self.base_mean[i, layer]
 
-    def check_compatible(self, adapter: ModelAdapter) -> None:
-        """Refuse a different hidden size or depth; warn when the model fingerprint differs."""
+    def check_compatible(self, adapter: ModelAdapter, *, allow_other_model: bool = True) -> None:
+        """Refuse a different hidden size or depth; when the model fingerprint differs, warn (or refuse,
+        with ``allow_other_model=False``, as the command line does unless --allow-other-model)."""
         if adapter.hidden_size != self.hidden_size or adapter.n_layers != self.n_layers:
             raise RolevecError(
                 f"vectors were extracted from a model with hidden size {self.hidden_size} and "
@@ -138,6 +139,12 @@ class RoleVectors:
                 f"{adapter.n_layers}: extract vectors for this model with `rolevec extract`"
             )
         theirs = self.metadata.get("model_fingerprint")
+        if theirs and theirs != adapter.fingerprint() and not allow_other_model:
+            raise RolevecError(
+                f"vectors come from {self.metadata.get('model')!r} (fingerprint {theirs}), not from "
+                f"{adapter.name!r} ({adapter.fingerprint()}): pass the model they were extracted from, "
+                "or --allow-other-model to use them anyway"
+            )
         if theirs and theirs != adapter.fingerprint():
             warnings.warn(
                 f"vectors come from {self.metadata.get('model')!r} (fingerprint {theirs}), not from "

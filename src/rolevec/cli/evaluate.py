@@ -73,6 +73,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_model_args(parser)
     parser.add_argument("--vectors", default=None, help="role-vector file (needed for add, ablate, random)")
     parser.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="use vectors whose model fingerprint differs from the loaded model (a warning, not an error)",
+    )
+    parser.add_argument(
         "--role", default=None, help="role, or comma-separated roles (needed except for baseline)"
     )
     parser.add_argument(
@@ -257,7 +262,7 @@ def _run(args: argparse.Namespace) -> int:
     vectors = RoleVectors.load(args.vectors) if args.vectors else None
     adapter = load_from_args(args)
     if vectors is not None:
-        vectors.check_compatible(adapter)
+        vectors.check_compatible(adapter, allow_other_model=args.allow_other_model)
     conditions = _conditions(args, adapter, vectors)
     mcq = load_questions(args, domains)
     prompt_format = prompt_format_from_args(args)

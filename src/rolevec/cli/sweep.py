@@ -35,6 +35,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_model_args(parser)
     parser.add_argument("--vectors", required=True, help="role-vector file")
+    parser.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="use vectors whose model fingerprint differs from the loaded model (a warning, not an error)",
+    )
     parser.add_argument("--role", required=True, help="role, or comma-separated roles")
     parser.add_argument(
         "--domain", default=None, help="domain to sweep on (default: the role's domain in the paper's table)"
@@ -104,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
     alphas = parse_alphas(args.alphas)
     positions = parse_positions(args.positions, vectors.positions)
     adapter = load_from_args(args)
-    vectors.check_compatible(adapter)
+    vectors.check_compatible(adapter, allow_other_model=args.allow_other_model)
     layers = parse_layers(args.layers, adapter.n_layers)
     mcq = load_questions(args, sorted(set(domain_of.values())))
     prompt_format = prompt_format_from_args(args)
