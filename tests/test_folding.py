@@ -187,6 +187,7 @@ def test_fold_cli_writes_a_standard_checkpoint(
     assert main(["fold", *opts, "--role", "doctor", "--layer", "2", "--alpha", "3", "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["args"]["alpha"] == 3.0 and manifest["steering"]["layers"] == [2]
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}["model.safetensors"] == 0o644
     assert manifest["model"]["fingerprint"] == tiny.fingerprint()
     assert set(manifest["versions"]) >= {"rolevec", "torch", "transformers"}
     assert len(manifest["vectors"]["sha256"]) == 64 and "mlp_bias" in manifest["fold"]["edits"]

@@ -38,8 +38,10 @@ def test_gpt2_has_position_embeddings_as_residual_input() -> None:
 def test_unmappable_architecture_names_the_override() -> None:
     tokenizer = make_tokenizer()
     model = make_model("llama", len(tokenizer))
-    with pytest.raises(RolevecError, match="block_pattern"):
+    with pytest.raises(RolevecError, match=r"not a list; the model's module lists are: model\.layers"):
         map_architecture(model, block_pattern="model.norm")
+    with pytest.raises(RolevecError, match=r"'model\.nope' is not a submodule; .*: model\.layers"):
+        map_architecture(model, block_pattern="model.nope")
     assert map_architecture(model, block_pattern="model.layers").blocks_path == "model.layers"
 
 

@@ -142,6 +142,9 @@ def test_broken_optional_file_is_a_note(tmp_path: Path) -> None:
     (run / "interpret.json").write_text("{", encoding="utf-8")
     text = write_report(run).html.read_text(encoding="utf-8")
     assert "not a readable safetensors" in text and "interpret.json is not readable JSON" in text
+    (run / "selection.json").write_text("[1, 2]", encoding="utf-8")  # damaged: a warning, not silence
+    with pytest.warns(UserWarning, match="selection.json is not a JSON object"):
+        write_report(run, force=True)
 
 
 def test_without_records_it_says_what_to_run(tmp_path: Path) -> None:
@@ -149,6 +152,12 @@ def test_without_records_it_says_what_to_run(tmp_path: Path) -> None:
         write_report(tmp_path)
     with pytest.raises(RolevecError, match="does not exist"):
         write_report(tmp_path / "nowhere")
+    (tmp_path / "records.jsonl").write_text("", encoding="utf-8")  # an evaluation that wrote nothing yet
+    with pytest.raises(RolevecError, match="holds no records yet"):
+        write_report(tmp_path)
+    (tmp_path / "file.txt").write_text("x", encoding="utf-8")
+    with pytest.raises(RolevecError, match="is a file, not a folder"):
+        write_report(tmp_path / "file.txt")
 
 
 def test_cli_refuses_to_overwrite_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

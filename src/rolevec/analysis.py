@@ -101,6 +101,11 @@ def load_records(run_dir: str | Path) -> list[Record]:
             records.append(parse_record(row))
         except (KeyError, TypeError, ValueError) as exc:
             raise RolevecError(f"{path} record {number} is not a rolevec record ({exc})") from exc
+    if not records:
+        raise RolevecError(
+            f"{path} holds no records yet: run `rolevec evaluate` (or `rolevec run`) with --out "
+            f"{Path(run_dir)}"
+        )
     return records
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import RolevecError
+from .errors import RolevecError, missing
 
 #: Paper Table 2: the 8 MMLU domains and the 29 roles used for them (in the paper's order).
 PAPER_DOMAINS: Mapping[str, tuple[str, ...]] = {
@@ -276,7 +276,7 @@ def load_prompts(path: str | Path, *, column: str | None = None, name: str | Non
                 if re.fullmatch(r"[\w.-]+/[\w.-]+", spec)
                 else ""
             )
-            raise RolevecError(f"prompt file {p} does not exist: pass a JSON, JSONL, CSV or text file{hint}")
+            raise RolevecError(f"prompt file {p} {missing(p)}: pass a JSON, JSONL, CSV or text file{hint}")
         suffix = p.suffix.lower()
         if suffix == ".json":
             raw = _from_json(p, column)
@@ -309,7 +309,9 @@ def _roles_dir(roles_dir: str | Path | None) -> Path:
         return builtin_dir() / "roles"
     path = Path(roles_dir).expanduser()
     if not path.is_dir():
-        raise RolevecError(f"roles folder {path} does not exist: pass a folder of <role>.json files")
+        raise RolevecError(
+            f"roles folder {path} {missing(path, folder=True)}: pass a folder of <role>.json files"
+        )
     return path
 
 

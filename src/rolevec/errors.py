@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class RolevecError(Exception):
     """Bad input or an unmet requirement, with a message that says what to do instead."""
+
+
+def missing(path: str | Path, *, folder: bool = False) -> str:
+    """Why a path is unusable: "does not exist", or that it is the wrong kind (a folder for a file)."""
+    p = Path(path)
+    if not p.exists():
+        return "does not exist"
+    return "is a file, not a folder" if folder else "is a folder, not a file"

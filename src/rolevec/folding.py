@@ -457,6 +457,8 @@ def write_folder(
     try:
         write(tmp)
         tmp.chmod(0o755)  # mkdtemp makes private folders; a checkpoint is an ordinary one
+        for item in tmp.rglob("*"):  # and some writers make private files (safetensors via a temp file)
+            item.chmod(0o755 if item.is_dir() else 0o644)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.replace(target, old / target.name)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RolevecError
+from .errors import RolevecError, missing
 
 LETTERS = ("A", "B", "C", "D")
 DOMAINS = ("econ", "eecs", "law", "math", "medicine", "natural_science", "politics", "psychology")
@@ -391,6 +391,8 @@ class Split:
     @classmethod
     def load(cls, path: str | Path) -> Split:
         p = Path(path)
+        if not p.is_file():
+            raise RolevecError(f"split file {p} {missing(p)}: pass the split.json of an earlier run")
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
             return cls(int(data["seed"]), float(data["val_fraction"]), str(data["source"]), data["domains"])

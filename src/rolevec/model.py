@@ -238,9 +238,16 @@ def _is_projection(module: nn.Module) -> bool:
 
 def _find_blocks(model: nn.Module, n_layers: int | None, block_pattern: str | None) -> str:
     if block_pattern is not None:
-        module = _get(model, block_pattern)
+        lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+        hint = f"; the model's module lists are: {', '.join(lists) or 'none'}"
+        try:
+            module = model.get_submodule(block_pattern)
+        except AttributeError:
+            raise RolevecError(f"block_pattern {block_pattern!r} is not a submodule{hint}") from None
         if not isinstance(module, nn.ModuleList):
-            raise RolevecError(f"block_pattern {block_pattern!r} names a {type(module).__name__}, not a list")
+            raise RolevecError(
+                f"block_pattern {block_pattern!r} names a {type(module).__name__}, not a list{hint}"
+            )
         return block_pattern
     candidates = [
         name
@@ -618,9 +625,9 @@ def load_model(
         path, name = model, model
         looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
         if looks_local and not Path(model).expanduser().is_dir():
-            raise RolevecError(
-                f"model folder {model!r} does not exist: pass a folder, a .gguf file or a hub id"
-            )
+            where = Path(model).expanduser()
+            what = "is a file, not a model folder" if where.exists() else "does not exist"
+            raise RolevecError(f"model path {model!r} {what}: pass a folder, a .gguf file or a hub id")
         path = str(Path(model).expanduser()) if looks_local else model
         if looks_local and not (Path(path) / "config.json").is_file():
             raise RolevecError(

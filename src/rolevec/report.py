@@ -14,6 +14,7 @@ import io
 import json
 import math
 import re
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 
 from . import figures
 from .analysis import SMALL_N, Analysis, SweepPanel, analyse, load_records, star, sweep_panels
-from .errors import RolevecError
+from .errors import RolevecError, missing
 from .geometry import Geometry, role_geometry
 from .records import read_records
 from .vectors import RoleVectors, atomic_write
@@ -194,10 +195,16 @@ def load_run(run_dir: str | Path) -> RunData:
     """Everything the report shows, from the run folder only; records.jsonl is the one required file."""
     root = Path(run_dir)
     if not root.is_dir():
-        raise RolevecError(f"run folder {root} does not exist: pass the --out folder of `rolevec run`")
+        raise RolevecError(
+            f"run folder {root} {missing(root, folder=True)}: pass the --out folder of `rolevec run`"
+        )
     records = load_records(root)
-    manifest = _read_json(root / "manifest.json").value or {}
-    selection = _read_json(root / "selection.json").value or {}
+    optional = {name: _read_json(root / name) for name in ("manifest.json", "selection.json")}
+    for name, got in optional.items():
+        if got.missing and got.missing != f"no {name}":  # there, but damaged: say so, report without it
+            warnings.warn(f"{got.missing}; the report leaves out what it would have given", stacklevel=2)
+    manifest = optional["manifest.json"].value or {}
+    selection = optional["selection.json"].value or {}
     sweep = Input(missing="no sweep.jsonl (the validation sweep was not run)")
     sweep_path = root / "sweep.jsonl"
     if sweep_path.is_file():

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import RolevecError
+from .errors import RolevecError, missing
 
 if TYPE_CHECKING:
     from .model import ModelAdapter
@@ -178,7 +178,7 @@ class RoleVectors:
 
         p = Path(path)
         if not p.is_file():
-            raise RolevecError(f"vector file {p} does not exist: create one with `rolevec extract --out {p}`")
+            raise RolevecError(f"vector file {p} {missing(p)}: create one with `rolevec extract --out {p}`")
         try:
             with safe_open(str(p), framework="pt") as f:
                 header = json.loads((f.metadata() or {}).get("rolevec", "{}"))

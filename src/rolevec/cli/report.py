@@ -19,8 +19,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..report import summary_lines, write_report
+    from .common import plain_warnings
 
-    files = write_report(args.run_dir, force=args.force)
+    with plain_warnings():
+        files = write_report(args.run_dir, force=args.force)
     for line in summary_lines(files):
         print(line)
     return 0
