@@ -78,3 +78,14 @@ def positive_int(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, not {value!r}")
     return n
+
+
+def fraction(value: str) -> float:
+    """A number strictly between 0 and 1 (a share of the questions)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, not {value!r}") from None
+    if not 0.0 < x < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (exclusive), not {value!r}")
+    return x

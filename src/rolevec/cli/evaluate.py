@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RolevecError
-from .common import add_model_args, load_from_args, plain_warnings, positive_int
+from .common import add_model_args, fraction, load_from_args, plain_warnings, positive_int
 
 if TYPE_CHECKING:
     from ..mcq import MCQSet
@@ -39,7 +39,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--seed", type=int, default=None, help="split seed (default: the run's, else 0)")
     data.add_argument(
         "--val-fraction",
-        type=float,
+        type=fraction,
         default=None,
         help="share of each domain used for validation (default 0.2)",
     )
@@ -260,12 +260,12 @@ def _run(args: argparse.Namespace) -> int:
     run_dir = prepare_run_dir(args.out, args.force)
     domains = parse_domains(args.domains)
     vectors = RoleVectors.load(args.vectors) if args.vectors else None
+    prompt_format = prompt_format_from_args(args)  # reads --prompt-file before the model loads
     adapter = load_from_args(args)
     if vectors is not None:
         vectors.check_compatible(adapter, allow_other_model=args.allow_other_model)
     conditions = _conditions(args, adapter, vectors)
     mcq = load_questions(args, domains)
-    prompt_format = prompt_format_from_args(args)
     base = _base_split(args, run_dir)
     split = ensure_split(
         run_dir / "split.json", mcq, seed=args.seed, val_fraction=args.val_fraction, base=base

@@ -108,11 +108,11 @@ def _run(args: argparse.Namespace) -> int:
     domain_of = {r: args.domain or role_domain(r) for r in roles}
     alphas = parse_alphas(args.alphas)
     positions = parse_positions(args.positions, vectors.positions)
+    prompt_format = prompt_format_from_args(args)  # reads --prompt-file before the model loads
     adapter = load_from_args(args)
     vectors.check_compatible(adapter, allow_other_model=args.allow_other_model)
     layers = parse_layers(args.layers, adapter.n_layers)
     mcq = load_questions(args, sorted(set(domain_of.values())))
-    prompt_format = prompt_format_from_args(args)
     split = ensure_split(run_dir / "split.json", mcq, seed=args.seed, val_fraction=args.val_fraction)
     check_settings(run_dir, run_settings(adapter, prompt_format, split))
     scorer = LetterScorer(adapter)
