@@ -79,6 +79,18 @@ def test_analyse_in_and_out_of_domain() -> None:
     assert ablate is not None and ablate.in_domain is not None and ablate.in_domain.rel_change <= 0
 
 
+def test_analyse_reads_the_split_it_is_given() -> None:
+    rows = [_rec("baseline", "q1", True, split="val"), _rec("baseline", "q2", False, split="val")]
+    rows += [
+        _rec("add", q, True, split="val", role="mathematician", layer=1, position=-1, alpha=3.0)
+        for q in ("q1", "q2")
+    ]
+    rows.append(_rec("baseline", "q1", True))  # a test row, left out of the validation analysis
+    a = analyse([parse_record(r) for r in rows], split="val")
+    assert a.labels == ("add α=3",)
+    assert [(c.stats.n, c.stats.correct, c.stats.base_correct) for c in a.cells] == [(2, 2, 1)]
+
+
 def test_unpaired_rows_are_counted_and_left_out() -> None:
     rows = [
         _rec("baseline", "q1", True),

@@ -339,3 +339,25 @@ def test_vectors_from_another_model_need_allow_other_model(
         assert not out.exists()
         assert main([*argv, *_common(tiny_dir, out), "--allow-other-model"]) == 0
         assert "rolevec: warning: vectors come from" in capsys.readouterr().err
+
+
+def test_other_vectors_do_not_resume_into_a_run(
+    tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Records are keyed by role and site, so the run remembers which vectors made them."""
+    vecs = RoleVectors.load(tiny_dir / "vectors.safetensors")
+    changed = tmp_path / "changed.safetensors"
+    means = dict(vecs.role_means)
+    means["lawyer"] = means["lawyer"] + 1.0
+    RoleVectors(means, vecs.base_mean, vecs.positions, vecs.position_tokens, dict(vecs.metadata)).save(
+        changed
+    )
+    site = ["--layer", "1", "--position", "-1", "--alpha", "1", "--domains", "law", "--limit", "2"]
+    out = tmp_path / "run"
+    argv = ["evaluate", "--role", "lawyer", "--conditions", "add", *site, *_common(tiny_dir, out)]
+    assert main([*argv, "--vectors", str(tiny_dir / "vectors.safetensors")]) == 0
+    assert main([*argv, "--vectors", str(tiny_dir / "vectors.safetensors")]) == 0  # the same: resumes
+    capsys.readouterr()
+    msg = _error(capsys, [*argv, "--vectors", str(changed)])
+    assert "other settings" in msg and "vectors:lawyer" in msg
+    assert main([*argv, "--vectors", str(changed), "--force"]) == 0

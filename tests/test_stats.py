@@ -36,6 +36,10 @@ def test_mcnemar_exact_and_chi_square() -> None:
     # 30 vs 10 uses chi-square with continuity correction: (|30-10|-1)^2/40 = 9.025
     assert mcnemar(30, 10) == pytest.approx(math.erfc(math.sqrt(9.025 / 2)))
     assert mcnemar(30, 10) == pytest.approx(0.002663, abs=1e-5)
+    # chi-square regime with equal counts: no evidence at all (R's mcnemar.test gives 1), and never a
+    # smaller p than a difference of one
+    assert mcnemar(15, 15) == 1.0 and mcnemar(15, 16) == 1.0
+    assert mcnemar(40, 40) >= mcnemar(40, 41)
 
 
 def _rec(cond: str, qid: str, correct: bool, subject: str = "s1", **kw: Any) -> dict[str, Any]:

@@ -14,11 +14,11 @@ import rolevec.sweep as sweep_module
 from rolevec.errors import RolevecError
 from rolevec.evaluation import Condition, LetterScorer, _batch, intervention, prepare, score
 from rolevec.hooks import count_hooks
-from rolevec.mcq import MCQItem
+from rolevec.mcq import MCQItem, MCQSet, make_split
 from rolevec.model import ModelAdapter
 from rolevec.records import RecordStore, read_records
 from rolevec.resume import Addition, Work, cache_batches, residual_at, stack_rows
-from rolevec.selection import load_selection, select, selected_site, write_selection
+from rolevec.selection import check_held_out, load_selection, select, selected_site, write_selection
 from rolevec.sweep import (
     GridRow,
     default_layers,
@@ -224,9 +224,17 @@ def test_selection_criterion_and_tie_rule() -> None:
 def test_selection_file_round_trip_and_fingerprint(tmp_path: Path) -> None:
     llama, qwen = make_adapter("llama"), make_adapter("qwen2")
     choice = select([_row("add", 2, -1, 3.0, 0.7), _row("ablate", 2, -1, None, 0.4)])
-    path = write_selection(tmp_path / "selection.json", llama, split_seed=0, layers=(0, 2), choices=[choice])
+    path = write_selection(
+        tmp_path / "selection.json",
+        llama,
+        split_seed=0,
+        layers=(0, 2),
+        choices=[choice],
+        validation={"law": ["law/3", "law/1"]},
+    )
     doc = json.loads(path.read_text())
-    assert set(doc) == {"model", "model_fingerprint", "split_seed", "layers", "roles"}
+    assert set(doc) == {"model", "model_fingerprint", "split_seed", "layers", "roles", "validation_qids"}
+    assert doc["validation_qids"] == {"law": ["law/1", "law/3"]}
     assert set(doc["roles"]["lawyer"]) == {
         "domain",
         "layer",
@@ -243,6 +251,22 @@ def test_selection_file_round_trip_and_fingerprint(tmp_path: Path) -> None:
         load_selection(path, qwen)
     with pytest.raises(RolevecError, match="--force"):
         write_selection(path, qwen, split_seed=0, layers=(0, 2), choices=[choice])
+    # a merge keeps the questions of earlier choices
+    write_selection(path, llama, split_seed=0, layers=(0, 2), choices=[], validation={"law": ["law/2"]})
+    assert json.loads(path.read_text())["validation_qids"] == {"law": ["law/1", "law/2", "law/3"]}
+
+
+def test_held_out_check_refuses_testing_on_selection_questions() -> None:
+    """Whatever the seeds: a test split that shares a question with the sweep's validation is refused."""
+    mcq = MCQSet({"law": items(10, "law"), "math": items(10)}, "test")
+    split = make_split(mcq, seed=0, val_fraction=0.3)
+    val, test = split.qids("law", "val"), split.qids("law", "test")
+    check_held_out({"split_seed": 5, "validation_qids": {"law": val}}, split, ["law", "math"])
+    with pytest.raises(RolevecError, match="1 law question"):
+        check_held_out({"split_seed": 0, "validation_qids": {"law": [*val, test[0]]}}, split, ["law"])
+    check_held_out({"split_seed": 0, "validation_qids": {"law": [test[0]]}}, split, ["math"])  # not tested
+    with pytest.raises(RolevecError, match="split seed 5"):  # an older selection: only its seed to go by
+        check_held_out({"split_seed": 5}, split, ["law"])
 
 
 def test_grid_rows_and_sweep_file(tmp_path: Path) -> None:

@@ -145,10 +145,11 @@ def _alpha_text(alpha: float) -> str:
 
 
 def condition_keys(records: Sequence[Record]) -> dict[tuple[Any, ...], ConditionKey]:
-    """Label every (condition, α, template, layer, position) that occurs, unambiguously per role."""
+    """Label every (condition, α, template, layer, position) that occurs, unambiguously per role
+    (in the records given: ``analyse`` passes those of one split)."""
     raw: dict[tuple[Any, ...], set[str]] = defaultdict(set)
     for r in records:
-        if r.condition == "baseline" or r.split != "test":
+        if r.condition == "baseline":
             continue
         raw[(r.condition, r.alpha, r.persona_template, r.layer, r.position)].add(str(r.role))
     templates = sorted({k[2] for k in raw if k[0] == "persona" and k[2] is not None})

@@ -748,9 +748,18 @@ def evaluate_conditions(
 
 
 def run_settings(
-    adapter: ModelAdapter, prompt_format: PromptFormat, split: Split, random_seed: int | None = None
+    adapter: ModelAdapter,
+    prompt_format: PromptFormat,
+    split: Split,
+    random_seed: int | None = None,
+    *,
+    vectors: RoleVectors | None = None,
+    roles: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """What must not change between runs that add records to one folder (see records.check_settings)."""
+    """What must not change between runs that add records to one folder (see records.check_settings).
+
+    With ``vectors``, each steered role's vectors are named by their digest: records are keyed by role and
+    site, not by the file, so other vectors for the same role must not resume into them."""
     settings: dict[str, Any] = {
         "model": adapter.name,
         "model_fingerprint": adapter.fingerprint(),
@@ -760,4 +769,6 @@ def run_settings(
     }
     if random_seed is not None:
         settings["random_seed"] = random_seed
+    if vectors is not None:
+        settings.update({f"vectors:{role}": vectors.digest(role) for role in roles})
     return settings

@@ -495,8 +495,10 @@ def ensure_split(
     seed: int | None = None,
     val_fraction: float | None = None,
     base: Split | None = None,
+    save: bool = True,
 ) -> Split:
-    """The run's split: loaded from ``path`` (else copied from ``base``, else new), extended, saved.
+    """The run's split: loaded from ``path`` (else copied from ``base``, else new), extended, saved
+    (``save=False``: only returned, for checks that must pass before a run folder is written).
 
     ``seed`` / ``val_fraction`` of None mean "as stored" (defaults 0 and 0.2 for a new split); given values
     must match a stored split. Each domain's split depends only on the seed, the fraction and that
@@ -538,6 +540,6 @@ def ensure_split(
     if missing:
         extra = make_split(MCQSet(missing, mcq.source), seed=current.seed, val_fraction=current.val_fraction)
         current.domains.update(extra.domains)
-    if missing or not p.exists():
+    if save and (missing or not p.exists()):
         current.save(p, force=True)
     return current

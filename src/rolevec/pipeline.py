@@ -466,10 +466,12 @@ class Study:
         self.scorer = LetterScorer(self.adapter)
         choices = []
         modes = {}
+        used: dict[str, list[str]] = {}
         with RecordStore(self.run_dir / "records.jsonl") as store:
             for role in self.roles:
                 domain = str(role_domain(role))
                 items = self.split.select(self.mcq, domain, "val", c.val_limit)
+                used[domain] = [it.qid for it in items]
                 result = run_sweep(
                     self.adapter,
                     self.vectors,
@@ -502,6 +504,7 @@ class Study:
             split_seed=self.split.seed,
             layers=layers,
             choices=choices,
+            validation=used,
         )
         self.choices = {ch.role: ch for ch in choices}
         self.state.sampled["grid"] = {

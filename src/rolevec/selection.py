@@ -14,7 +14,8 @@ When nothing qualifies the best addition candidate by the same order is still re
 ``criterion_met`` false, so a run can go on — and says so. Entry points::
 
     select(rows) -> Choice
-    write_selection(path, adapter, *, split_seed, layers, choices, force=False) -> Path
+    write_selection(path, adapter, *, split_seed, layers, choices, validation=None, force=False) -> Path
+    check_held_out(selection, split, domains)
     load_selection(path, adapter=None) -> dict
     selected_site(selection, role) -> tuple[int, int, float]
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RolevecError, missing
+from .mcq import Split
 from .model import ModelAdapter
 from .sweep import GridRow
 from .vectors import atomic_write
@@ -104,14 +106,18 @@ def write_selection(
     split_seed: int,
     layers: tuple[int, int],
     choices: Sequence[Choice],
+    validation: Mapping[str, Sequence[str]] | None = None,
     force: bool = False,
 ) -> Path:
     """Write (or update: roles are merged) ``selection.json`` atomically.
 
-    Merging into an existing file needs the same model, split seed and layer range; ``force`` replaces it.
+    ``validation`` lists, per domain, the questions the choices were made on, so an evaluation can refuse
+    to test on them whatever its split. Merging into an existing file needs the same model, split seed and
+    layer range; ``force`` replaces it.
     """
     p = Path(path)
     roles: dict[str, Any] = {}
+    used: dict[str, set[str]] = {}
     if p.exists() and not force:
         old = load_selection(p)
         same = (
@@ -125,13 +131,17 @@ def write_selection(
                 "replace it, or choose another --out"
             )
         roles.update(old["roles"])
+        used.update({d: set(q) for d, q in (old.get("validation_qids") or {}).items()})
     roles.update({c.role: c.to_json() for c in choices})
+    for domain, qids in (validation or {}).items():
+        used.setdefault(domain, set()).update(qids)
     doc = {
         "model": adapter.name,
         "model_fingerprint": adapter.fingerprint(),
         "split_seed": split_seed,
         "layers": [layers[0], layers[1]],
         "roles": roles,
+        "validation_qids": {d: sorted(q) for d, q in sorted(used.items())},
     }
     text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
     atomic_write(p, lambda tmp: tmp.write_text(text, encoding="utf-8"), force=True)
@@ -158,6 +168,29 @@ def load_selection(path: str | Path, adapter: ModelAdapter | None = None) -> dic
             "--layer/--position/--alpha"
         )
     return dict(doc)
+
+
+def check_held_out(selection: Mapping[str, Any], split: Split, domains: Sequence[str]) -> None:
+    """Refuse to test on questions the selection was made on (a selection without that record: its seed)."""
+    used = selection.get("validation_qids")
+    if not isinstance(used, Mapping):
+        if int(selection.get("split_seed", split.seed)) != split.seed:
+            raise RolevecError(
+                f"the selection was made on split seed {selection['split_seed']} but this run's split has "
+                f"seed {split.seed}: its test questions may include the validation questions used to "
+                "select; evaluate in the sweep's run folder or pass --split-file with the sweep's split.json"
+            )
+        return
+    for domain in domains:
+        if domain not in used or domain not in split.domains:
+            continue
+        leaked = set(used[domain]) & set(split.qids(domain, "test"))
+        if leaked:
+            raise RolevecError(
+                f"{len(leaked)} {domain} question(s) of this run's test split were used to select the site "
+                f"(e.g. {sorted(leaked)[0]}): evaluate in the sweep's run folder, or pass --split-file with "
+                "the sweep's split.json"
+            )
 
 
 def selected_site(selection: Mapping[str, Any], role: str) -> tuple[int, int, float]:

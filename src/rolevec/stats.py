@@ -63,7 +63,7 @@ def mcnemar(b: int, c: int, *, exact_below: int = EXACT_BELOW) -> float:
         return 1.0
     if n < exact_below:
         return _binom_two_sided(b, n)
-    stat = (abs(b - c) - 1) ** 2 / n
+    stat = max(0, abs(b - c) - 1) ** 2 / n  # the correction never pushes |b − c| = 0 below zero
     return math.erfc(math.sqrt(stat / 2.0))  # survival function of chi-square with 1 dof
 
 

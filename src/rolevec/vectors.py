@@ -7,6 +7,7 @@ input of block L). Metadata rides in the safetensors header as JSON; nothing is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -122,6 +123,11 @@ class RoleVectors:
     def diff(self, role: str) -> torch.Tensor:
         """d = μ_role − ν_base for every (position, layer): ``[P, L+1, H]``."""
         return self._role(role) - self.base_mean
+
+    def digest(self, role: str) -> str:
+        """A short hash of the role's vectors (every site), so records know which vectors made them."""
+        data = self.diff(role).float().contiguous().numpy().tobytes()
+        return hashlib.sha256(data).hexdigest()[:16]
 
     def vector(self, role: str, layer: int, position: int) -> torch.Tensor:
         """The role vector at one site, unnormalised, float32 ``[hidden]``."""

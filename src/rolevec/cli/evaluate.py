@@ -253,7 +253,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..evaluation import LetterScorer, evaluate_conditions, run_settings
     from ..mcq import ensure_split, parse_domains
     from ..records import RecordStore, check_settings, read_records, record_identity
-    from ..selection import load_selection
+    from ..selection import check_held_out, load_selection
     from ..stats import format_table, per_subject, summarize
     from ..vectors import RoleVectors, atomic_write
 
@@ -267,20 +267,22 @@ def _run(args: argparse.Namespace) -> int:
     conditions = _conditions(args, adapter, vectors)
     mcq = load_questions(args, domains)
     base = _base_split(args, run_dir)
-    split = ensure_split(
-        run_dir / "split.json", mcq, seed=args.seed, val_fraction=args.val_fraction, base=base
-    )
-    if args.selection:
-        sel = load_selection(args.selection, adapter)
-        if int(sel.get("split_seed", split.seed)) != split.seed:
-            raise RolevecError(
-                f"the selection was made on split seed {sel['split_seed']} but this run's split has seed "
-                f"{split.seed}: its test questions may include the validation questions used to select; "
-                "evaluate in the sweep's run folder or pass --split-file with the sweep's split.json"
-            )
+    split_args: dict[str, Any] = {"seed": args.seed, "val_fraction": args.val_fraction, "base": base}
+    split = ensure_split(run_dir / "split.json", mcq, save=False, **split_args)
+    if args.selection and args.split != "val":  # checked before the run folder is written
+        check_held_out(load_selection(args.selection, adapter), split, domains or mcq.domains)
+    split = ensure_split(run_dir / "split.json", mcq, **split_args)
     uses_random = any(c.kind == "random" for c in conditions)
     check_settings(
-        run_dir, run_settings(adapter, prompt_format, split, args.random_seed if uses_random else None)
+        run_dir,
+        run_settings(
+            adapter,
+            prompt_format,
+            split,
+            args.random_seed if uses_random else None,
+            vectors=vectors,
+            roles=sorted({str(c.role) for c in conditions if c.kind in ("add", "ablate", "random")}),
+        ),
     )
     doms = domains if domains is not None else mcq.domains
     scorer = LetterScorer(adapter)

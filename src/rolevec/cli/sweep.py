@@ -114,7 +114,7 @@ def _run(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers, adapter.n_layers)
     mcq = load_questions(args, sorted(set(domain_of.values())))
     split = ensure_split(run_dir / "split.json", mcq, seed=args.seed, val_fraction=args.val_fraction)
-    check_settings(run_dir, run_settings(adapter, prompt_format, split))
+    check_settings(run_dir, run_settings(adapter, prompt_format, split, vectors=vectors, roles=roles))
     scorer = LetterScorer(adapter)
     choices: list[Choice] = []
     results: list[Any] = []
@@ -158,8 +158,16 @@ def _run(args: argparse.Namespace) -> int:
                     "(criterion_met false in selection.json)",
                     file=sys.stderr,
                 )
+    used = {
+        d: [it.qid for it in split.select(mcq, d, "val", args.limit)] for d in sorted(set(domain_of.values()))
+    }
     write_selection(
-        run_dir / "selection.json", adapter, split_seed=split.seed, layers=layers, choices=choices
+        run_dir / "selection.json",
+        adapter,
+        split_seed=split.seed,
+        layers=layers,
+        choices=choices,
+        validation=used,
     )
     write_command_manifest(
         run_dir,
