@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -166,7 +167,14 @@ def test_resolve_refuses_another_model(tiny_llama: ModelAdapter) -> None:
     other = role_vectors(tiny_llama, fingerprint="0123456789abcdef")
     with pytest.raises(RolevecError, match=r"fingerprint 0123456789abcdef.*--allow-other-model"):
         resolve_steering(other, "doctor", layers=1, alpha=1.0, adapter=tiny_llama)
-    resolve_steering(other, "doctor", layers=1, alpha=1.0, adapter=tiny_llama, allow_other_model=True)
+    with pytest.warns(UserWarning, match="fingerprint 0123456789abcdef.*meaningless"):  # allowed, not silent
+        steering = resolve_steering(
+            other, "doctor", layers=1, alpha=1.0, adapter=tiny_llama, allow_other_model=True
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # applying what was resolved does not warn again
+        with steering.apply(tiny_llama):
+            pass
     deeper = role_vectors(make_adapter("llama", n_layers=4))
     with pytest.raises(RolevecError, match="4 layers"):
         resolve_steering(deeper, "doctor", layers=1, alpha=1.0, adapter=tiny_llama)

@@ -191,7 +191,7 @@ def lm_eval_config(
     """The dict lm-evaluation-harness's ``steered`` model loads: ``{hookpoint: {action, steering_...}}``."""
     if steering.mode != "add":
         raise RolevecError("only addition can be exported for lm-evaluation-harness")
-    steering.check_model(adapter, allow_other_model=True)
+    steering.check_model(adapter, allow_other_model=True, warn_other_model=False)
     return {
         lm_eval_hookpoint(adapter, layer): {
             "action": "add",

@@ -296,7 +296,7 @@ def fold_addition_(adapter: ModelAdapter, vector: torch.Tensor, *, layer: int, a
     problem = fold_problem(adapter, steering)
     if problem:
         raise RolevecError(problem)
-    steering.check_model(adapter, allow_other_model=True)
+    steering.check_model(adapter, allow_other_model=True, warn_other_model=False)
     shift = steering.scaled()[layer].double()
     edits: list[str] = []
     if layer == 0:
@@ -329,7 +329,7 @@ def fold_ablation_(adapter: ModelAdapter, direction: torch.Tensor) -> list[str]:
     problem = fold_problem(adapter, steering)
     if problem:
         raise RolevecError(problem)
-    steering.check_model(adapter, allow_other_model=True)
+    steering.check_model(adapter, allow_other_model=True, warn_other_model=False)
     d = steering.direction.double()
     edits = [UNTIED] if untie_embeddings_(adapter) else []
     for emb in adapter.embeddings:
@@ -407,7 +407,7 @@ def fold(adapter: ModelAdapter, steering: Steering, *, verify: bool = True) -> M
     problem = fold_problem(adapter, steering)
     if problem:
         raise RolevecError(problem)
-    steering.check_model(adapter, allow_other_model=True)
+    steering.check_model(adapter, allow_other_model=True, warn_other_model=False)
     model = copy.deepcopy(adapter.model)
     source = {**adapter.source, "folded": steering.describe()}
     folded = ModelAdapter(

@@ -10,6 +10,7 @@ common currency of generation, folding and export; :func:`resolve_steering` buil
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -157,8 +158,10 @@ class Steering:
             return f"add α={self.alpha:g} ({who}layer {layers}, position {self.position})"
         return f"ablate ({who}direction from layer {layers}, position {self.position})"
 
-    def check_model(self, adapter: ModelAdapter, *, allow_other_model: bool = False) -> None:
-        """Refuse a model of another size, depth or (unless allowed) another fingerprint."""
+    def check_model(
+        self, adapter: ModelAdapter, *, allow_other_model: bool = False, warn_other_model: bool = True
+    ) -> None:
+        """Refuse a model of another size, depth or (unless allowed, with a warning) another fingerprint."""
         if self.hidden_size != adapter.hidden_size:
             raise RolevecError(
                 f"vectors have hidden size {self.hidden_size} but {adapter.name} has {adapter.hidden_size}: "
@@ -176,11 +179,17 @@ class Steering:
                 f"{adapter.name!r} ({adapter.fingerprint()}): pass the model they were extracted from, "
                 "or --allow-other-model to apply them anyway"
             )
+        if theirs and theirs != adapter.fingerprint() and warn_other_model:
+            warnings.warn(
+                f"vectors come from {self.source.get('model')!r} (fingerprint {theirs}), not from "
+                f"{adapter.name!r} ({adapter.fingerprint()}): results may be meaningless",
+                stacklevel=2,
+            )
 
     @contextmanager
     def apply(self, adapter: ModelAdapter, *, where: str = "all") -> Iterator[None]:
         """Steer ``adapter`` with hooks for the duration of the block."""
-        self.check_model(adapter, allow_other_model=True)
+        self.check_model(adapter, allow_other_model=True, warn_other_model=False)
         with ExitStack() as stack:
             if self.mode == "add":
                 for layer in self.layers:

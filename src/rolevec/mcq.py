@@ -525,8 +525,9 @@ def ensure_split(
     if (seed is not None and seed != current.seed) or (
         val_fraction is not None and val_fraction != current.val_fraction
     ):
+        made = p if p.exists() else "the selection's split (--split-file, or split.json beside --selection)"
         raise RolevecError(
-            f"{p} was made with seed {current.seed} and val fraction {current.val_fraction}, not "
+            f"{made} was made with seed {current.seed} and val fraction {current.val_fraction}, not "
             f"{seed} and {val_fraction}: pass those (or neither), --force to start the run over, "
             "or another --out"
         )

@@ -28,9 +28,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--mcq-dir",
         default=None,
-        help="folder of <domain>.json/.jsonl/.csv, one such file, or hf:cais/mmlu (default: the paper's "
-        "files in ../shared/data/role-vectors-paper/mmlu_domains or $ROLEVEC_MMLU_DIR, else the built-in "
-        "sample of 24 questions per domain)",
+        help="folder of <domain>.json/.jsonl/.csv, one such file, or hf:cais/mmlu (default: "
+        "$ROLEVEC_MMLU_DIR if set, else the paper's files in ../shared/data/role-vectors-paper/mmlu_domains, "
+        "else the built-in sample of 24 questions per domain)",
     )
     data.add_argument(
         "--skip-bad", action="store_true", help="skip malformed questions (counted) instead of failing"

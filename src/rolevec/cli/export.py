@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_args, load_from_args
+from .common import add_model_args, load_from_args, plain_warnings
 from .steer_args import add_vector_args, check_alpha_arg, check_out, load_vectors
 
 
@@ -43,6 +43,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with plain_warnings():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..errors import RolevecError
     from ..export import PT_DTYPES, export_control_vector, export_lm_eval, llama_cpp_index
     from ..interventions import parse_layers, resolve_steering

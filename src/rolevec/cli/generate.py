@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_args, load_from_args
+from .common import add_model_args, load_from_args, plain_warnings
 from .steer_args import (
     DEFAULT_LAYER_FRACTION,
     add_strength_args,
@@ -62,6 +62,11 @@ def _emit(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with plain_warnings():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..errors import RolevecError
     from ..export import steering_from_control_vector
     from ..generation import generate

@@ -48,13 +48,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--layers", default=None, help="half-open layer range a:b (default: the first 80%% of the layers)"
     )
-    parser.add_argument("--positions", default="all", help="comma-separated positions like -1,-2, or all")
+    parser.add_argument(
+        "--positions", default="all", help="comma-separated positions like -1,-2, or all (default: all)"
+    )
     parser.add_argument(
         "--ablate",
         default="all",
         choices=["all", "passing", "none"],
         help="ablation sites: all (full grid), passing (only where addition beats the baseline: enough "
-        "for the criterion, faster), none",
+        "for the criterion, faster), none (default: all)",
     )
     speed = parser.add_argument_group("speed")
     speed.add_argument(
