@@ -74,3 +74,25 @@ def test_result_files_are_tagged_by_device_and_model(common: ModuleType) -> None
     assert common.run_tag("cuda", "random:llama-3.2-1b") == "-cuda-llama-3.2-1b"
     assert common.run_tag("cuda:1", "/models/Llama-3.1-8B/") == "-cuda1-Llama-3.1-8B"
     assert common.run_tag("cpu", "weights/model.Q4.gguf") == "-model.Q4"
+
+
+def test_rows_against_another_dtype_need_the_same_predictions(common: ModuleType) -> None:
+    assert common.cross_verdict(0.969, "met") == "no verdict (predictions differ: agreement 96.9%)"
+    assert common.cross_verdict(1.0, "met") == "met (same predictions)"
+
+
+def test_sweep_lower_bound_keeps_the_baseline_residuals(common: ModuleType) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_sweep
+        import run_all
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    cands = [(layer, -1, alpha) for layer in (1, 5, 9, 13, 17, 21) for alpha in (1.0, 3.0)]
+    theory = bench_sweep.theoretical(30, cands)
+    tails = 2 * sum(30 - layer for layer in (1, 5, 9, 13, 17, 21))
+    assert theory["lower_bound_time_ratio"] == pytest.approx((30 + tails) / (13 * 30))
+    assert theory["ceiling_time_ratio"] == pytest.approx((30 + 21 + tails) / (13 * 30))
+    # a result file from before the bound was recorded gets the same number
+    older = {"theory": {}, "n_layers": 30, "k_candidates": 12, "layers": [1, 5, 9, 13, 17, 21]}
+    assert run_all.sweep_lower_bound(older) == pytest.approx(theory["lower_bound_time_ratio"])
