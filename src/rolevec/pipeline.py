@@ -4,7 +4,7 @@ Each stage writes its artefact into the run folder and is skipped on a rerun whe
 (per-question records resume inside a stage), so an interrupted ``rolevec run`` continues where it stopped.
 ``manifest.json`` is rewritten after every stage with the configuration, what was sampled, and timings.
 
-Two presets: ``quick`` fits the embedded model on a 2-core CPU in about ten minutes (one role per domain,
+Two presets: ``quick`` fits the embedded model on a 2-core CPU in about three minutes (one role per domain,
 small samples, a coarse grid — a smoke test of the method, not a finding); ``paper`` is the full grid.
 """
 
