@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import RolevecError, missing
+from .errors import RolevecError, path_problem
 
 #: Paper Table 2: the 8 MMLU domains and the 29 roles used for them (in the paper's order).
 PAPER_DOMAINS: Mapping[str, tuple[str, ...]] = {
@@ -276,7 +276,9 @@ def load_prompts(path: str | Path, *, column: str | None = None, name: str | Non
                 if re.fullmatch(r"[\w.-]+/[\w.-]+", spec)
                 else ""
             )
-            raise RolevecError(f"prompt file {p} {missing(p)}: pass a JSON, JSONL, CSV or text file{hint}")
+            raise RolevecError(
+                f"prompt file {p} {path_problem(p)}: pass a JSON, JSONL, CSV or text file{hint}"
+            )
         suffix = p.suffix.lower()
         if suffix == ".json":
             raw = _from_json(p, column)
@@ -310,7 +312,7 @@ def _roles_dir(roles_dir: str | Path | None) -> Path:
     path = Path(roles_dir).expanduser()
     if not path.is_dir():
         raise RolevecError(
-            f"roles folder {path} {missing(path, folder=True)}: pass a folder of <role>.json files"
+            f"roles folder {path} {path_problem(path, folder=True)}: pass a folder of <role>.json files"
         )
     return path
 

@@ -9,7 +9,7 @@ class RolevecError(Exception):
     """Bad input or an unmet requirement, with a message that says what to do instead."""
 
 
-def missing(path: str | Path, *, folder: bool = False) -> str:
+def path_problem(path: str | Path, *, folder: bool = False) -> str:
     """Why a path is unusable: "does not exist", or that it is the wrong kind (a folder for a file)."""
     p = Path(path)
     if not p.exists():

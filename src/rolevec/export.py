@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import RolevecError, missing
+from .errors import RolevecError, path_problem
 from .interventions import Steering
 from .model import ModelAdapter
 from .vectors import atomic_write
@@ -103,7 +103,7 @@ def read_control_vector_file(path: str | Path) -> tuple[dict[str, Any], dict[int
 
     p = Path(path)
     if not p.is_file():
-        raise RolevecError(f"control vector {p} {missing(p)}: pass the path of a .gguf file")
+        raise RolevecError(f"control vector {p} {path_problem(p)}: pass the path of a .gguf file")
     try:
         reader = GGUFReader(str(p))
     except Exception as exc:

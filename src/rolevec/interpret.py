@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .errors import RolevecError, missing
+from .errors import RolevecError, path_problem
 from .hooks import hooked, input_hook
 from .interventions import add
 from .model import ModelAdapter
@@ -313,7 +313,7 @@ def _load_selection(selection: Mapping[str, Any] | str | Path) -> Mapping[str, A
         return selection
     path = Path(selection)
     if not path.is_file():
-        raise RolevecError(f"selection file {path} {missing(path)}: run the validation sweep first")
+        raise RolevecError(f"selection file {path} {path_problem(path)}: run the validation sweep first")
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
         raise RolevecError(f"{path} is not a selection.json object")

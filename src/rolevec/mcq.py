@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RolevecError, missing
+from .errors import RolevecError, path_problem
 
 LETTERS = ("A", "B", "C", "D")
 DOMAINS = ("econ", "eecs", "law", "math", "medicine", "natural_science", "politics", "psychology")
@@ -392,7 +392,7 @@ class Split:
     def load(cls, path: str | Path) -> Split:
         p = Path(path)
         if not p.is_file():
-            raise RolevecError(f"split file {p} {missing(p)}: pass the split.json of an earlier run")
+            raise RolevecError(f"split file {p} {path_problem(p)}: pass the split.json of an earlier run")
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
             return cls(int(data["seed"]), float(data["val_fraction"]), str(data["source"]), data["domains"])

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import RolevecError, missing
+from .errors import RolevecError, path_problem
 from .model import ModelAdapter
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -196,7 +196,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """A JSON or TOML file of StudyConfig keys."""
     p = Path(path)
     if not p.is_file():
-        raise RolevecError(f"config file {p} {missing(p)}: pass a JSON or TOML file of run options")
+        raise RolevecError(f"config file {p} {path_problem(p)}: pass a JSON or TOML file of run options")
     try:
         if p.suffix == ".toml":
             import tomllib

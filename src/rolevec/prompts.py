@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import PromptSet, role_display
-from .errors import RolevecError, missing
+from .errors import RolevecError, path_problem
 from .model import ModelAdapter
 from .vectors import atomic_write
 
@@ -109,7 +109,9 @@ def load_personas(path: str | Path) -> list[str]:
     """Persona texts from a PersonaHub-style JSONL file (objects with a ``persona`` field) or a JSON list."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise RolevecError(f"persona file {p} {missing(p)}: pass a JSONL file of {{'persona': ...}} objects")
+        raise RolevecError(
+            f"persona file {p} {path_problem(p)}: pass a JSONL file of {{'persona': ...}} objects"
+        )
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import figures
 from .analysis import SMALL_N, Analysis, SweepPanel, analyse, load_records, star, sweep_panels
-from .errors import RolevecError, missing
+from .errors import RolevecError, path_problem
 from .geometry import Geometry, role_geometry
 from .records import read_records
 from .vectors import RoleVectors, atomic_write
@@ -196,7 +196,7 @@ def load_run(run_dir: str | Path) -> RunData:
     root = Path(run_dir)
     if not root.is_dir():
         raise RolevecError(
-            f"run folder {root} {missing(root, folder=True)}: pass the --out folder of `rolevec run`"
+            f"run folder {root} {path_problem(root, folder=True)}: pass the --out folder of `rolevec run`"
         )
     records = load_records(root)
     optional = {name: _read_json(root / name) for name in ("manifest.json", "selection.json")}

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import RolevecError, missing
+from .errors import RolevecError, path_problem
 from .mcq import Split
 from .model import ModelAdapter
 from .sweep import GridRow
@@ -152,7 +152,7 @@ def load_selection(path: str | Path, adapter: ModelAdapter | None = None) -> dic
     """Read ``selection.json``; with ``adapter``, refuse one made on a different model."""
     p = Path(path)
     if not p.is_file():
-        raise RolevecError(f"selection file {p} {missing(p)}: make one with `rolevec sweep --out DIR`")
+        raise RolevecError(f"selection file {p} {path_problem(p)}: make one with `rolevec sweep --out DIR`")
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import RolevecError, missing
+from .errors import RolevecError, path_problem
 
 if TYPE_CHECKING:
     from .model import ModelAdapter
@@ -184,7 +184,9 @@ class RoleVectors:
 
         p = Path(path)
         if not p.is_file():
-            raise RolevecError(f"vector file {p} {missing(p)}: create one with `rolevec extract --out {p}`")
+            raise RolevecError(
+                f"vector file {p} {path_problem(p)}: create one with `rolevec extract --out {p}`"
+            )
         try:
             with safe_open(str(p), framework="pt") as f:
                 header = json.loads((f.metadata() or {}).get("rolevec", "{}"))

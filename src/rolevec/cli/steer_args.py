@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import RolevecError, missing
+from ..errors import RolevecError, path_problem
 
 if TYPE_CHECKING:
     from ..model import ModelAdapter
@@ -92,7 +92,7 @@ def read_selection(path: str, role: str) -> tuple[dict[str, Any], dict[str, Any]
     """The selection file (written by `rolevec sweep`/`evaluate`) and its entry for ``role``."""
     p = Path(path)
     if not p.is_file():
-        raise RolevecError(f"selection file {p} {missing(p)}: pass the JSON written by `rolevec sweep`")
+        raise RolevecError(f"selection file {p} {path_problem(p)}: pass the JSON written by `rolevec sweep`")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
