@@ -173,18 +173,18 @@ class Steering:
                     f"layer {layer} is out of range: this model has layers 0..{adapter.n_layers}"
                 )
         theirs = self.source.get("model_fingerprint")
-        if theirs and theirs != adapter.fingerprint() and not allow_other_model:
-            raise RolevecError(
+        if theirs and theirs != adapter.fingerprint():
+            origin = (
                 f"vectors come from {self.source.get('model')!r} (fingerprint {theirs}), not from "
-                f"{adapter.name!r} ({adapter.fingerprint()}): pass the model they were extracted from, "
-                "or --allow-other-model to apply them anyway"
+                f"{adapter.name!r} ({adapter.fingerprint()})"
             )
-        if theirs and theirs != adapter.fingerprint() and warn_other_model:
-            warnings.warn(
-                f"vectors come from {self.source.get('model')!r} (fingerprint {theirs}), not from "
-                f"{adapter.name!r} ({adapter.fingerprint()}): results may be meaningless",
-                stacklevel=2,
-            )
+            if not allow_other_model:
+                raise RolevecError(
+                    f"{origin}: pass the model they were extracted from, or --allow-other-model to apply "
+                    "them anyway"
+                )
+            if warn_other_model:
+                warnings.warn(f"{origin}: results may be meaningless", stacklevel=2)
 
     @contextmanager
     def apply(self, adapter: ModelAdapter, *, where: str = "all") -> Iterator[None]:

@@ -238,15 +238,17 @@ def _is_projection(module: nn.Module) -> bool:
 
 def _find_blocks(model: nn.Module, n_layers: int | None, block_pattern: str | None) -> str:
     if block_pattern is not None:
-        lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-        hint = f"; the model's module lists are: {', '.join(lists) or 'none'}"
         try:
             module = model.get_submodule(block_pattern)
+            kind = type(module).__name__
+            problem = "" if isinstance(module, nn.ModuleList) else f"names a {kind}, not a list"
         except AttributeError:
-            raise RolevecError(f"block_pattern {block_pattern!r} is not a submodule{hint}") from None
-        if not isinstance(module, nn.ModuleList):
+            problem = "is not a submodule"
+        if problem:  # the hint walks every module, so only on the way to an error
+            lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
             raise RolevecError(
-                f"block_pattern {block_pattern!r} names a {type(module).__name__}, not a list{hint}"
+                f"block_pattern {block_pattern!r} {problem}; the model's module lists are: "
+                f"{', '.join(lists) or 'none'}"
             )
         return block_pattern
     candidates = [

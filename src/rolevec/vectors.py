@@ -145,18 +145,17 @@ class RoleVectors:
                 f"{adapter.n_layers}: extract vectors for this model with `rolevec extract`"
             )
         theirs = self.metadata.get("model_fingerprint")
-        if theirs and theirs != adapter.fingerprint() and not allow_other_model:
-            raise RolevecError(
-                f"vectors come from {self.metadata.get('model')!r} (fingerprint {theirs}), not from "
-                f"{adapter.name!r} ({adapter.fingerprint()}): pass the model they were extracted from, "
-                "or --allow-other-model to use them anyway"
-            )
         if theirs and theirs != adapter.fingerprint():
-            warnings.warn(
+            origin = (
                 f"vectors come from {self.metadata.get('model')!r} (fingerprint {theirs}), not from "
-                f"{adapter.name!r} ({adapter.fingerprint()}): results may be meaningless",
-                stacklevel=2,
+                f"{adapter.name!r} ({adapter.fingerprint()})"
             )
+            if not allow_other_model:
+                raise RolevecError(
+                    f"{origin}: pass the model they were extracted from, or --allow-other-model to use "
+                    "them anyway"
+                )
+            warnings.warn(f"{origin}: results may be meaningless", stacklevel=2)
 
     # --- storage ---------------------------------------------------------------------------------
     def save(self, path: str | Path, *, force: bool = False) -> Path:
