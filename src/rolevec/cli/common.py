@@ -7,6 +7,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
@@ -89,3 +90,18 @@ def fraction(value: str) -> float:
     if not 0.0 < x < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (exclusive), not {value!r}")
     return x
+
+
+def check_out(path: str, force: bool, example: str | None = None) -> Path:
+    """A file --out, before any work: not a folder, not an existing file without --force, writable."""
+    from ..errors import RolevecError
+    from ..vectors import check_writable
+
+    out = Path(path).expanduser()
+    if out.is_dir():
+        such = f" such as {out / example}" if example else " for --out"
+        raise RolevecError(f"--out {out} is a folder: pass a file name{such}")
+    if out.exists() and not force:
+        raise RolevecError(f"{out} already exists: pass --force to overwrite it, or choose another --out")
+    check_writable(out)
+    return out

@@ -268,10 +268,11 @@ def _run(args: argparse.Namespace) -> int:
     mcq = load_questions(args, domains)
     base = _base_split(args, run_dir)
     split_args: dict[str, Any] = {"seed": args.seed, "val_fraction": args.val_fraction, "base": base}
-    split = ensure_split(run_dir / "split.json", mcq, save=False, **split_args)
-    if args.selection and args.split != "val":  # checked before the run folder is written
+    held_out = bool(args.selection) and args.split != "val"  # checked before the run folder is written
+    split = ensure_split(run_dir / "split.json", mcq, save=not held_out, **split_args)
+    if held_out:
         check_held_out(load_selection(args.selection, adapter), split, domains or mcq.domains)
-    split = ensure_split(run_dir / "split.json", mcq, **split_args)
+        split = ensure_split(run_dir / "split.json", mcq, **split_args)  # now saved
     uses_random = any(c.kind == "random" for c in conditions)
     check_settings(
         run_dir,

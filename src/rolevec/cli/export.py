@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_args, load_from_args, plain_warnings
-from .steer_args import add_vector_args, check_alpha_arg, check_out, load_vectors
+from .common import add_model_args, check_out, load_from_args, plain_warnings
+from .steer_args import add_vector_args, check_alpha_arg, load_vectors
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -6,11 +6,10 @@ import argparse
 import sys
 import warnings
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from ..errors import RolevecError
-from .common import add_model_args, load_from_args, plain_warnings, positive_int
+from .common import add_model_args, check_out, load_from_args, plain_warnings, positive_int
 
 
 def count_arg(value: str) -> int | None:
@@ -96,14 +95,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..activations import extract_role_vectors
     from ..data import PromptSet, load_base, load_role_prompts, sample
-    from ..vectors import check_writable
 
-    out = Path(args.out).expanduser()
-    if out.is_dir():
-        raise RolevecError(f"--out {out} is a folder: pass a file name such as {out / 'vectors.safetensors'}")
-    if out.exists() and not args.force:
-        raise RolevecError(f"{out} already exists: pass --force to overwrite it, or choose another --out")
-    check_writable(out)
+    out = check_out(args.out, args.force, example="vectors.safetensors")
     roles = parse_roles(args.roles, args.roles_dir)
     sets: dict[str, PromptSet] = {}
     with warnings.catch_warnings(record=True) as short:  # one line for all the sets smaller than --n

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 from ..errors import RolevecError
-from .common import plain_warnings, positive_int
+from .common import check_out, plain_warnings, positive_int
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -67,17 +66,11 @@ def _run(args: argparse.Namespace) -> int:
         load_personas,
         write_prompts,
     )
-    from ..vectors import check_writable
 
     role = normalise_role(args.role)
     if not role:
         raise RolevecError("--role is empty: pass a role name such as mathematician")
-    out = Path(args.out or f"{role}.json").expanduser()
-    if out.is_dir():
-        raise RolevecError(f"--out {out} is a folder: pass a file name such as {out / (role + '.json')}")
-    if out.exists() and not args.force:
-        raise RolevecError(f"{out} already exists: pass --force to overwrite it, or choose another --out")
-    check_writable(out)
+    out = check_out(args.out or f"{role}.json", args.force, example=f"{role}.json")
     personas = load_personas(args.personas)
     generator: Generator
     if is_url(args.generator):

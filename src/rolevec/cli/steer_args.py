@@ -50,18 +50,6 @@ def add_strength_args(parser: argparse.ArgumentParser, *, required: bool) -> Non
     )
 
 
-def check_out(path: str, force: bool) -> Path:
-    from ..vectors import check_writable
-
-    out = Path(path)
-    if out.exists() and not force:
-        raise RolevecError(f"{out} already exists: pass --force to overwrite it, or choose another --out")
-    if out.is_dir():
-        raise RolevecError(f"{out} is a folder: pass a file name for --out")
-    check_writable(out)
-    return out
-
-
 def check_alpha_arg(alpha: float | None) -> None:
     if alpha is not None and not math.isfinite(alpha):
         raise RolevecError(f"--alpha must be a finite number, not {alpha}")
