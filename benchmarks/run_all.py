@@ -36,10 +36,10 @@ def sweep_lower_bound(r: dict[str, Any]) -> float:
     """Blocks of a sweep that keeps the baseline's residuals, over independent runs (older files lack it)."""
     if "lower_bound_time_ratio" in r["theory"]:
         return float(r["theory"]["lower_bound_time_ratio"])
-    n, k = int(r["n_layers"]), int(r["k_candidates"])
-    per_layer = k // len(r["layers"])
-    tails = per_layer * sum(n - layer for layer in r["layers"])
-    return (n + tails) / ((k + 1) * n)
+    from bench_sweep import theoretical
+
+    cands = [(int(layer), int(r["position"]), float(a)) for layer in r["layers"] for a in r["alphas"]]
+    return theoretical(int(r["n_layers"]), cands)["lower_bound_time_ratio"]
 
 
 def summary_rows(name: str, dtype: str, r: dict[str, Any]) -> list[list[str]]:

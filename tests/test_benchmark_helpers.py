@@ -94,5 +94,6 @@ def test_sweep_lower_bound_keeps_the_baseline_residuals(common: ModuleType) -> N
     assert theory["lower_bound_time_ratio"] == pytest.approx((30 + tails) / (13 * 30))
     assert theory["ceiling_time_ratio"] == pytest.approx((30 + 21 + tails) / (13 * 30))
     # a result file from before the bound was recorded gets the same number
-    older = {"theory": {}, "n_layers": 30, "k_candidates": 12, "layers": [1, 5, 9, 13, 17, 21]}
+    layers = [1, 5, 9, 13, 17, 21]
+    older = {"theory": {}, "n_layers": 30, "layers": layers, "alphas": [1.0, 3.0], "position": -1}
     assert run_all.sweep_lower_bound(older) == pytest.approx(theory["lower_bound_time_ratio"])
