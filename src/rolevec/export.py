@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from .errors import RolevecError, path_problem
+from .files import atomic_write
 from .interventions import Steering
 from .model import ModelAdapter
-from .vectors import atomic_write
 
 GGUF_ARCH = "controlvector"
 PT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -429,7 +429,7 @@ def fold(adapter: ModelAdapter, steering: Steering, *, verify: bool = True) -> M
 def check_folder_out(out: str | Path, *, force: bool = False, marker: str | None = None) -> Path:
     """Refuse an ``out`` that exists without ``force``, that is a file, or (with ``marker``) that is a
     non-empty folder without that file: --force replaces an earlier output, never someone's folder."""
-    from .vectors import check_writable
+    from .files import check_writable
 
     target = Path(out)
     check_writable(target)

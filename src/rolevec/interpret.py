@@ -25,10 +25,11 @@ from typing import Any
 import torch
 
 from .errors import RolevecError, path_problem
+from .files import atomic_write
 from .hooks import hooked, input_hook
 from .interventions import add
 from .model import ModelAdapter
-from .vectors import RoleVectors, atomic_write, check_alpha
+from .vectors import RoleVectors, check_alpha
 
 FORMAT = "rolevec.interpret/1"
 PLACEHOLDER = "♦"

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .vectors import atomic_write
+from .files import atomic_write
 
 if TYPE_CHECKING:
     from .model import ModelAdapter

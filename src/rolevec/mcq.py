@@ -381,7 +381,7 @@ class Split:
         }
 
     def save(self, path: str | Path, *, force: bool = False) -> Path:
-        from .vectors import atomic_write
+        from .files import atomic_write
 
         out = Path(path)
         text = json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n"

@@ -260,7 +260,7 @@ def check_roles(config: StudyConfig) -> tuple[list[str], list[str]]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from .vectors import atomic_write
+    from .files import atomic_write
 
     text = json.dumps(data, indent=1, ensure_ascii=False) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), force=True)

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from .data import PromptSet, role_display
 from .errors import RolevecError, path_problem
+from .files import atomic_write
 from .model import ModelAdapter
-from .vectors import atomic_write
 
 #: Opening words of the paper's role prompts, about equally frequent there (one instruction each per persona).
 TASK_TYPES = (

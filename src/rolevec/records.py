@@ -208,7 +208,7 @@ def check_settings(run_dir: str | Path, settings: Mapping[str, Any]) -> None:
 
     The first call writes ``settings.json``; later calls must match it on every key they share.
     """
-    from .vectors import atomic_write
+    from .files import atomic_write
 
     path = Path(run_dir) / SETTINGS_NAME
     wanted = json.loads(json.dumps(dict(settings)))

@@ -24,9 +24,10 @@ from typing import Any
 from . import figures
 from .analysis import SMALL_N, Analysis, SweepPanel, analyse, load_records, star, sweep_panels
 from .errors import RolevecError, path_problem
+from .files import atomic_write
 from .geometry import Geometry, role_geometry
 from .records import read_records
-from .vectors import RoleVectors, atomic_write
+from .vectors import RoleVectors
 
 
 # --- tables -------------------------------------------------------------------------------------------

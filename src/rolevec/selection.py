@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RolevecError, path_problem
+from .files import atomic_write
 from .mcq import Split
 from .model import ModelAdapter
 from .sweep import GridRow
-from .vectors import atomic_write
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,12 @@ from .evaluation import (
     prepare,
     to_record,
 )
+from .files import atomic_write
 from .mcq import MCQItem
 from .model import ModelAdapter
 from .records import RecordStore, read_records
 from .resume import DEFAULT_MAX_CACHE_BYTES, Addition, check_resume, score_additions
-from .vectors import RoleVectors, atomic_write, check_alpha
+from .vectors import RoleVectors, check_alpha
 
 ABLATE_SCOPES = ("all", "passing", "none")
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import RolevecError, path_problem
+from .files import atomic_write
 
 if TYPE_CHECKING:
     from .model import ModelAdapter
@@ -30,43 +29,6 @@ FORMAT = "rolevec.vectors/1"
 LAYER_CONVENTION = (
     "layer L = residual stream at the input of decoder block L; L = n_layers is the last output"
 )
-
-
-def atomic_write(path: Path, write: Any, *, force: bool = False) -> None:
-    """Write through a temporary file in the same folder, so no partial file ever has the final name."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise RolevecError(f"{path} already exists: pass --force to overwrite it, or choose another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes files owner-only; outputs are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def check_writable(path: str | Path) -> None:
-    """Refuse an output that cannot be written, before the slow work: a file in the way of its folder,
-    or a folder that takes no new files. Creates nothing."""
-    target = Path(path).expanduser()
-    probe = target if target.is_dir() else target.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise RolevecError(f"cannot write {target}: {probe} is a file, not a folder; pass another --out")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".rolevec-write-check.", dir=probe)
-    except OSError as exc:
-        raise RolevecError(
-            f"cannot write {target}: {probe} takes no new files ({exc.strerror or exc}); "
-            "pass a writable --out"
-        ) from None
-    os.close(fd)
-    os.unlink(tmp)
 
 
 @dataclass(frozen=True)

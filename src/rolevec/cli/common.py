@@ -95,7 +95,7 @@ def fraction(value: str) -> float:
 def check_out(path: str, force: bool, example: str | None = None) -> Path:
     """A file --out, before any work: not a folder, not an existing file without --force, writable."""
     from ..errors import RolevecError
-    from ..vectors import check_writable
+    from ..files import check_writable
 
     out = Path(path).expanduser()
     if out.is_dir():

@@ -118,8 +118,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def prepare_run_dir(out: str, force: bool) -> Path:
     """Check the run folder (created by its first write, so an early error leaves no empty folder)."""
+    from ..files import check_writable
     from ..records import clear_run
-    from ..vectors import check_writable
 
     run_dir = Path(out)
     if run_dir.exists() and not run_dir.is_dir():
@@ -251,11 +251,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..evaluation import LetterScorer, evaluate_conditions, run_settings
+    from ..files import atomic_write
     from ..mcq import ensure_split, parse_domains
     from ..records import RecordStore, check_settings, read_records, record_identity
     from ..selection import check_held_out, load_selection
     from ..stats import format_table, per_subject, summarize
-    from ..vectors import RoleVectors, atomic_write
+    from ..vectors import RoleVectors
 
     run_dir = prepare_run_dir(args.out, args.force)
     domains = parse_domains(args.domains)

@@ -85,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..files import check_writable
     from ..pipeline import check_roles, config_from, describe_sampling, read_config_file, run_study
     from ..records import clear_run
-    from ..vectors import check_writable
 
     file_cfg = read_config_file(args.config) if args.config else None
     overrides: dict[str, Any] = {k: getattr(args, k) for k in OVERRIDES}
