@@ -108,6 +108,99 @@ def test_long_prompts_are_shortened_keeping_the_template(tiny_llama: ModelAdapte
         encode_prompts(tiny_llama, [long], max_tokens=5)
 
 
+def _kept_user_text(adapter: ModelAdapter, ids: list[int]) -> str:
+    """The user text inside a rendered, tokenised prompt (the template's head and tail taken off)."""
+    head, tail = adapter.render("\x00").split("\x00")
+    text = str(adapter.tokenizer.decode(ids))
+    assert text.startswith(head) and text.endswith(tail)
+    return text[len(head) : len(text) - len(tail)]
+
+
+def test_a_long_prompt_is_cut_to_a_verbatim_prefix_of_its_text(tiny_llama: ModelAdapter) -> None:
+    """Multi-byte characters take several tokens: a cut between them once left a U+FFFD in the prompt."""
+    prompt = "Describe " + "\U0001f600\u00e9\u6f22" * 400
+    suffix = tiny_llama.chat.suffix_ids
+    for limit in range(56, 72):
+        ids = encode_prompts(tiny_llama, [prompt], max_tokens=limit).ids[0]
+        kept = _kept_user_text(tiny_llama, ids)
+        assert len(ids) <= limit and ids[-len(suffix) :] == suffix
+        assert kept and "\ufffd" not in kept and prompt.startswith(kept), limit
+
+
+def test_one_long_prompt_warns_once_per_extraction(tiny_llama: ModelAdapter, recwarn: Any) -> None:
+    """rolevec's one warning, and not also transformers' "longer than the specified maximum sequence
+    length" (a tokenizer with a model_max_length, as most hub tokenizers have)."""
+    import logging
+
+    tiny_llama.tokenizer.model_max_length = 128
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        long = "Explain how eigenvalues relate to matrix diagonalization. " * 400
+        sets = {"maths": PromptSet("maths", (long, "Define a ring."), "mem")}
+        base = PromptSet("base", ("Hi", "Say hello."), "mem")
+        extract_role_vectors(tiny_llama, sets, base, max_tokens=60, progress=False)
+    finally:
+        logger.removeHandler(handler)
+    messages = [str(w.message) for w in recwarn.list]
+    assert messages == [
+        "1 prompt(s) were longer than max_tokens=60; their user text was shortened (template tokens kept)"
+    ]
+    assert not seen, seen
+
+
+def test_shortening_without_offsets_and_a_template_that_fills_the_limit(
+    tiny_llama: ModelAdapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow tokenizer (no offsets) falls back to decoding the kept tokens; a limit the template alone
+    fills says so instead of claiming the template is longer than it."""
+    long = "Explain how eigenvalues relate to matrix diagonalization. " * 40
+    tok = tiny_llama.tokenizer
+    real = type(tok).__call__
+
+    def no_offsets(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("return_offsets_mapping"):
+            raise NotImplementedError("return_offset_mapping is not available for python tokenizers")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "__call__", no_offsets)
+    ids = encode_prompts(tiny_llama, [long], max_tokens=60).ids[0]
+    assert len(ids) <= 60 and long.startswith(_kept_user_text(tiny_llama, ids))
+    monkeypatch.undo()
+    template = len(encode_prompts(tiny_llama, [""]).ids[0])
+    with pytest.raises(RolevecError, match=rf"takes {template} of max_tokens={template} .*--max-tokens"):
+        encode_prompts(tiny_llama, [long], max_tokens=template)
+
+
+def test_a_very_long_prompt_gets_a_batch_of_its_own(tiny_llama: ModelAdapter) -> None:
+    """Batches of one fixed size padded 15 short prompts to the long one's length (16 times its cost)."""
+    widths: list[tuple[int, ...]] = []
+
+    def record(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        widths.append(tuple(kwargs["input_ids"].shape))
+
+    long = "Explain how eigenvalues relate to matrix diagonalization. " * 40
+    prompts = [long, *PROMPTS, *(f"{p} Again." for p in PROMPTS), "Say hi.", "Count to ten."]
+    handle = tiny_llama.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with pytest.warns(UserWarning, match="1 prompt"):
+            got = mean_activations(tiny_llama, prompts, batch_size=16, max_tokens=200, progress=False)
+    finally:
+        handle.remove()
+    assert (1, 200) in widths  # the long prompt alone (after the shortening to 200 tokens)
+    assert sum(rows * width for rows, width in widths) < 200 + 16 * 60, widths
+    with pytest.warns(UserWarning, match="1 prompt"):
+        ref = mean_activations(tiny_llama, prompts, batch_size=1, max_tokens=200, progress=False)
+    assert float((got - ref).norm() / ref.norm()) <= 1e-6
+
+
 def test_bad_calls(tiny_llama: ModelAdapter) -> None:
     with pytest.raises(RolevecError, match="empty prompt set"):
         mean_activations(tiny_llama, [], progress=False)
@@ -248,7 +341,9 @@ def test_prefix_check_accepts_bfloat16_rounding_on_the_quick_presets_prompts() -
         warnings.simplefilter("ignore")
         adapter = load_model(None, dtype="bfloat16")
     encoded = activations.encode_prompts(adapter, prompts).ids
-    first = sorted(encoded, key=len, reverse=True)[:16]  # extraction's first batch
+    overhead = activations.batch_overhead_tokens(adapter.device)
+    planned = activations.plan_batches([len(e) for e in encoded], 16, overhead_tokens=overhead)
+    first = [encoded[i] for i in next(b for b in planned if len(b) > 1)]  # extraction's first split batch
     bar = SimpleNamespace(update=lambda n: None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback warning fails the test

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 import types
 from pathlib import Path
@@ -79,7 +80,7 @@ def test_malformed_json_names_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(RolevecError, match=r"wrong\.json:3 \(item 1\).*found int"):
         load_prompts(wrong)
     nofield = _write(tmp_path / "nofield.json", '[\n {"instruction": "a b c"},\n {"question": "x"}\n]')
-    with pytest.raises(RolevecError, match=r"nofield\.json:3 \(item 1\).*--column"):
+    with pytest.raises(RolevecError, match=r"nofield\.json:3 \(item 1\).*fields: question\).*--base-column"):
         load_prompts(nofield)
     lines = _write(tmp_path / "bad.jsonl", '{"instruction": "a"}\n{"instruction": \n')
     with pytest.raises(RolevecError, match=r"bad\.jsonl:2: malformed JSON line"):
@@ -94,10 +95,86 @@ def test_malformed_csv_names_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(RolevecError, match=r"q\.csv:\d+: malformed CSV"):
         load_prompts(quote)
     ambiguous = _write(tmp_path / "a.csv", "x,y\n1,2\n")
-    with pytest.raises(RolevecError, match="--column"):
+    with pytest.raises(
+        RolevecError, match=r"a\.csv:1: .*columns: x, y\).*--base-column NAME \(config key base_column\)"
+    ):
         load_prompts(ambiguous)
     with pytest.raises(RolevecError, match="no column 'z'"):
         load_prompts(ambiguous, column="z")
+
+
+FORMATS = {
+    "json": json.dumps(PROMPTS),
+    "json-objects": json.dumps([{"instruction": p, "id": i} for i, p in enumerate(PROMPTS)]),
+    "jsonl": "\n".join(json.dumps({"instruction": p}) for p in PROMPTS),
+    "csv": "instruction,id\n" + "".join(f'"{p}",{i}\n' for i, p in enumerate(PROMPTS)),
+    "txt": "\n".join(PROMPTS) + "\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FORMATS))
+def test_a_utf8_bom_is_read_transparently(tmp_path: Path, kind: str) -> None:
+    suffix = kind.split("-")[0]
+    plain = load_prompts(_write(tmp_path / f"plain.{suffix}", FORMATS[kind]))
+    bom = tmp_path / f"bom.{suffix}"
+    bom.write_bytes(b"\xef\xbb\xbf" + FORMATS[kind].encode("utf-8"))
+    assert load_prompts(bom).prompts == plain.prompts == EXPECTED
+
+
+def test_bom_csv_with_an_instruction_column_finds_it(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a BOM, glued to the first column name: `instruction` must not
+    look absent while it is listed."""
+    text = "instruction,id\n" + "".join(f'"{p}",{i}\n' for i, p in enumerate(PROMPTS))
+    plain = load_prompts(_write(tmp_path / "plain.csv", text))
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert load_prompts(bom).prompts == plain.prompts == EXPECTED
+    assert load_prompts(bom, column="instruction").prompts == EXPECTED
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "line"),
+    [
+        ("bad.json", b'[\n "ok",\n "caf\xe9"\n]', 3),
+        ("bad.jsonl", b'{"instruction": "ok"}\n{"instruction": "caf\xe9"}\n', 2),
+        ("bad.csv", b"instruction\nok\nmore\ncaf\xe9\n", 4),
+        ("bad.txt", b"\xff\xfeP\x00r\x00", 1),  # UTF-16 saved by mistake
+    ],
+)
+def test_undecodable_bytes_are_one_error_naming_file_and_line(
+    tmp_path: Path, name: str, data: bytes, line: int
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(
+        RolevecError, match=rf"{re.escape(str(path))} is not UTF-8 text .* line {line}\).*UTF-8"
+    ) as err:
+        load_prompts(path)
+    assert "\n" not in str(err.value)
+
+
+def test_role_folder_files_bom_bad_bytes_and_field_advice(tmp_path: Path) -> None:
+    (tmp_path / "chef.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(["Bake bread."]).encode())
+    assert load_role_prompts("chef", tmp_path).prompts == ("Bake bread.",)
+    (tmp_path / "nurse.csv").write_bytes(b"instruction\nDress a wound.\nTake a pulse \x96 twice.\n")
+    with pytest.raises(RolevecError, match=r"nurse\.csv is not UTF-8 text .*line 3"):
+        load_role_prompts("nurse", tmp_path)
+    _write(tmp_path / "baker.jsonl", json.dumps({"question": "Knead dough."}) + "\n")
+    with pytest.raises(RolevecError, match=r"baker\.jsonl:1: .*fields: question\).*rename") as err:
+        load_role_prompts("baker", tmp_path)
+    assert "--base-column" not in str(err.value)  # role files take no column option
+
+
+def test_a_wrong_base_column_lists_what_is_there(tmp_path: Path) -> None:
+    csv_file = _write(tmp_path / "base.csv", "question,id\nWhy?,1\n")
+    with pytest.raises(RolevecError, match=r"no column 'q' \(columns: question, id\).*--base-column"):
+        load_base(csv_file, column="q")
+    jsonl = _write(tmp_path / "base.jsonl", json.dumps({"question": "Why?"}) + "\n")
+    with pytest.raises(
+        RolevecError, match=r"base\.jsonl:1: no field 'q' \(fields: question\).*--base-column"
+    ):
+        load_base(jsonl, column="q")
+    assert load_base(jsonl, column="question").prompts == ("Why?",)
 
 
 def test_sample_is_the_papers_procedure_and_warns_when_short() -> None:
@@ -178,8 +255,11 @@ def test_hf_datasets_loading_with_a_stand_in(monkeypatch: pytest.MonkeyPatch) ->
     assert ps.prompts == ("Say hi.", "Count to 3.") and ps.n_duplicates_dropped == 1
     assert ps.source == "hf:tatsu-lab/alpaca:train#instruction" and ps.name == "tatsu-lab/alpaca"
     assert load_base("hf:x/y:test").source == "hf:x/y:test#instruction"
-    with pytest.raises(RolevecError, match="no column 'text'"):
+    with pytest.raises(RolevecError, match=r"no column 'text'.*--base-column"):
         load_prompts("hf:x/y", column="text")
+    FakeDataset.column_names = ("question", "output")
+    with pytest.raises(RolevecError, match=r"columns: question, output\).*--base-column NAME"):
+        load_prompts("hf:x/y")
 
 
 def test_paper_data(paper_data: Path) -> None:

@@ -54,6 +54,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.mode == "not-openai":
             self._send(200, b'{"result": "yes"}')
             return
+        if self.server.mode == "latin1":  # JSON in another encoding than UTF-8
+            self._send(200, '{"choices": [{"message": {"content": "s\u00ed"}}]}'.encode("latin-1"))
+            return
         question = body["messages"][-1]["content"].lower()
         text = question.split("\n")[1]
         if self.server.mode == "by-kind":  # yes to word lists, no to texts
@@ -215,6 +218,9 @@ def test_judge_failures_are_clear(judge: FakeJudge) -> None:
     judge.mode = "not-openai"
     with pytest.raises(RolevecError, match="OpenAI-compatible"):
         judge_related(_url(judge), "doctor", "x")
+    judge.mode = "latin1"
+    with pytest.raises(RolevecError, match="did not answer with UTF-8 JSON"):
+        judge_related(_url(judge), "doctor", "x")
     port = judge.server_address[1]
     judge.shutdown()
     judge.server_close()
@@ -288,6 +294,33 @@ def test_interpret_roles_checks_roles_and_model(tiny_llama: ModelAdapter, tmp_pa
     (tmp_path / "bad.json").write_text("{}", encoding="utf-8")
     with pytest.raises(RolevecError, match=r"not a rolevec interpret\.json"):
         load_interpret(tmp_path / "bad.json")
+
+
+def test_selection_and_interpret_files_bom_bad_bytes_and_broken_json(
+    tiny_llama: ModelAdapter, tmp_path: Path
+) -> None:
+    vectors, selection = _tiny_run(tiny_llama)
+    bom = tmp_path / "selection.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(selection).encode())
+    out = interpret_roles(tiny_llama, vectors, bom, roles=["lawyer"], max_new_tokens=2, progress=False)
+    assert list(out["roles"]) == ["lawyer"]
+    saved = save_interpret(out, tmp_path / "interpret.json")
+    again = tmp_path / "bom_interpret.json"
+    again.write_bytes(b"\xef\xbb\xbf" + saved.read_bytes())
+    assert load_interpret(again) == load_interpret(saved)
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes(b'{\n "roles": {"caf\xe9": {}}\n}')
+    with pytest.raises(RolevecError, match=r"selection file .*latin1\.json is not UTF-8 .*line 2\)"):
+        interpret_roles(tiny_llama, vectors, latin1, progress=False)
+    with pytest.raises(RolevecError, match=r"interpret file .*latin1\.json is not UTF-8 .*line 2\)"):
+        load_interpret(latin1)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{\n "roles": {\n', encoding="utf-8")
+    with pytest.raises(RolevecError, match=r"selection file .*broken\.json:3: malformed JSON.*sweep") as err:
+        interpret_roles(tiny_llama, vectors, broken, progress=False)
+    assert "\n" not in str(err.value)
+    with pytest.raises(RolevecError, match=r"interpret file .*broken\.json:3: malformed JSON"):
+        load_interpret(broken)
 
 
 @pytest.mark.e2e

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from collections.abc import Iterator, Sequence
@@ -103,6 +104,37 @@ def test_load_and_select_personas(tmp_path: Path) -> None:
         load_personas(tmp_path / "missing.jsonl")
 
 
+def test_persona_files_bom_bad_bytes_and_json_lists(tmp_path: Path) -> None:
+    jsonl = _personas_file(tmp_path)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + jsonl.read_bytes())
+    assert load_personas(bom) == PERSONAS
+    listed = tmp_path / "bom.json"
+    listed.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"persona": p} for p in PERSONAS]).encode())
+    assert load_personas(listed) == PERSONAS
+    for name, data, line in (
+        ("latin1.jsonl", b'{"persona": "ok person"}\n{"persona": "caf\xe9 owner"}\n', 2),
+        ("latin1.json", b'[\n "ok person",\n "caf\xe9 owner"\n]', 3),
+    ):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(
+            RolevecError, match=rf"persona file .*{re.escape(name)} is not UTF-8 .*line {line}\)"
+        ):
+            load_personas(tmp_path / name)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps(["ok person", 3]), encoding="utf-8")
+    with pytest.raises(RolevecError, match=r"wrong\.json \(item 1\): expected an object"):
+        load_personas(wrong)
+    mapping = tmp_path / "mapping.json"  # a dict once gave its keys as personas
+    mapping.write_text(json.dumps({"persona": "A mathematician."}), encoding="utf-8")
+    with pytest.raises(RolevecError, match=r"mapping\.json: expected a JSON list of personas, found dict"):
+        load_personas(mapping)
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n "ok person",\n "open\n]', encoding="utf-8")
+    with pytest.raises(RolevecError, match=r"broken\.json:3: malformed JSON persona list"):
+        load_personas(broken)
+
+
 class FakeGenerator:
     """Replies with the task word plus the persona's first words, some with commentary, some repeated."""
 
@@ -194,6 +226,13 @@ def _handler(seen: list[dict[str, Any]]) -> type[BaseHTTPRequestHandler]:
             if body["model"] == "broken":
                 self._send(500, {"error": "boom"})
                 return
+            if body["model"] == "latin1":  # a server that answers in another encoding
+                data = '{"choices": [{"message": {"content": "caf\u00e9"}}]}'.encode("latin-1")
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
             seen.append({**body, "auth": self.headers.get("Authorization")})
             text = body["messages"][0]["content"]
             task = text.split('start with "')[1].split('"')[0]
@@ -226,6 +265,8 @@ def test_openai_compatible_endpoint(endpoint: Endpoint) -> None:
     assert endpoint.seen[0]["model"] == "fake-model" and endpoint.seen[0]["auth"] == "Bearer k"
     with pytest.raises(RolevecError, match="HTTP 500"):
         OpenAIGenerator(endpoint.url, model="broken").complete(["x"])
+    with pytest.raises(RolevecError, match=r"did not answer UTF-8 JSON.*--generator"):
+        OpenAIGenerator(endpoint.url, model="latin1").complete(["x"])
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"

@@ -1,9 +1,10 @@
 """Difference-in-means extraction: mean residual activations at every (post-instruction position, layer).
 
 One forward per batch reads the residual at the input of every decoder block and at the final norm's
-input (layer n_layers), then stops before the unembedding. Prompts of all sets share one pass sorted by
-length (little padding), and sums go straight into float64 accumulators per set, so memory does not grow
-with the number of prompts and the result does not depend on batch size or padding side.
+input (layer n_layers), then stops before the unembedding. Prompts of all sets share one pass in batches
+of similar length (little padding; a very long prompt runs alone), and sums go straight into float64
+accumulators per set, so memory does not grow with the number of prompts and the result does not depend
+on batch size or padding side.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .data import PromptSet
 from .errors import RolevecError
-from .evaluation import shares_prefix, state_tolerance
+from .evaluation import batch_overhead_tokens, plan_batches, shares_prefix, state_tolerance
 from .hooks import StopForward, hooked, input_hook
 from .model import Batch, ModelAdapter
 from .prefix import PrefixKV, PrefixMemo, forward_kwargs, prefix_kv, split_prefix
@@ -46,23 +48,68 @@ class Encoded:
     n_shortened: int
 
 
+#: Cuts tried by lowering the kept tokens by each overshoot, before a binary search takes over.
+SHORTEN_GUESSES = 3
+
+
 def _tokens(adapter: ModelAdapter, text: str) -> list[int]:
-    return list(adapter.tokenizer(text, add_special_tokens=adapter.chat.add_special_tokens)["input_ids"])
+    # verbose=False: a too-long prompt is shortened and reported once here, not also by transformers
+    enc = adapter.tokenizer(text, add_special_tokens=adapter.chat.add_special_tokens, verbose=False)
+    return list(enc["input_ids"])
+
+
+def _user_tokens(adapter: ModelAdapter, user: str) -> tuple[list[int], list[int] | None]:
+    """The user text's token ids and, for a fast tokenizer, where in the text each prefix ends."""
+    tok = adapter.tokenizer
+    try:
+        enc = tok(user, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError, KeyError):  # a slow tokenizer has no offsets
+        return list(tok(user, add_special_tokens=False, verbose=False)["input_ids"]), None
+    return list(enc["input_ids"]), list(accumulate((int(end) for _, end in offsets), max))
 
 
 def _shorten(adapter: ModelAdapter, user: str, ids: list[int], max_tokens: int) -> list[int]:
-    """Cut the user text (never the template) until the rendered prompt fits in ``max_tokens``."""
-    user_ids = list(adapter.tokenizer(user, add_special_tokens=False)["input_ids"])
-    keep = len(user_ids) - (len(ids) - max_tokens)
-    while keep > 0:
-        text = str(adapter.tokenizer.decode(user_ids[:keep], skip_special_tokens=True)).strip()
-        ids = _tokens(adapter, adapter.render(text))
-        if len(ids) <= max_tokens:
-            return ids
-        keep -= max(1, len(ids) - max_tokens)
-    raise RolevecError(
-        f"the chat template alone takes more than max_tokens={max_tokens} tokens: pass a larger --max-tokens"
-    )
+    """Cut the user text (never the template) so that the rendered prompt fits in ``max_tokens``.
+
+    The long text is tokenised once; its offsets give the cut as a verbatim prefix of it. Re-rendering
+    checks the cut (tokens can merge differently there): a few overshoot corrections, then a binary
+    search, so even a pathological tokenizer costs ~20 short tokenisations, not one per token.
+    """
+    user_ids, ends = _user_tokens(adapter, user)
+    budget = max_tokens - (len(ids) - len(user_ids))  # what the template leaves for the user text
+
+    def render(keep: int) -> list[int]:
+        if ends is not None:
+            text = user[: ends[keep - 1]].strip()
+        else:
+            text = str(adapter.tokenizer.decode(user_ids[:keep], skip_special_tokens=True)).strip()
+        return _tokens(adapter, adapter.render(text))
+
+    hi = min(budget, len(user_ids) - 1)  # the most user tokens that can fit (and fewer than all)
+    guess = hi
+    for _ in range(SHORTEN_GUESSES):
+        if guess < 1:
+            break
+        out = render(guess)
+        if len(out) <= max_tokens:
+            return out
+        hi = guess - 1
+        guess -= max(1, len(out) - max_tokens)
+    lo, best = 1, None  # the largest cut in [lo, hi] that fits
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        out = render(mid)
+        if len(out) <= max_tokens:
+            best, lo = out, mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        raise RolevecError(
+            f"the chat template takes {len(ids) - len(user_ids)} of max_tokens={max_tokens} tokens and "
+            "leaves no room for the prompt: pass a larger --max-tokens to rolevec extract (max_tokens=)"
+        )
+    return best
 
 
 def encode_prompts(
@@ -177,7 +224,11 @@ def _accumulate(
         return False
 
     pre = [(adapter.residual_site(layer), input_hook(reader(layer))) for layer in range(n_sites)]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    # Longest first, cut where padding plus per-forward overhead is least: one very long prompt gets a
+    # batch of its own instead of padding batch_size - 1 short ones to its length.
+    batches = plan_batches(
+        [len(e) for e in encoded], batch_size, overhead_tokens=batch_overhead_tokens(device)
+    )
     if share_prefix is None:
         share_prefix = shares_prefix(device)
     check_key = ("extraction-shared-prefix", str(adapter.dtype), padding_side, n_pos)
@@ -186,8 +237,7 @@ def _accumulate(
     # The readers are the only hooks, so one head serves every batch.
     memo = PrefixMemo(encoded) if share_prefix else None
     with torch.inference_mode(), hooked(pre=pre):
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        for chunk in batches:
             batch = adapter.pad([encoded[i] for i in chunk], padding_side=padding_side)
             # The template's head (and any common start) runs once; the read positions stay in the rest.
             parts = memo.split(batch, keep=n_pos) if memo is not None else None

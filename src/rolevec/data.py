@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RolevecError, path_problem
+from .files import read_text
 
 #: Paper Table 2: the 8 MMLU domains and the 29 roles used for them (in the paper's order).
 PAPER_DOMAINS: Mapping[str, tuple[str, ...]] = {
@@ -42,6 +43,12 @@ PROMPT_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")
 #: Fields tried, in order, for objects in JSON/JSONL files and columns in CSV files.
 DEFAULT_FIELDS = ("instruction", "prompt", "text")
 HF_PREFIX = "hf:"
+#: How to name the prompt field of a --base file: the flag of `rolevec extract`/`run` and the config key.
+BASE_COLUMN_ADVICE = "pass --base-column NAME (config key base_column) with the one that holds the prompt"
+#: What to do when the field named by --base-column (``column=``) is not there.
+WRONG_COLUMN_ADVICE = "pass one of them as --base-column (config key base_column)"
+#: Role files take no column option: their field must be one of DEFAULT_FIELDS.
+ROLE_COLUMN_ADVICE = f"rename the field that holds the prompt to {DEFAULT_FIELDS[0]!r} in the role file"
 
 
 def builtin_dir() -> Path:
@@ -81,17 +88,21 @@ def _dedupe(items: Iterable[str]) -> tuple[tuple[str, ...], int]:
     return tuple(seen), dropped
 
 
-def _pick_field(obj: Mapping[str, Any], column: str | None, where: str) -> Any:
+def _names(names: Iterable[Any]) -> str:
+    return ", ".join(map(str, names)) or "(none)"
+
+
+def _pick_field(obj: Mapping[str, Any], column: str | None, where: str, advice: str) -> Any:
     if column is not None:
         if column not in obj:
-            raise RolevecError(f"{where}: no field {column!r} (fields: {', '.join(map(str, obj))})")
+            raise RolevecError(f"{where}: no field {column!r} (fields: {_names(obj)}); {WRONG_COLUMN_ADVICE}")
         return obj[column]
     for name in DEFAULT_FIELDS:
         if name in obj:
             return obj[name]
     raise RolevecError(
-        f"{where}: object has none of the fields {', '.join(DEFAULT_FIELDS)}; pass --column / column= "
-        "with the field that holds the prompt"
+        f"{where}: object has none of the fields {', '.join(DEFAULT_FIELDS)} (its fields: {_names(obj)}); "
+        f"{advice}"
     )
 
 
@@ -101,19 +112,12 @@ def _as_text(value: Any, where: str) -> str:
     return value
 
 
-def _item_text(item: Any, column: str | None, where: str) -> str:
+def _item_text(item: Any, column: str | None, where: str, advice: str) -> str:
     if isinstance(item, str):
         return item
     if isinstance(item, dict):
-        return _as_text(_pick_field(item, column, where), where)
+        return _as_text(_pick_field(item, column, where, advice), where)
     raise RolevecError(f"{where}: expected a string or an object, found {type(item).__name__}")
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise RolevecError(f"{path} is not UTF-8 text ({exc.reason}); save it as UTF-8") from exc
 
 
 def _json_line_of(text: str, index: int) -> int | None:
@@ -132,8 +136,8 @@ def _json_line_of(text: str, index: int) -> int | None:
     return None
 
 
-def _from_json(path: Path, column: str | None) -> list[str]:
-    text = _read_text(path)
+def _from_json(path: Path, column: str | None, advice: str) -> list[str]:
+    text = read_text(path, what="prompt file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -150,30 +154,30 @@ def _from_json(path: Path, column: str | None) -> list[str]:
     out = []
     for i, item in enumerate(data):
         try:
-            out.append(_item_text(item, column, f"{path} (item {i})"))
+            out.append(_item_text(item, column, f"{path} (item {i})", advice))
         except RolevecError:
             line = _json_line_of(text, i)
             if line is None:
                 raise
-            out.append(_item_text(item, column, f"{path}:{line} (item {i})"))
+            out.append(_item_text(item, column, f"{path}:{line} (item {i})", advice))
     return out
 
 
-def _from_jsonl(path: Path, column: str | None) -> list[str]:
+def _from_jsonl(path: Path, column: str | None, advice: str) -> list[str]:
     out = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path, what="prompt file").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise RolevecError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from exc
-        out.append(_item_text(item, column, f"{path}:{lineno}"))
+        out.append(_item_text(item, column, f"{path}:{lineno}", advice))
     return out
 
 
-def _from_csv(path: Path, column: str | None) -> list[str]:
-    text = _read_text(path)
+def _from_csv(path: Path, column: str | None, advice: str) -> list[str]:
+    text = read_text(path, what="prompt file")
     reader = csv.reader(text.splitlines(), strict=True)
     try:
         header = next(reader)
@@ -184,7 +188,9 @@ def _from_csv(path: Path, column: str | None) -> list[str]:
     header = [h.strip() for h in header]
     if column is not None:
         if column not in header:
-            raise RolevecError(f"{path}: no column {column!r} (columns: {', '.join(header)})")
+            raise RolevecError(
+                f"{path}:1: no column {column!r} (columns: {_names(header)}); {WRONG_COLUMN_ADVICE}"
+            )
         col = header.index(column)
     else:
         found = [name for name in DEFAULT_FIELDS if name in header]
@@ -194,8 +200,8 @@ def _from_csv(path: Path, column: str | None) -> list[str]:
             col = 0
         else:
             raise RolevecError(
-                f"{path}: which column holds the prompts? pass --column / column= (columns: "
-                f"{', '.join(header)})"
+                f"{path}:1: no column is named {', '.join(DEFAULT_FIELDS)} (columns: {_names(header)}); "
+                f"{advice}"
             )
     out = []
     while True:
@@ -217,10 +223,10 @@ def _from_csv(path: Path, column: str | None) -> list[str]:
 
 
 def _from_lines(path: Path) -> list[str]:
-    return _read_text(path).splitlines()
+    return read_text(path, what="prompt file").splitlines()
 
 
-def _from_hf(spec: str, column: str | None) -> tuple[list[str], str]:
+def _from_hf(spec: str, column: str | None, advice: str) -> tuple[list[str], str]:
     """``hf:NAME`` or ``hf:NAME:SPLIT`` (default split: train), read with the `datasets` library."""
     rest = spec[len(HF_PREFIX) :]
     name, _, split = rest.partition(":")
@@ -245,10 +251,15 @@ def _from_hf(spec: str, column: str | None) -> tuple[list[str], str]:
     if column is None:
         found = [c for c in DEFAULT_FIELDS if c in columns]
         if not found:
-            raise RolevecError(f"dataset {name!r} has columns {', '.join(columns)}: pass --column / column=")
+            raise RolevecError(
+                f"dataset {name!r} has none of the columns {', '.join(DEFAULT_FIELDS)} (columns: "
+                f"{_names(columns)}); {advice}"
+            )
         column = found[0]
     elif column not in columns:
-        raise RolevecError(f"dataset {name!r} has no column {column!r} (columns: {', '.join(columns)})")
+        raise RolevecError(
+            f"dataset {name!r} has no column {column!r} (columns: {_names(columns)}); {WRONG_COLUMN_ADVICE}"
+        )
     values = ds[column]
     return [_as_text(v, f"{name}[{i}]") for i, v in enumerate(values)], f"hf:{name}:{split}#{column}"
 
@@ -259,9 +270,14 @@ def load_prompts(path: str | Path, *, column: str | None = None, name: str | Non
     ``column`` picks the field (JSON/JSONL objects) or column (CSV, datasets) holding the prompt; by
     default ``instruction``, then ``prompt``, then ``text``.
     """
+    return _load(path, column, name, BASE_COLUMN_ADVICE)
+
+
+def _load(path: str | Path, column: str | None, name: str | None, advice: str) -> PromptSet:
+    """load_prompts, with the advice for a missing prompt field fitted to where the file came from."""
     spec = str(path)
     if spec.startswith(HF_PREFIX):
-        raw, source = _from_hf(spec, column)
+        raw, source = _from_hf(spec, column, advice)
         label = name or spec[len(HF_PREFIX) :].partition(":")[0]
     else:
         p = Path(path).expanduser()
@@ -281,11 +297,11 @@ def load_prompts(path: str | Path, *, column: str | None = None, name: str | Non
             )
         suffix = p.suffix.lower()
         if suffix == ".json":
-            raw = _from_json(p, column)
+            raw = _from_json(p, column, advice)
         elif suffix == ".jsonl":
-            raw = _from_jsonl(p, column)
+            raw = _from_jsonl(p, column, advice)
         elif suffix == ".csv":
-            raw = _from_csv(p, column)
+            raw = _from_csv(p, column, advice)
         else:
             raw = _from_lines(p)
         source = str(p)
@@ -330,7 +346,7 @@ def load_role_prompts(role: str, roles_dir: str | Path | None = None) -> PromptS
     for suffix in PROMPT_SUFFIXES:
         path = folder / f"{key}{suffix}"
         if path.is_file():
-            ps = load_prompts(path, name=key)
+            ps = _load(path, None, key, ROLE_COLUMN_ADVICE)
             if roles_dir is None:
                 ps = replace(ps, source=f"builtin:roles/{path.name}")
             return ps

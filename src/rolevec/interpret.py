@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .errors import RolevecError, path_problem
-from .files import atomic_write
+from .files import atomic_write, read_text
 from .hooks import hooked, input_hook
 from .interventions import add
 from .model import ModelAdapter
@@ -296,8 +296,11 @@ def judge_related(
             f"cannot reach the judge at {endpoint} ({exc}); pass the base URL of an OpenAI-compatible "
             "server, or run without a judge"
         ) from exc
-    except json.JSONDecodeError as exc:
-        raise RolevecError(f"the judge at {endpoint} did not answer with JSON") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RolevecError(
+            f"the judge at {endpoint} did not answer with UTF-8 JSON: pass the base URL of an "
+            "OpenAI-compatible server"
+        ) from exc
     try:
         answer = str(body["choices"][0]["message"]["content"] or "")
     except (KeyError, IndexError, TypeError) as exc:
@@ -315,10 +318,19 @@ def _load_selection(selection: Mapping[str, Any] | str | Path) -> Mapping[str, A
     path = Path(selection)
     if not path.is_file():
         raise RolevecError(f"selection file {path} {path_problem(path)}: run the validation sweep first")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = _read_json(path, "selection file", "rerun the validation sweep (rolevec sweep) to write it again")
     if not isinstance(data, dict):
-        raise RolevecError(f"{path} is not a selection.json object")
+        raise RolevecError(f"{path} is not a selection.json object: pass the selection.json of a sweep")
     return data
+
+
+def _read_json(path: Path, what: str, fix: str) -> Any:
+    """A JSON file (UTF-8, BOM-transparent), or one error naming it, the line and ``fix``."""
+    text = read_text(path, what=what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RolevecError(f"{what} {path}:{exc.lineno}: malformed JSON ({exc.msg}); {fix}") from None
 
 
 def _lens_dict(lens: Lens) -> dict[str, Any]:
@@ -437,11 +449,11 @@ def save_interpret(result: Mapping[str, Any], path: str | Path, *, force: bool =
 
 
 def load_interpret(path: str | Path) -> dict[str, Any]:
+    """An interpret.json written by :func:`save_interpret`, checked for its format."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RolevecError(f"{p} is not a readable interpret.json ({exc})") from exc
+    data = _read_json(p, "interpret file", "rerun the interpretation to write it again")
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("roles"), dict):
-        raise RolevecError(f"{p} is not a rolevec interpret.json (no {FORMAT!r} format)")
+        raise RolevecError(
+            f"{p} is not a rolevec interpret.json (no {FORMAT!r} format): pass the interpret.json of a run"
+        )
     return data

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .data import PromptSet, role_display
 from .errors import RolevecError, path_problem
-from .files import atomic_write
+from .files import atomic_write, read_text
 from .model import ModelAdapter
 
 #: Opening words of the paper's role prompts, about equally frequent there (one instruction each per persona).
@@ -112,29 +112,32 @@ def load_personas(path: str | Path) -> list[str]:
         raise RolevecError(
             f"persona file {p} {path_problem(p)}: pass a JSONL file of {{'persona': ...}} objects"
         )
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise RolevecError(f"{p} is not UTF-8 text; save it as UTF-8") from exc
+    text = read_text(p, what="persona file")
+    items: list[tuple[str, Any]] = []  # (where, item): "path:line" or "path (item i)"
     if p.suffix.lower() == ".json":
         try:
-            items: list[tuple[int, Any]] = list(enumerate(json.loads(text)))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise RolevecError(f"{p}: malformed JSON persona list ({exc})") from exc
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RolevecError(f"{p}:{exc.lineno}: malformed JSON persona list ({exc.msg})") from exc
+        if not isinstance(data, list):
+            raise RolevecError(
+                f"{p}: expected a JSON list of personas, found {type(data).__name__}; pass a list of "
+                "strings or {'persona': ...} objects"
+            )
+        items = [(f"{p} (item {i})", item) for i, item in enumerate(data)]
     else:
-        items = []
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                items.append((lineno, json.loads(line)))
+                items.append((f"{p}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as exc:
                 raise RolevecError(f"{p}:{lineno}: malformed JSON line ({exc.msg})") from exc
     personas = []
     for where, item in items:
         value = item.get("persona") if isinstance(item, dict) else item
         if not isinstance(value, str):
-            raise RolevecError(f"{p}:{where}: expected an object with a string 'persona' field")
+            raise RolevecError(f"{where}: expected an object with a string 'persona' field")
         if value.strip():
             personas.append(value.strip())
     if not personas:
@@ -241,8 +244,11 @@ class OpenAIGenerator:
                 f"could not reach generator endpoint {self.base}{path} ({reason}); pass a reachable "
                 "--generator URL, or a local model"
             ) from exc
-        except json.JSONDecodeError as exc:
-            raise RolevecError(f"generator endpoint {self.base}{path} did not answer JSON") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RolevecError(
+                f"generator endpoint {self.base}{path} did not answer UTF-8 JSON: check that --generator "
+                "is an OpenAI-compatible server"
+            ) from exc
 
     def _first_model(self) -> str:
         try:
