@@ -149,7 +149,7 @@ def export_control_vector(
     steering: Steering, path: str | Path, *, model_hint: str, force: bool = False
 ) -> Path:
     """Write an addition as a control vector with α multiplied in (load it with strength 1)."""
-    from . import __version__
+    from ._version import __version__
 
     if steering.mode != "add":
         raise RolevecError("only addition can be exported as a control vector (llama.cpp adds vectors)")

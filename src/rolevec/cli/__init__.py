@@ -20,7 +20,7 @@ COMMANDS = ("info", "extract", "prompts", "generate", "fold", "export", "sweep",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from .._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="rolevec",
