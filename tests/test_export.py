@@ -27,7 +27,7 @@ from rolevec.hooks import hooked, output_hook
 from rolevec.interventions import Steering
 from rolevec.model import ModelAdapter
 from rolevec.testing import make_adapter
-from test_interventions import role_vectors
+from test_interventions import role_vectors, zero_at
 
 PROMPTS = ["Explain how eigenvalues relate to stability."]
 
@@ -268,3 +268,16 @@ def test_real_lm_eval_loader_reproduces_hooked_steering(tmp_path: Path) -> None:
     with torch.no_grad():
         got = lm._model_call(batch.input_ids).float()
     torch.testing.assert_close(got, steered_logits(tiny, steering, PROMPTS), rtol=1e-5, atol=1e-5)
+
+
+def test_export_cli_warns_once_about_a_zero_vector(
+    tmp_path: Path, saved_tiny: tuple[list[str], ModelAdapter], capsys: pytest.CaptureFixture[str]
+) -> None:
+    opts, tiny = saved_tiny
+    zero_at(role_vectors(tiny), 2).save(tmp_path / "v.safetensors", force=True)
+    out = tmp_path / "z.gguf"
+    args = ["export", *opts, "--format", "gguf", "--role", "doctor", "--alpha", "2", "--layers", "2:4"]
+    assert main([*args, "--out", str(out)]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "changes nothing" in line]
+    assert len(warned) == 1 and "at layer 2, position -1 is zero" in warned[0]
+    assert out.is_file()

@@ -16,7 +16,7 @@ from rolevec.hooks import count_hooks, hooked, input_hook
 from rolevec.interventions import Steering
 from rolevec.model import ModelAdapter
 from rolevec.testing import make_adapter
-from test_interventions import role_vectors
+from test_interventions import role_vectors, zero_at
 
 PROMPTS = ["Explain eigenvalues.", "Hi", "What is the standard dose of amoxicillin for a child?"]
 
@@ -208,3 +208,38 @@ def test_generate_on_embedded_model(embedded: ModelAdapter) -> None:
     assert steered.token_ids != plain.token_ids
     assert plain.text.strip()
     assert count_hooks(embedded.model) == 0
+
+
+def test_generate_cli_zero_vector(
+    tmp_path: Path, saved_tiny: tuple[list[str], ModelAdapter], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ablating layer 0's zero vector is refused before the model loads (the model path here does not
+    exist, so a later check would report that instead); adding it warns once, not once per resolution."""
+    opts, tiny = saved_tiny
+    zero_at(role_vectors(tiny), 0).save(tmp_path / "v.safetensors", force=True)
+    base = ["generate", *opts, "--role", "doctor", "--layer", "0", "--max-new-tokens", "2"]
+    no_model = [*base, "--model", str(tmp_path / "missing-model"), "--ablate", "Hi"]
+    assert main(no_model) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "layer 0 is the input of block 0" in err[0] and "--layer (1..3)" in err[0]
+    assert main([*base, "--alpha", "2", "Hi"]) == 0
+    captured = capsys.readouterr()
+    warned = [line for line in captured.err.splitlines() if "changes nothing" in line]
+    assert len(warned) == 1 and warned[0].startswith(
+        "rolevec: warning: the vector of role 'doctor' at layer 0"
+    )
+    assert "[steered: add α=2 (role 'doctor', layer 0" in captured.out
+
+
+def test_selection_file_is_read_bom_transparently(tmp_path: Path) -> None:
+    from rolevec.cli.steer_args import read_selection
+
+    path = tmp_path / "selection.json"
+    doc = {"roles": {"doctor": {"layer": 2, "position": -1, "alpha": 3.0}}}
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(doc).encode())  # as Windows editors save it
+    assert read_selection(str(path), "doctor")[1] == doc["roles"]["doctor"]
+    path.write_bytes(b'{"roles": {"doctor": "\xff"}}')
+    with pytest.raises(
+        RolevecError, match=rf"^selection file {path} is not UTF-8 text \(undecodable byte 0xff"
+    ):
+        read_selection(str(path), "doctor")

@@ -213,3 +213,66 @@ def test_steering_rejects_bad_vectors() -> None:
     ):
         pass
     assert count_hooks(tiny.model) == 0
+
+
+def zero_at(vectors: RoleVectors, layer: int, *, role: str = "doctor", noise: float = 0.0) -> RoleVectors:
+    """The same vectors with ``role``'s mean equal to the base mean at ``layer`` (plus a little noise)."""
+    means = {r: m.clone() for r, m in vectors.role_means.items()}
+    means[role][:, layer] = vectors.base_mean[:, layer] * (1.0 + noise)
+    return RoleVectors(
+        role_means=means,
+        base_mean=vectors.base_mean,
+        positions=vectors.positions,
+        position_tokens=vectors.position_tokens,
+        metadata=vectors.metadata,
+    )
+
+
+def test_layer_0_vector_is_zero_after_extraction(tiny_llama: ModelAdapter) -> None:
+    """Why the refusal below explains layer 0 as it does: block 0's input at the template positions is
+    the embedding of the same template tokens for every prompt, so μ − ν is exactly zero there."""
+    from rolevec.activations import extract_role_vectors
+    from rolevec.data import PromptSet
+
+    role = PromptSet("doctor", ("Treat a mild fever.", "Explain blood pressure."), "test")
+    base = PromptSet("base", ("Write a poem.", "Name two animals, please, and say why."), "test")
+    vecs = extract_role_vectors(tiny_llama, {"doctor": role}, base, progress=False)
+    assert all(float(vecs.vector("doctor", 0, p).norm()) == 0.0 for p in vecs.positions)
+    assert float(vecs.vector("doctor", 1, -1).norm()) > 0.0
+    with pytest.raises(RolevecError, match="layer 0 is the input of block 0"):
+        resolve_steering(vecs, "doctor", layers=0, ablate=True)
+
+
+@pytest.mark.parametrize("noise", [0.0, 3e-7])
+def test_ablating_a_zero_vector_is_refused_before_any_model(tiny_llama: ModelAdapter, noise: float) -> None:
+    """Ablation needs a unit direction: a zero (or rounding-level) vector used to pass resolution and fail
+    later, after the model had loaded (or, near zero, give a direction made of rounding noise)."""
+    vecs = zero_at(role_vectors(tiny_llama), 0, noise=noise)
+    assert (float(vecs.vector("doctor", 0, -2).norm()) > 0.0) is bool(noise)  # rounding-level, not zero
+    with pytest.raises(RolevecError) as info:
+        resolve_steering(vecs, "doctor", layers=0, position=-2, ablate=True)
+    assert str(info.value) == (
+        "the vector of role 'doctor' at layer 0, position -2 is zero: layer 0 is the input of block 0, "
+        "where the template tokens' embeddings are the same for every prompt, so the role vector there is "
+        "zero, and a zero vector has no direction to ablate: pass another --layer (1..3)"
+    )
+    other = zero_at(role_vectors(tiny_llama), 2)
+    with pytest.raises(RolevecError, match=r"at layer 2, position -1 is zero: its role and base prompts"):
+        resolve_steering(other, "doctor", layers=2, ablate=True, adapter=tiny_llama)
+    assert resolve_steering(vecs, "lawyer", layers=0, ablate=True).mode == "ablate"  # lawyer's is not zero
+
+
+def test_adding_a_zero_vector_warns(tiny_llama: ModelAdapter) -> None:
+    vecs = zero_at(role_vectors(tiny_llama), 0)
+    with pytest.warns(
+        UserWarning, match=r"layer 0, position -1 is zero: layer 0 is the input .*changes nothing"
+    ):
+        steering = resolve_steering(vecs, "doctor", layers=[0, 1, 2], alpha=2.0, adapter=tiny_llama)
+    assert steering.layers == [0, 1, 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_steering(vecs, "doctor", layers=[0, 1], alpha=2.0, warn_zero=False)
+        resolve_steering(vecs, "doctor", layers=[1, 2], alpha=2.0)  # no zero vector among these
+    two = zero_at(zero_at(role_vectors(tiny_llama), 1), 3)
+    with pytest.warns(UserWarning, match=r"at layers 1, 3, position -1 is zero: its role and base"):
+        resolve_steering(two, "doctor", layers=[1, 2, 3], alpha=1.0)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,23 @@ def test_compatibility_checks() -> None:
         vecs.check_compatible(make_adapter("qwen2"))
     with pytest.raises(RolevecError, match="hidden size"):
         _vectors(hidden=16).check_compatible(make_adapter("llama"))
+
+
+@pytest.mark.parametrize(("tensor", "bad"), [("doctor", math.nan), ("__base__", math.inf)])
+def test_non_finite_values_name_file_tensor_and_site(tmp_path: Path, tensor: str, bad: float) -> None:
+    """A NaN in a vector file used to load silently and turn every steered activation into NaN."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = _vectors().save(tmp_path / "v.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    tensors[f"mean/{tensor}"][2, 1, 5] = bad  # position -2, layer 1
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(RolevecError) as info:
+        RoleVectors.load(path)
+    assert str(info.value) == (
+        f"{path} holds non-finite values (NaN or inf) in tensor mean/{tensor} (first at position -2, "
+        "layer 1): re-extract it with `rolevec extract`"
+    )

@@ -228,6 +228,38 @@ def parse_layers(spec: str) -> list[int]:
         raise RolevecError(f"cannot read layers {spec!r}: pass an integer L or a range a:b") from None
 
 
+#: A role vector shorter than this share of its site's mean activation is zero up to rounding.
+ZERO_NORM = 1e-6
+
+
+def zero_layers(vectors: RoleVectors, role: str, layers: Sequence[int], position: int) -> list[int]:
+    """The layers among ``layers`` whose role vector at ``position`` is zero (up to rounding)."""
+    i = vectors.position_index(position)
+    zero = []
+    for layer in layers:
+        vectors.check_layer(layer)
+        mean, base = vectors.role_means[role][i, layer].float(), vectors.base_mean[i, layer].float()
+        scale = max(float(mean.norm()), float(base.norm()))
+        if float((mean - base).norm()) <= ZERO_NORM * scale:
+            zero.append(layer)
+    return zero
+
+
+def _why_zero(role: str, layers: Sequence[int], position: int) -> str:
+    """One clause saying which vectors are zero and why, for the ablation error and the addition warning."""
+    if list(layers) == [0]:
+        return (
+            f"the vector of role {role!r} at layer 0, position {position} is zero: layer 0 is the input of "
+            "block 0, where the template tokens' embeddings are the same for every prompt, so the role "
+            "vector there is zero"
+        )
+    which = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
+    return (
+        f"the vector of role {role!r} at {which}, position {position} is zero: its role and base prompts "
+        "have the same mean activation there"
+    )
+
+
 def resolve_steering(
     vectors: RoleVectors,
     role: str,
@@ -238,14 +270,31 @@ def resolve_steering(
     ablate: bool = False,
     adapter: ModelAdapter | None = None,
     allow_other_model: bool = False,
+    warn_zero: bool = True,
 ) -> Steering:
-    """Pick role vectors out of a file and check them (and, if given, against the model)."""
+    """Pick role vectors out of a file and check them (and, if given, against the model).
+
+    A zero vector cannot give an ablation direction, so that is refused (before any model is needed);
+    adding one changes nothing, which ``warn_zero`` reports as a warning (a caller that resolves the same
+    steering again once the model is loaded passes ``warn_zero=False`` the second time)."""
     layer_list = [layers] if isinstance(layers, int) else list(layers)
     if ablate and alpha is not None:
         raise RolevecError("ablation takes no alpha: pass either --alpha A or --ablate")
     if not ablate and alpha is None:
         raise RolevecError("addition needs a strength: pass --alpha A (the paper uses 1 or 3)")
     picked = {layer: vectors.vector(role, layer, position).float() for layer in layer_list}
+    zero = zero_layers(vectors, role, layer_list, position)
+    if zero and ablate:
+        raise RolevecError(
+            f"{_why_zero(role, zero, position)}, and a zero vector has no direction to ablate: pass another "
+            f"--layer (1..{vectors.n_layers})"
+        )
+    if zero and warn_zero:
+        warnings.warn(
+            f"{_why_zero(role, zero, position)}, so adding it changes nothing: pass another --layer "
+            f"(1..{vectors.n_layers}) to steer",
+            stacklevel=2,
+        )
     source = {k: vectors.metadata[k] for k in ("model", "model_fingerprint") if k in vectors.metadata}
     steering = Steering(
         mode="ablate" if ablate else "add",

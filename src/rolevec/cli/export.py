@@ -77,6 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         adapter=adapter,
         allow_other_model=args.allow_other_model,
+        warn_zero=False,  # warned above, before the model loaded
     )
     if args.format == "gguf":
         hint = args.model_hint or str(getattr(adapter.config, "model_type", "") or "")

@@ -125,6 +125,7 @@ def _run(args: argparse.Namespace) -> int:
             ablate=args.ablate,
             adapter=adapter,
             allow_other_model=args.allow_other_model,
+            warn_zero=False,  # warned above, before the model loaded
         )
     options = {
         "max_new_tokens": args.max_new_tokens,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RolevecError, path_problem
+from ..files import read_text
 
 if TYPE_CHECKING:
     from ..model import ModelAdapter
@@ -81,10 +82,11 @@ def read_selection(path: str, role: str) -> tuple[dict[str, Any], dict[str, Any]
     p = Path(path)
     if not p.is_file():
         raise RolevecError(f"selection file {p} {path_problem(p)}: pass the JSON written by `rolevec sweep`")
+    text = read_text(p, what="selection file")  # BOM-transparent; bad bytes are one line naming it
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RolevecError(f"{p} is not a readable JSON selection file ({exc})") from exc
+        data = json.loads(text)
+    except ValueError as exc:
+        raise RolevecError(f"{p} is not a readable JSON selection file ({exc})") from None
     roles = data.get("roles") if isinstance(data, dict) else None
     if not isinstance(roles, dict):
         raise RolevecError(f"{p} has no 'roles' table: pass a selection file written by `rolevec sweep`")
