@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from rolevec.errors import RolevecError
-from rolevec.records import FIELDS, RecordStore, check_settings, clear_run, read_records, record_identity
+from rolevec.records import FIELDS, RecordStore, check_settings, compare_settings, read_records, record_identity
 
 
 def _record(qid: str, alpha: float | None = 1.0, condition: str = "add") -> dict[str, Any]:
@@ -139,7 +139,26 @@ def test_settings_must_match(tmp_path: Path) -> None:
         check_settings(tmp_path, {"random_seed": 2})
     with pytest.raises(RolevecError, match="--force"):
         check_settings(tmp_path, {"model_fingerprint": "xyz"})
-    (tmp_path / "records.jsonl").write_text("")
-    removed = clear_run(tmp_path)
-    assert {p.name for p in removed} == {"records.jsonl", "settings.json"}
+    (tmp_path / "settings.json").unlink()
     check_settings(tmp_path, {"model_fingerprint": "xyz"})
+
+
+def test_settings_mismatch_names_only_the_differing_fields(tmp_path: Path) -> None:
+    long = "x" * 900
+    study = {"base": "broken.json", "roles_dir": long, "n_prompts": 32, "layers": None}
+    check_settings(tmp_path, {"study": study, "model_fingerprint": "abc"})
+    before = (tmp_path / "settings.json").read_bytes()
+    with pytest.raises(RolevecError) as err:
+        compare_settings(tmp_path, {"study": {**study, "base": "good.json"}, "model_fingerprint": "abc"})
+    message = str(err.value)
+    assert "study.base" in message and "good.json" in message
+    assert "roles_dir" not in message and "n_prompts" not in message and "model_fingerprint" not in message
+    assert len(message) < 300
+    assert (tmp_path / "settings.json").read_bytes() == before  # compare writes nothing
+
+
+def test_records_with_undecodable_bytes_are_one_error(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"b": "\xff"}\n')
+    with pytest.raises(RolevecError, match=r"records file .*records.jsonl is not UTF-8 text .* line 2"):
+        list(read_records(path))

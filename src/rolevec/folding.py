@@ -426,36 +426,25 @@ def fold(adapter: ModelAdapter, steering: Steering, *, verify: bool = True) -> M
 # --- writing a checkpoint ----------------------------------------------------------------------------
 
 
-def check_folder_out(out: str | Path, *, force: bool = False, marker: str | None = None) -> Path:
-    """Refuse an ``out`` that exists without ``force``, that is a file, or (with ``marker``) that is a
-    non-empty folder without that file: --force replaces an earlier output, never someone's folder."""
-    from .files import check_writable
+def check_folder_out(out: str | Path, *, force: bool = False) -> Path:
+    """Refuse an ``out`` that exists without ``force``, or that ``--force`` must not replace (a run
+    folder, someone's folder, a checkpoint holding files rolevec did not write): see rolevec.outdir."""
+    from .outdir import check_checkpoint_out
 
-    target = Path(out)
-    check_writable(target)
-    if not target.exists():
-        return target
-    if not force:
-        raise RolevecError(f"{target} already exists: pass --force to overwrite it, or choose another --out")
-    if not target.is_dir():
-        raise RolevecError(f"{target} exists and is not a folder: choose another --out")
-    if marker is not None and any(target.iterdir()) and not (target / marker).is_file():
-        raise RolevecError(
-            f"{target} is a folder rolevec did not write (it has files but no {marker}); --force replaces "
-            "only an earlier output: choose another --out, or empty the folder"
-        )
-    return target
+    return check_checkpoint_out(out, force=force)
 
 
-def write_folder(
-    out: str | Path, write: Callable[[Path], None], *, force: bool = False, marker: str | None = None
-) -> Path:
-    """Fill a temporary folder beside ``out`` and rename it into place, so ``out`` is never half-written."""
-    target = check_folder_out(out, force=force, marker=marker)
+def write_folder(out: str | Path, write: Callable[[Path], None], *, force: bool = False) -> Path:
+    """Fill a temporary folder beside ``out`` and rename it into place, so ``out`` is never half-written;
+    every file in it is listed as rolevec's own, so a later ``--force`` may replace it."""
+    from .outdir import claim_checkpoint
+
+    target = check_folder_out(out, force=force)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         write(tmp)
+        claim_checkpoint(tmp)
         tmp.chmod(0o755)  # mkdtemp makes private folders; a checkpoint is an ordinary one
         for item in tmp.rglob("*"):  # and some writers make private files (safetensors via a temp file)
             item.chmod(0o755 if item.is_dir() else 0o644)
@@ -523,4 +512,4 @@ def save_folded(
                     f"(relative logit error {err:.1e}); nothing was written. {HOOKED_ADVICE}"
                 )
 
-    return write_folder(out, write, force=force, marker=MANIFEST_NAME)
+    return write_folder(out, write, force=force)

@@ -260,6 +260,17 @@ def _why_zero(role: str, layers: Sequence[int], position: int) -> str:
     )
 
 
+def ablation_problem(vectors: RoleVectors, role: str, layers: Sequence[int], position: int) -> str | None:
+    """Why ablating ``role`` at these sites cannot work (a zero vector has no direction), or None."""
+    zero = zero_layers(vectors, role, layers, position)
+    if not zero:
+        return None
+    return (
+        f"{_why_zero(role, zero, position)}, and a zero vector has no direction to ablate: pass another "
+        f"--layer (1..{vectors.n_layers})"
+    )
+
+
 def resolve_steering(
     vectors: RoleVectors,
     role: str,
@@ -285,10 +296,7 @@ def resolve_steering(
     picked = {layer: vectors.vector(role, layer, position).float() for layer in layer_list}
     zero = zero_layers(vectors, role, layer_list, position)
     if zero and ablate:
-        raise RolevecError(
-            f"{_why_zero(role, zero, position)}, and a zero vector has no direction to ablate: pass another "
-            f"--layer (1..{vectors.n_layers})"
-        )
+        raise RolevecError(ablation_problem(vectors, role, zero, position))
     if zero and warn_zero:
         warnings.warn(
             f"{_why_zero(role, zero, position)}, so adding it changes nothing: pass another --layer "

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RolevecError, path_problem
+from .files import read_text
 from .model import ModelAdapter
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -201,10 +202,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         if p.suffix == ".toml":
             import tomllib
 
-            data: Any = tomllib.loads(p.read_text(encoding="utf-8"))
+            data: Any = tomllib.loads(read_text(p, what="config file"))
         else:
-            data = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
+            data = json.loads(read_text(p, what="config file"))
+    except ValueError as exc:
         raise RolevecError(f"config file {p} is not valid JSON/TOML ({exc})") from exc
     if not isinstance(data, dict):
         raise RolevecError(f"config file {p} must hold an object of options")
@@ -257,6 +258,35 @@ def check_roles(config: StudyConfig) -> tuple[list[str], list[str]]:
             "selected on a validation split: drop them from --roles"
         )
     return roles, domains
+
+
+def check_inputs(config: StudyConfig) -> tuple[list[str], list[str]]:
+    """Read every input a run needs (role prompts, base prompts, questions, persona templates) without
+    the model: a bad file or value is refused before the model loads and before the run folder changes."""
+    from .data import load_base, load_role_prompts, role_domain
+    from .evaluation import persona_system
+    from .mcq import load_mcq
+
+    roles, domains = check_roles(config)
+    for role in roles:
+        load_role_prompts(role, config.roles_dir)
+    load_base(config.base, column=config.base_column)
+    load_mcq(config.mcq, sorted(set(domains) | {str(role_domain(r)) for r in roles}))
+    for template in config.persona_templates:
+        persona_system("doctor", template)
+    return roles, domains
+
+
+def _read_stored(path: Path) -> dict[str, Any]:
+    """A JSON object an earlier stage wrote; a damaged one is one line, not a traceback."""
+    try:
+        data = json.loads(read_text(path, what="run file"))
+        reason = "not a JSON object"
+    except ValueError as exc:
+        data, reason = None, f"not valid JSON: {exc}"
+    if not isinstance(data, dict):
+        raise RolevecError(f"{path} is damaged ({reason}): delete it to redo its stage, or use --force")
+    return data
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -326,23 +356,30 @@ class Study:
         for template in self.config.persona_templates:
             persona_system("doctor", template)
 
-    def run(self) -> None:
-        from .records import check_settings
+    def run(self, *, force: bool = False) -> None:
+        """Run or resume every stage; ``force`` starts over, moving the folder's earlier results aside
+        (see :mod:`rolevec.outdir`) only once every input has been checked."""
+        from .outdir import prepare
+        from .records import check_settings, compare_settings
 
         self.check_grid()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        check_settings(self.run_dir, {"study": self.config.fixed()})
-        started = time.perf_counter()
-        self._stage("prompts", self.stage_prompts)
-        self._stage("vectors", self.stage_vectors)
-        self._stage("questions", self.stage_questions)
-        self._stage("selection", self.stage_selection)
-        self._stage("test", self.stage_test)
-        if self.config.interpret:
-            self._stage("interpret", self.stage_interpret)
-        self._stage("report", self.stage_report)
-        self.state.timings["total"] = time.perf_counter() - started
-        self._manifest()
+        check_inputs(self.config)
+        study = {"study": self.config.fixed()}
+        if not force:
+            compare_settings(self.run_dir, study)
+        with prepare(self.run_dir, "run", force=force):
+            check_settings(self.run_dir, study)
+            started = time.perf_counter()
+            self._stage("prompts", self.stage_prompts)
+            self._stage("vectors", self.stage_vectors)
+            self._stage("questions", self.stage_questions)
+            self._stage("selection", self.stage_selection)
+            self._stage("test", self.stage_test)
+            if self.config.interpret:
+                self._stage("interpret", self.stage_interpret)
+            self._stage("report", self.stage_report)
+            self.state.timings["total"] = time.perf_counter() - started
+            self._manifest()
 
     # --- stages ----------------------------------------------------------------------------------
     def stage_prompts(self) -> None:
@@ -351,7 +388,7 @@ class Study:
 
         path = self.run_dir / "prompts.json"
         if path.exists():
-            stored = json.loads(path.read_text(encoding="utf-8"))
+            stored = _read_stored(path)
             missing = [r for r in self.roles if r not in stored.get("roles", {})]
             if not missing:
                 self._prompts = stored
@@ -570,7 +607,7 @@ class Study:
 
         path = self.run_dir / "interpret.json"
         if path.exists():
-            stored = json.loads(path.read_text(encoding="utf-8"))
+            stored = _read_stored(path)
             if set(self.roles) <= set(stored.get("roles", {})):
                 return
         result = interpret_roles(
@@ -602,10 +639,15 @@ def run_study(
     preset: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    force: bool = False,
 ) -> Study:
-    """Run (or resume) the whole study in ``run_dir``; returns the finished :class:`Study`."""
+    """Run (or resume) the whole study in ``run_dir``; returns the finished :class:`Study`.
+
+    ``force=True`` starts over: rolevec's earlier results in ``run_dir`` are set aside once every
+    input has been checked and deleted when the run succeeds (a user's own files are never touched).
+    """
     study = Study(adapter, config, run_dir, args=args, preset=preset, progress=progress, log=log)
-    study.run()
+    study.run(force=force)
     return study
 
 

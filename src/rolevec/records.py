@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RolevecError
+from .files import decode_text
 
 #: Field order of a record line (also the report's input format).
 FIELDS = (
@@ -93,7 +94,7 @@ def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
             if not raw.strip():
                 continue
             try:
-                yield json.loads(raw)
+                yield json.loads(decode_text(raw, p, what="records file", lineno=number))
             except json.JSONDecodeError as exc:
                 raise RolevecError(
                     f"{p} line {number} is not valid JSON ({exc}); the store is damaged: fix or remove that "
@@ -203,6 +204,48 @@ class RecordStore:
 SETTINGS_NAME = "settings.json"
 
 
+def _short(value: Any, width: int = 48) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _differences(stored: Any, wanted: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ (nested objects compared key by key), for a short message."""
+    if isinstance(stored, Mapping) and isinstance(wanted, Mapping):
+        out: list[str] = []
+        for key in wanted:
+            if key in stored:
+                out += _differences(stored[key], wanted[key], f"{prefix}{key}.")
+        return out
+    return [] if stored == wanted else [f"{prefix[:-1]}: {_short(stored)} stored, {_short(wanted)} now"]
+
+
+def compare_settings(run_dir: str | Path, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Refuse settings that differ from a run folder's ``settings.json``, writing nothing; returns what a
+    :func:`check_settings` call would store (None: nothing to write)."""
+    from .files import read_text
+
+    path = Path(run_dir) / SETTINGS_NAME
+    wanted: dict[str, Any] = json.loads(json.dumps(dict(settings)))
+    if not path.exists():
+        return wanted
+    try:
+        stored = json.loads(read_text(path, what="settings file"))
+    except ValueError as exc:
+        raise RolevecError(f"{path} is not readable ({exc}); fix it or start a new run folder") from exc
+    if not isinstance(stored, dict):
+        raise RolevecError(f"{path} is not a settings object; fix it or start a new run folder")
+    diff = _differences(stored, wanted)
+    if diff:
+        raise RolevecError(
+            f"{run_dir} holds records made with other settings ({'; '.join(diff[:4])}"
+            f"{'; …' if len(diff) > 4 else ''}): use the same options, --force to discard that run's "
+            "results, or another --out"
+        )
+    merged = {**stored, **wanted}
+    return None if merged == stored else merged
+
+
 def check_settings(run_dir: str | Path, settings: Mapping[str, Any]) -> None:
     """Refuse to add records made under different settings (model, prompt, split, seed) to a run folder.
 
@@ -210,38 +253,10 @@ def check_settings(run_dir: str | Path, settings: Mapping[str, Any]) -> None:
     """
     from .files import atomic_write
 
-    path = Path(run_dir) / SETTINGS_NAME
-    wanted = json.loads(json.dumps(dict(settings)))
-    if path.exists():
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RolevecError(f"{path} is not readable ({exc}); fix it or start a new run folder") from exc
-        diff = [k for k in wanted if k in stored and stored[k] != wanted[k]]
-        if diff:
-            shown = "; ".join(f"{k}: stored {stored[k]!r}, now {wanted[k]!r}" for k in diff)
-            raise RolevecError(
-                f"{run_dir} holds records made with other settings ({shown}): use the same options, "
-                "--force to discard that run's results, or another --out"
-            )
-        merged = {**stored, **wanted}
-        if merged == stored:
-            return
-        wanted = merged
-    text = json.dumps(wanted, indent=1, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), force=True)
-
-
-#: Files a rerun with --force removes before starting over.
-RUN_FILES = ("records.jsonl", "sweep.jsonl", "selection.json", "split.json", SETTINGS_NAME, "summary.json")
-
-
-def clear_run(run_dir: str | Path) -> list[Path]:
-    """Delete the evaluation files of a run folder (for --force); returns what was removed."""
-    removed = []
-    for name in RUN_FILES:
-        path = Path(run_dir) / name
-        if path.exists():
-            path.unlink()
-            removed.append(path)
-    return removed
+    merged = compare_settings(run_dir, settings)
+    if merged is None:
+        return
+    text = json.dumps(merged, indent=1, ensure_ascii=False) + "\n"
+    atomic_write(
+        Path(run_dir) / SETTINGS_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"), force=True
+    )

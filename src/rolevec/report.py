@@ -24,7 +24,7 @@ from typing import Any
 from . import figures
 from .analysis import SMALL_N, Analysis, SweepPanel, analyse, load_records, star, sweep_panels
 from .errors import RolevecError, path_problem
-from .files import atomic_write
+from .files import atomic_write, read_text
 from .geometry import Geometry, role_geometry
 from .records import read_records
 from .vectors import RoleVectors
@@ -184,8 +184,10 @@ def _read_json(path: Path) -> Input:
     if not path.is_file():
         return Input(missing=f"no {path.name}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(read_text(path, what=path.name))
+    except RolevecError as exc:  # undecodable bytes or no permission: said once, the report goes on
+        return Input(missing=str(exc))
+    except ValueError as exc:
         return Input(missing=f"{path.name} is not readable JSON ({exc})")
     if not isinstance(data, dict):
         return Input(missing=f"{path.name} is not a JSON object")
@@ -948,13 +950,14 @@ class ReportFiles:
     figures: tuple[Path, ...]
 
 
-def write_report(run_dir: str | Path, *, force: bool = False) -> ReportFiles:
+def write_report(run_dir: str | Path, *, force: bool = False, data: RunData | None = None) -> ReportFiles:
     """Build the report of RUN_DIR and write report.html, report.md, tables/*.csv and figures/*.png.
 
     Refuses to overwrite an existing report unless ``force``; everything is computed before the first
-    file is written, and each file is written atomically.
+    file is written, and each file is written atomically. ``data`` is the run as :func:`load_run` read it
+    (read here when not given).
     """
-    data = load_run(run_dir)
+    data = load_run(run_dir) if data is None else data
     root = data.run_dir
     html_path, md_path = root / "report.html", root / "report.md"
     if not force:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RolevecError, path_problem
-from .files import atomic_write
+from .files import atomic_write, read_text
 from .mcq import Split
 from .model import ModelAdapter
 from .sweep import GridRow
@@ -154,8 +154,8 @@ def load_selection(path: str | Path, adapter: ModelAdapter | None = None) -> dic
     if not p.is_file():
         raise RolevecError(f"selection file {p} {path_problem(p)}: make one with `rolevec sweep --out DIR`")
     try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        doc = json.loads(read_text(p, what="selection file"))
+    except ValueError as exc:
         raise RolevecError(f"{p} is not a readable selection file ({exc})") from exc
     if not isinstance(doc, Mapping) or not isinstance(doc.get("roles"), Mapping):
         raise RolevecError(

@@ -38,7 +38,7 @@ from .evaluation import (
     prepare,
     to_record,
 )
-from .files import atomic_write
+from .files import atomic_write, read_text
 from .mcq import MCQItem
 from .model import ModelAdapter
 from .records import RecordStore, read_records
@@ -161,10 +161,17 @@ def write_sweep_file(path: str | Path, rows: Sequence[GridRow]) -> Path:
     replaced = {(r.role, r.domain) for r in rows}
     kept: list[dict[str, Any]] = []
     if p.exists():
-        for line in p.read_text(encoding="utf-8").splitlines():
+        for number, line in enumerate(read_text(p, what="sweep file").splitlines(), 1):
             if line.strip():
-                old = json.loads(line)
-                if (old["role"], old["domain"]) not in replaced:
+                try:
+                    old = json.loads(line)
+                    key = (old["role"], old["domain"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise RolevecError(
+                        f"{p} line {number} is not a sweep row ({exc}): fix or remove that line, "
+                        "or rerun with --force"
+                    ) from None
+                if key not in replaced:
                     kept.append(old)
     lines = [json.dumps(r, ensure_ascii=False) for r in [*kept, *(row.to_json() for row in rows)]]
     text = "".join(line + "\n" for line in lines)

@@ -39,6 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands whose records resume: an interrupted run continues where it stopped.
+RESUMING = ("sweep", "evaluate", "run")
+
+
+def interrupted_note(args: argparse.Namespace) -> str:
+    """What an interrupt leaves, true for the command that was interrupted."""
+    if args.command not in RESUMING:
+        return "nothing was written under the output's final name; rerun the command to start over"
+    note = "finished work is kept and a rerun on the same --out continues from it"
+    if getattr(args, "force", False):
+        note += (
+            "; the earlier results that --force set aside are kept in --out's .rolevec-trash: a rerun "
+            "without --force puts them back, a rerun with --force finishes replacing them"
+        )
+    return note
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -59,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt:
-        print("rolevec: interrupted; finished work is kept and a rerun continues from it", file=sys.stderr)
+        print(f"rolevec: interrupted; {interrupted_note(args)}", file=sys.stderr)
         return 130
     return int(result or 0)
 

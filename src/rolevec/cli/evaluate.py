@@ -116,18 +116,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 # --- shared steps (also used by `rolevec sweep`) ----------------------------------------------------
 
 
-def prepare_run_dir(out: str, force: bool) -> Path:
-    """Check the run folder (created by its first write, so an early error leaves no empty folder)."""
-    from ..files import check_writable
-    from ..records import clear_run
+def planned_split(run_dir: Path, mcq: Any, *, force: bool, **split_args: Any) -> Any:
+    """The split a run will use, computed without writing: ``--force`` ignores the stored one (it is
+    about to be set aside), so every check runs before anything in the folder changes."""
+    import tempfile
 
-    run_dir = Path(out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RolevecError(f"--out {out} is a file: pass a folder")
-    check_writable(run_dir)
-    if force and run_dir.exists():
-        clear_run(run_dir)
-    return run_dir
+    from ..mcq import ensure_split
+
+    if not force:
+        return ensure_split(run_dir / "split.json", mcq, save=False, **split_args)
+    with tempfile.TemporaryDirectory() as fresh:
+        return ensure_split(Path(fresh) / "split.json", mcq, save=False, **split_args)
 
 
 def load_questions(args: argparse.Namespace, domains: Sequence[str] | None) -> MCQSet:
@@ -153,10 +152,9 @@ def prompt_format_from_args(args: argparse.Namespace) -> Any:
 
     template = PAPER_TEMPLATE
     if args.prompt_file:
-        try:
-            template = Path(args.prompt_file).read_text(encoding="utf-8").rstrip("\n")
-        except OSError as exc:
-            raise RolevecError(f"cannot read --prompt-file {args.prompt_file} ({exc})") from exc
+        from ..files import read_text
+
+        template = read_text(args.prompt_file, what="--prompt-file").rstrip("\n")
     return PromptFormat(template, args.answer_prefix)
 
 
@@ -180,6 +178,7 @@ def split_list(text: str | None) -> list[str]:
 
 def _conditions(args: argparse.Namespace, adapter: Any, vectors: Any) -> list[Any]:
     from ..evaluation import Condition, condition_vector
+    from ..interventions import ablation_problem
     from ..selection import load_selection, selected_site
 
     kinds = split_list(args.conditions)
@@ -227,6 +226,10 @@ def _conditions(args: argparse.Namespace, adapter: Any, vectors: Any) -> list[An
     for cond in out:  # refuse a site the file lacks, or a bad template, before the run folder is written
         if cond.kind in ("add", "ablate", "random"):
             condition_vector(vectors, cond, args.random_seed)
+        if cond.kind == "ablate":
+            problem = ablation_problem(vectors, str(cond.role), [int(cond.layer)], int(cond.position))
+            if problem:
+                raise RolevecError(problem)
         elif cond.kind == "persona":
             cond.system()
     return out
@@ -237,7 +240,7 @@ def _base_split(args: argparse.Namespace, run_dir: Path) -> Any:
 
     if args.split_file:
         return Split.load(args.split_file)
-    if args.selection and not (run_dir / "split.json").exists():
+    if args.selection and (args.force or not (run_dir / "split.json").exists()):
         beside = Path(args.selection).parent / "split.json"
         if beside.exists():
             return Split.load(beside)
@@ -250,42 +253,64 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..evaluation import LetterScorer, evaluate_conditions, run_settings
-    from ..files import atomic_write
+    from ..evaluation import run_settings
     from ..mcq import ensure_split, parse_domains
-    from ..records import RecordStore, check_settings, read_records, record_identity
+    from ..outdir import check_run_folder, prepare
+    from ..records import check_settings, compare_settings
     from ..selection import check_held_out, load_selection
-    from ..stats import format_table, per_subject, summarize
     from ..vectors import RoleVectors
 
-    run_dir = prepare_run_dir(args.out, args.force)
+    # Every input is checked before the folder changes: flags and files first, before the model loads.
+    run_dir = check_run_folder(args.out, "evaluate", force=args.force)
     domains = parse_domains(args.domains)
     vectors = RoleVectors.load(args.vectors) if args.vectors else None
-    prompt_format = prompt_format_from_args(args)  # reads --prompt-file before the model loads
-    adapter = load_from_args(args)
-    if vectors is not None:
-        vectors.check_compatible(adapter, allow_other_model=args.allow_other_model)
-    conditions = _conditions(args, adapter, vectors)
+    prompt_format = prompt_format_from_args(args)
+    conditions = _conditions(args, None, vectors)
     mcq = load_questions(args, domains)
     base = _base_split(args, run_dir)
     split_args: dict[str, Any] = {"seed": args.seed, "val_fraction": args.val_fraction, "base": base}
-    held_out = bool(args.selection) and args.split != "val"  # checked before the run folder is written
-    split = ensure_split(run_dir / "split.json", mcq, save=not held_out, **split_args)
-    if held_out:
-        check_held_out(load_selection(args.selection, adapter), split, domains or mcq.domains)
-        split = ensure_split(run_dir / "split.json", mcq, **split_args)  # now saved
+    split = planned_split(run_dir, mcq, force=args.force, **split_args)
+    adapter = load_from_args(args)
+    if vectors is not None:
+        vectors.check_compatible(adapter, allow_other_model=args.allow_other_model)
+    if args.selection:
+        selection = load_selection(args.selection, adapter)
+        if args.split != "val":
+            check_held_out(selection, split, domains or mcq.domains)
     uses_random = any(c.kind == "random" for c in conditions)
-    check_settings(
-        run_dir,
-        run_settings(
-            adapter,
-            prompt_format,
-            split,
-            args.random_seed if uses_random else None,
-            vectors=vectors,
-            roles=sorted({str(c.role) for c in conditions if c.kind in ("add", "ablate", "random")}),
-        ),
+    settings = run_settings(
+        adapter,
+        prompt_format,
+        split,
+        args.random_seed if uses_random else None,
+        vectors=vectors,
+        roles=sorted({str(c.role) for c in conditions if c.kind in ("add", "ablate", "random")}),
     )
+    if not args.force:
+        compare_settings(run_dir, settings)
+    with prepare(run_dir, "evaluate", force=args.force):
+        split = ensure_split(run_dir / "split.json", mcq, **split_args)
+        check_settings(run_dir, settings)
+        _evaluate(args, run_dir, adapter, mcq, split, conditions, vectors, prompt_format, domains)
+    return 0
+
+
+def _evaluate(
+    args: argparse.Namespace,
+    run_dir: Path,
+    adapter: Any,
+    mcq: Any,
+    split: Any,
+    conditions: list[Any],
+    vectors: Any,
+    prompt_format: Any,
+    domains: list[str] | None,
+) -> None:
+    from ..evaluation import LetterScorer, evaluate_conditions
+    from ..files import atomic_write
+    from ..records import RecordStore, read_records, record_identity
+    from ..stats import format_table, per_subject, summarize
+
     doms = domains if domains is not None else mcq.domains
     scorer = LetterScorer(adapter)
     with RecordStore(run_dir / "records.jsonl") as store:
@@ -354,4 +379,3 @@ def _run(args: argparse.Namespace) -> int:
         f"summary in {run_dir / 'summary.json'}",
         file=sys.stderr,
     )
-    return 0

@@ -23,7 +23,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--layer", type=int, required=True, help="layer L (input of block L) to steer")
     add_strength_args(parser, required=True)
     parser.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier `rolevec fold` output (never a run folder, nor files rolevec did not write)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -36,9 +40,9 @@ def _run(args: argparse.Namespace) -> int:
     from ..errors import RolevecError
     from ..folding import check_folder_out, fold, fold_problem, save_folded
     from ..interventions import resolve_steering
-    from ..manifest import MANIFEST_NAME, build_manifest, vector_provenance
+    from ..manifest import build_manifest, vector_provenance
 
-    out = check_folder_out(args.out, force=args.force, marker=MANIFEST_NAME)
+    out = check_folder_out(args.out, force=args.force)
     check_alpha_arg(args.alpha)
     vectors = load_vectors(args.vectors)
     position = -1 if args.position is None else args.position
@@ -55,6 +59,7 @@ def _run(args: argparse.Namespace) -> int:
         ablate=args.ablate,
         adapter=adapter,
         allow_other_model=args.allow_other_model,
+        warn_zero=False,
     )
     problem = fold_problem(adapter, steering)
     if problem:

@@ -7,7 +7,6 @@ import sys
 import time
 from typing import Any
 
-from ..errors import RolevecError
 from .common import add_model_args, load_from_args, plain_warnings, positive_int
 
 
@@ -30,6 +29,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--roles-dir", default=None, help="folder of <role>.json prompt sets (default built-in)"
     )
     parser.add_argument("--base", default=None, help="generic prompts file (default: built-in)")
+    parser.add_argument(
+        "--base-column", default=None, help="field or CSV column of --base that holds the prompt"
+    )
     parser.add_argument("--n", dest="n_prompts", type=positive_int, default=None, help="prompts per role")
     parser.add_argument("--n-base", type=positive_int, default=None, help="base prompts")
     parser.add_argument("--mcq-dir", dest="mcq", default=None, help="questions (default: the paper's files)")
@@ -44,7 +46,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint for the LLM judge")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="questions per forward")
     parser.add_argument("--no-interpret", action="store_true", help="skip patch-scoping and the logit lens")
-    parser.add_argument("--force", action="store_true", help="discard the folder's earlier results first")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="start over: set rolevec's earlier results in --out aside (deleted once the run succeeds)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
@@ -54,6 +60,7 @@ OVERRIDES = (
     "domains",
     "roles_dir",
     "base",
+    "base_column",
     "n_prompts",
     "n_base",
     "mcq",
@@ -67,15 +74,6 @@ OVERRIDES = (
     "batch_size",
 )
 
-RUN_OUTPUTS = (
-    "prompts.json",
-    "vectors.safetensors",
-    "interpret.json",
-    "report.html",
-    "report.md",
-    "manifest.json",
-)
-
 
 def run(args: argparse.Namespace) -> int:
     with plain_warnings():
@@ -83,11 +81,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ..files import check_writable
-    from ..pipeline import check_roles, config_from, describe_sampling, read_config_file, run_study
-    from ..records import clear_run
+    from ..outdir import check_run_folder
+    from ..pipeline import check_inputs, config_from, describe_sampling, read_config_file, run_study
 
     file_cfg = read_config_file(args.config) if args.config else None
     overrides: dict[str, Any] = {k: getattr(args, k) for k in OVERRIDES}
@@ -96,15 +91,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.dtype is not None:
         overrides["dtype"] = args.dtype
     config = config_from(args.preset, file_cfg, overrides)
-    check_roles(config)  # before the model loads: a typo costs nothing
-    run_dir = Path(args.out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RolevecError(f"--out {run_dir} is a file: pass a folder")
-    check_writable(run_dir)
-    if args.force and run_dir.exists():
-        clear_run(run_dir)
-        for name in RUN_OUTPUTS:
-            (run_dir / name).unlink(missing_ok=True)
+    # before the model loads and before the folder changes: a typo or a broken file costs nothing
+    run_dir = check_run_folder(args.out, "run", force=args.force)
+    check_inputs(config)
     args.dtype = config.dtype
     start = time.perf_counter()
     adapter = load_from_args(args)
@@ -124,6 +113,7 @@ def _run(args: argparse.Namespace) -> int:
         preset=args.preset,
         progress=not args.no_progress,
         log=log,
+        force=args.force,
     )
     from ..report import console_summary
 

@@ -16,7 +16,7 @@ from .common import add_model_args, load_from_args, plain_warnings, positive_int
 from .evaluate import (
     add_data_args,
     load_questions,
-    prepare_run_dir,
+    planned_split,
     prompt_format_from_args,
     split_list,
     write_command_manifest,
@@ -89,15 +89,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..evaluation import LetterScorer, run_settings
+    from ..evaluation import run_settings
     from ..mcq import ensure_split, role_domain
-    from ..records import RecordStore, check_settings, read_records
-    from ..selection import Choice, select, write_selection
-    from ..stats import format_table, summarize
-    from ..sweep import parse_alphas, parse_layers, parse_positions, run_sweep, write_sweep_file
+    from ..outdir import check_run_folder, prepare
+    from ..records import check_settings, compare_settings
+    from ..sweep import parse_alphas, parse_layers, parse_positions
     from ..vectors import RoleVectors
 
-    run_dir = prepare_run_dir(args.out, args.force)
+    # Every input is checked before the folder changes: flags and files first, before the model loads.
+    run_dir = check_run_folder(args.out, "sweep", force=args.force)
     roles = split_list(args.role)
     if not roles:
         raise RolevecError("--role is empty: pass a role such as lawyer")
@@ -110,13 +110,56 @@ def _run(args: argparse.Namespace) -> int:
     domain_of = {r: args.domain or role_domain(r) for r in roles}
     alphas = parse_alphas(args.alphas)
     positions = parse_positions(args.positions, vectors.positions)
-    prompt_format = prompt_format_from_args(args)  # reads --prompt-file before the model loads
+    prompt_format = prompt_format_from_args(args)
+    mcq = load_questions(args, sorted(set(domain_of.values())))
+    split_args: dict[str, Any] = {"seed": args.seed, "val_fraction": args.val_fraction}
+    split = planned_split(run_dir, mcq, force=args.force, **split_args)
     adapter = load_from_args(args)
     vectors.check_compatible(adapter, allow_other_model=args.allow_other_model)
     layers = parse_layers(args.layers, adapter.n_layers)
-    mcq = load_questions(args, sorted(set(domain_of.values())))
-    split = ensure_split(run_dir / "split.json", mcq, seed=args.seed, val_fraction=args.val_fraction)
-    check_settings(run_dir, run_settings(adapter, prompt_format, split, vectors=vectors, roles=roles))
+    settings = run_settings(adapter, prompt_format, split, vectors=vectors, roles=roles)
+    if not args.force:
+        compare_settings(run_dir, settings)
+    with prepare(run_dir, "sweep", force=args.force):
+        split = ensure_split(run_dir / "split.json", mcq, **split_args)
+        check_settings(run_dir, settings)
+        _sweep(
+            args,
+            run_dir,
+            adapter,
+            vectors,
+            roles,
+            domain_of,
+            alphas,
+            positions,
+            layers,
+            prompt_format,
+            mcq,
+            split,
+        )
+    return 0
+
+
+def _sweep(
+    args: argparse.Namespace,
+    run_dir: Any,
+    adapter: Any,
+    vectors: Any,
+    roles: list[str],
+    domain_of: dict[str, str],
+    alphas: Any,
+    positions: Any,
+    layers: Any,
+    prompt_format: Any,
+    mcq: Any,
+    split: Any,
+) -> None:
+    from ..evaluation import LetterScorer
+    from ..records import RecordStore, read_records
+    from ..selection import Choice, select, write_selection
+    from ..stats import format_table, summarize
+    from ..sweep import run_sweep, write_sweep_file
+
     scorer = LetterScorer(adapter)
     choices: list[Choice] = []
     results: list[Any] = []
@@ -212,4 +255,3 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(format_table(summarize(chosen)))
     print(f"\nselection in {run_dir / 'selection.json'}, grid in {run_dir / 'sweep.jsonl'}", file=sys.stderr)
-    return 0
