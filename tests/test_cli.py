@@ -96,8 +96,8 @@ def test_cli_messages_suggest_flags_the_command_has(
         ([*gen, "Hi"], "addition needs a strength", {"generate": ["--alpha", "--selection"]}),
         (
             [*gen, "--selection", sel, "--alpha", "1", "Hi"],
-            "must be numbers",
-            {"generate": ["--layer", "--position", "--alpha"]},
+            "has layer 'abc' and no position",
+            {"generate": ["--layer", "--position"]},
         ),
         (
             [*gen, "--alpha", "1", "--max-new-tokens", "0", "Hi"],

@@ -183,7 +183,8 @@ def _bad_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "bad"
     folder.mkdir()
     good = {"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": "A", "subject": "s"}
-    rows = [good, {**good, "choices": ["a", "b"]}, good, {**good, "answer": "F"}, good, good]
+    rows = [good, {**good, "choices": ["a", "b"]}, {**good, "question": "Q2?"}, {**good, "answer": "F"}]
+    rows += [{**good, "question": "Q3?"}, {**good, "question": "Q4?"}]
     (folder / "math.json").write_text(json.dumps(rows))
     (folder / "law.json").write_text("[]")
     return folder

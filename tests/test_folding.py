@@ -153,9 +153,9 @@ def test_write_folder_is_all_or_nothing(tmp_path: Path) -> None:
         write_folder(tmp_path / "out", lambda tmp: (tmp / "b.txt").write_text("2"))
     with pytest.raises(RolevecError, match="boom"):
         write_folder(tmp_path / "out", fail, force=True)
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.txt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.txt", "rolevec-files.json"]
     write_folder(tmp_path / "out", lambda tmp: (tmp / "b.txt").write_text("2"), force=True)
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["b.txt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.txt", "rolevec-files.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

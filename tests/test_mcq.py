@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sys
 import types
@@ -200,7 +202,8 @@ def test_parse_domains_and_role_domain() -> None:
 
 
 def test_paper_data_counts(paper_data: Path) -> None:
-    mcq = load_mcq(paper_data / "mmlu_domains")
+    with pytest.warns(UserWarning, match="repeats questions"):
+        mcq = load_mcq(paper_data / "mmlu_domains")
     counts = {d: len(v) for d, v in mcq.items.items()}
     assert counts == {
         "econ": 492,
@@ -213,3 +216,337 @@ def test_paper_data_counts(paper_data: Path) -> None:
         "psychology": 200,
     }
     assert mcq.n_skipped == 0
+
+
+# --- repeated questions and the split --------------------------------------------------------------
+
+
+def _old_stratified(items: Any, val_fraction: float, rng: Any) -> tuple[list[str], list[str]]:
+    """A verbatim copy of the split before repeated questions were kept together (rolevec 9ad8ffc)."""
+    by_subject: dict[str, list[str]] = {}
+    for it in items:
+        by_subject.setdefault(it.subject, []).append(it.qid)
+    total_val = round(val_fraction * len(items))
+    subjects = sorted(by_subject)
+    exact = {s: val_fraction * len(by_subject[s]) for s in subjects}
+    take = {s: int(exact[s]) for s in subjects}
+    order = sorted(subjects, key=lambda s: (-(exact[s] - take[s]), s))
+    for s in order[: max(0, total_val - sum(take.values()))]:
+        take[s] += 1
+    val: list[str] = []
+    test: list[str] = []
+    for s in subjects:
+        qids = list(by_subject[s])
+        rng.shuffle(qids)
+        val += qids[: take[s]]
+        test += qids[take[s] :]
+    rng.shuffle(val)
+    rng.shuffle(test)
+    return val, test
+
+
+def _old_split(mcq: MCQSet, seed: int, val_fraction: float) -> dict[str, dict[str, list[str]]]:
+    import random
+
+    out = {}
+    for domain, items in mcq.items.items():
+        val, test = _old_stratified(items, val_fraction, random.Random(f"rolevec-split:{seed}:{domain}"))
+        out[domain] = {"val": val, "test": test}
+    return out
+
+
+SEEDS = (0, 1, 3, 7, 123, 2024)
+FRACTIONS = (0.05, 0.1, 0.2, 0.25, 1 / 3, 0.5, 0.8)
+
+
+def test_split_without_repeats_is_exactly_the_old_split() -> None:
+    import warnings
+
+    builtin = load_mcq(builtin_mcq_dir())
+    synthetic = _mcq({"s1": 37, "s2": 11, "s3": 5, "s4": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no repeats: no warning either
+        for mcq in (builtin, synthetic):
+            for seed in SEEDS:
+                for fraction in FRACTIONS:
+                    assert make_split(mcq, seed=seed, val_fraction=fraction).domains == _old_split(
+                        mcq, seed, fraction
+                    ), (mcq.source, seed, fraction)
+    # recorded from the code before the change
+    assert make_split(builtin, seed=0, val_fraction=0.2).domains["math"] == {
+        "val": ["math/4", "math/15", "math/9", "math/6", "math/23"],
+        "test": [
+            *("math/11", "math/19", "math/8", "math/2", "math/17", "math/12", "math/16", "math/22"),
+            *("math/0", "math/13", "math/20", "math/18", "math/14", "math/21", "math/1", "math/10"),
+            *("math/7", "math/5", "math/3"),
+        ],
+    }
+    assert make_split(builtin, seed=7, val_fraction=0.5).domains["law"]["val"] == [
+        *("law/17", "law/6", "law/3", "law/12", "law/10", "law/1", "law/8", "law/16", "law/23", "law/21"),
+        *("law/7", "law/20"),
+    ]
+
+
+def _with_repeats() -> MCQSet:
+    """40 questions, 11 of them with copies (one copy under another subject), 60 items in all."""
+    from rolevec.mcq import MCQItem
+
+    items: list[MCQItem] = []
+
+    def add(text: str, subject: str) -> None:
+        i = len(items)
+        items.append(MCQItem(f"math/{i}", "math", text, ("a", "b", "c", "d"), "A", subject))
+
+    for i in range(40):
+        add(f"q{i}", "s1" if i % 3 else "s2")
+        if i % 4 == 0:
+            for _ in range(1 + i % 3):
+                add(f"q{i}", "s1" if i % 3 else "s2")
+    add("q1", "s2")  # a copy under another subject follows its first copy (s1)
+    return MCQSet({"math": items}, "test-source")
+
+
+def _text_side(mcq: MCQSet, split: Split, domain: str = "math") -> dict[str, set[str]]:
+    side = split.split_of(domain)
+    out: dict[str, set[str]] = {}
+    for it in mcq.items[domain]:
+        out.setdefault(it.question, set()).add(side[it.qid])
+    return out
+
+
+def test_repeats_stay_on_their_first_copys_side() -> None:
+    mcq = _with_repeats()
+    items = mcq.items["math"]
+    assert len(items) == 60 and len({it.question for it in items}) == 40
+    first_of: dict[str, str] = {}
+    for it in items:
+        first_of.setdefault(it.question, it.qid)
+    by_qid = {it.qid: it for it in items}
+    firsts = MCQSet({"math": [by_qid[q] for q in first_of.values()]}, "test-source")
+    straddled_before = 0
+    for seed in SEEDS:
+        for fraction in (0.1, 0.2, 0.5):
+            with pytest.warns(UserWarning) as caught:
+                split = make_split(mcq, seed=seed, val_fraction=fraction)
+            assert len(caught) == 1
+            assert str(caught[0].message) == (
+                "the split keeps every copy of a repeated question on its first copy's side: "
+                "math 20 extra copies"
+            )
+            val, test = split.domains["math"]["val"], split.domains["math"]["test"]
+            assert sorted(val + test) == sorted(it.qid for it in items)  # every qid, once
+            assert all(len(sides) == 1 for sides in _text_side(mcq, split).values())
+            assert len({q.split("/")[0] for q in val}) == 1
+            distinct_val = {next(it.question for it in items if it.qid == q) for q in val}
+            assert len(distinct_val) == round(fraction * 40)
+            # the first copies are split as the old code splits the distinct questions (by first subject)
+            old = _old_split(firsts, seed, fraction)["math"]
+            assert list(dict.fromkeys(first_of[by_qid[q].question] for q in val)) == old["val"]
+            assert list(dict.fromkeys(first_of[by_qid[q].question] for q in test)) == old["test"]
+            old_sides = _text_side(mcq, Split(seed, fraction, "test-source", _old_split(mcq, seed, fraction)))
+            straddled_before += sum(len(s) > 1 for s in old_sides.values())
+    assert straddled_before > 0  # the old split did put copies on both sides
+
+
+def test_load_warns_once_about_repeats(tmp_path: Path) -> None:
+    rows = [_item(0), _item(1), _item(0), _item(0), _item(2, subject="other"), _item(2)]
+    _write(tmp_path / "math.json", rows)
+    _write(tmp_path / "law.json", [_item(5), _item(5), _item(6)])
+    _write(tmp_path / "econ.json", [_item(7), _item(8)])
+    with pytest.warns(UserWarning) as caught:
+        mcq = load_mcq(tmp_path)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "\n" not in message and str(tmp_path) in message
+    assert "econ 1 extra copy, law 1 extra copy, math 3 extra copies" not in message  # source order
+    assert "law 1 extra copy, math 3 extra copies;" in message and "econ" not in message
+    assert [it.qid for it in mcq.items["math"]] == [f"math/{i}" for i in range(6)]  # ids unchanged
+    with pytest.warns(UserWarning, match="math 3 extra copies"):
+        load_mcq(tmp_path / "math.json")  # a single file too
+
+
+def test_paper_data_repeats_are_kept_together(paper_data: Path) -> None:
+    from rolevec.mcq import repeated_questions
+
+    with pytest.warns(UserWarning, match="repeats questions"):
+        mcq = load_mcq(paper_data / "mmlu_domains")
+    assert sum(len(v) for v in mcq.items.values()) == 2457
+    extra = {d: n for d, (n, _) in repeated_questions(mcq).items()}
+    assert extra == {"econ": 3, "math": 3, "medicine": 20, "natural_science": 20, "politics": 1}
+    for seed in (0, 1):
+        with pytest.warns(UserWarning, match="first copy's side"):
+            split = make_split(mcq, seed=seed)
+        for domain, items in mcq.items.items():
+            side = split.split_of(domain)
+            groups: dict[tuple[str, tuple[str, ...]], set[str]] = {}
+            for it in items:
+                groups.setdefault((it.question, it.choices), set()).add(side[it.qid])
+            assert all(len(s) == 1 for s in groups.values()), domain
+            assert len(side) == len(items)
+            # validation: round(0.2 x distinct) distinct questions, plus their copies
+            by_qid = {it.qid: it for it in items}
+            val_distinct = {(by_qid[q].question, by_qid[q].choices) for q in split.domains[domain]["val"]}
+            assert len(val_distinct) == round(0.2 * len(groups))
+            assert 0 <= len(split.domains[domain]["val"]) - len(val_distinct) <= extra.get(domain, 0)
+            if domain not in extra:  # no repeats: today's split, unchanged
+                assert split.domains[domain] == _old_split(MCQSet({domain: items}, ""), seed, 0.2)[domain]
+
+
+def test_old_split_with_straddling_copies_is_kept_as_stored(tmp_path: Path) -> None:
+    import warnings
+
+    mcq = _with_repeats()
+    seed = next(
+        s
+        for s in range(50)
+        if any(
+            len(x) > 1
+            for x in _text_side(mcq, Split(s, 0.2, "test-source", _old_split(mcq, s, 0.2))).values()
+        )
+    )
+    old = Split(seed, 0.2, "test-source", _old_split(mcq, seed, 0.2))
+    path = old.save(tmp_path / "split.json")
+    before = path.read_bytes()
+    loaded = Split.load(path)
+    assert loaded.domains == old.domains
+    loaded.check_covers(mcq)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the save=False check stays quiet
+        assert ensure_split(path, mcq, save=False).domains == old.domains
+    with pytest.warns(UserWarning) as caught:
+        kept = ensure_split(path, mcq, seed=seed)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert message.startswith(f"{path} has copies of a repeated question in both validation and test (math ")
+    assert "used as stored" in message and "--force" in message
+    assert kept.domains == old.domains and path.read_bytes() == before
+    with pytest.warns(UserWarning, match="the selection's split has copies .* selection was made on it"):
+        ensure_split(tmp_path / "new" / "split.json", mcq, base=old)
+    # a split made now has no straddling copies, so a stored one of it loads silently
+    with pytest.warns(UserWarning, match="first copy's side"):
+        fresh = make_split(mcq, seed=seed)
+    fresh.save(tmp_path / "fresh.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ensure_split(tmp_path / "fresh.json", mcq).domains == fresh.domains
+
+
+def test_too_few_distinct_questions_for_a_split() -> None:
+    from rolevec.mcq import MCQItem
+
+    same = [MCQItem(f"law/{i}", "law", "same?", ("a", "b", "c", "d"), "A", "x") for i in range(6)]
+    with pytest.raises(RolevecError, match=r"domain law has 6 question\(s\) \(1 distinct\): too few"):
+        make_split(MCQSet({"law": same}, "s"))
+
+
+# --- encodings -------------------------------------------------------------------------------------
+
+
+def _question_bytes(suffix: str) -> bytes:
+    rows = [
+        _item(0),
+        _item(1, answer="c"),
+        {"question": "Caf\u00e9?", "choices": ["\u00e9", "b", "c", "d"], "answer": 3},
+    ]
+    if suffix == ".json":
+        return json.dumps(rows, ensure_ascii=False).encode()
+    if suffix == ".jsonl":
+        return "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode() + b"\n"
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["question", "A", "B", "C", "D", "answer"])
+    for r in rows:
+        writer.writerow([r["question"], *r["choices"], r["answer"]])
+    return out.getvalue().encode()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv"])
+def test_bom_is_read_transparently(tmp_path: Path, suffix: str) -> None:
+    plain = tmp_path / "plain"
+    bom = tmp_path / "bom"
+    plain.mkdir()
+    bom.mkdir()
+    (plain / f"math{suffix}").write_bytes(_question_bytes(suffix))
+    (bom / f"math{suffix}").write_bytes(b"\xef\xbb\xbf" + _question_bytes(suffix))
+    want = load_mcq(plain).items
+    assert len(want["math"]) == 3 and want["math"][2].question == "Caf\u00e9?"
+    assert load_mcq(bom).items == want
+    assert load_mcq(bom / f"math{suffix}").items == want  # one file as the source
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv"])
+def test_undecodable_question_file_is_one_error(tmp_path: Path, suffix: str) -> None:
+    data = _question_bytes(suffix).replace("Caf\u00e9".encode(), b"Caf\xe9")  # Latin-1, not UTF-8
+    path = tmp_path / f"math{suffix}"
+    path.write_bytes(data)
+    for source in (tmp_path, path):
+        with pytest.raises(RolevecError) as caught:
+            load_mcq(source)
+        message = str(caught.value)
+        assert "\n" not in message
+        line = 4 if suffix == ".csv" else (3 if suffix == ".jsonl" else 1)
+        assert message == (
+            f"question file {path} is not UTF-8 text (undecodable byte 0xe9 on line {line}): save it as UTF-8"
+        )
+
+
+def test_jsonl_bad_line_names_the_line(tmp_path: Path) -> None:
+    (tmp_path / "law.jsonl").write_text(json.dumps(_item(0)) + "\n\n{not json\n", encoding="utf-8")
+    with pytest.raises(RolevecError, match=r"law\.jsonl line 3 is not valid JSON"):
+        load_mcq(tmp_path)
+
+
+def test_split_file_bom_and_bad_bytes(tmp_path: Path) -> None:
+    split = make_split(_mcq({"s": 10}), seed=2)
+    path = split.save(tmp_path / "split.json")
+    plain = path.read_bytes()
+    path.write_bytes(b"\xef\xbb\xbf" + plain)
+    assert Split.load(path).to_json() == split.to_json()
+    path.write_bytes(plain.replace(b"test-source", b"test-\xff-source"))
+    with pytest.raises(RolevecError) as caught:
+        Split.load(path)
+    assert str(caught.value) == (
+        f"split file {path} is not UTF-8 text (undecodable byte 0xff on line 4): save it as UTF-8"
+    )
+
+
+# --- answers ---------------------------------------------------------------------------------------
+
+ACCEPTED_ANSWERS: list[tuple[Any, str]] = [
+    *[(letter, letter) for letter in "ABCD"],
+    *[(letter.lower(), letter.upper()) for letter in "abcd"],
+    (" c ", "C"),
+    ("D\n", "D"),
+    *[(i, "ABCD"[i]) for i in range(4)],
+    *[(str(i), "ABCD"[i]) for i in range(4)],
+    (" 2 ", "C"),
+    ("03", "D"),
+]
+REFUSED_ANSWERS: list[Any] = [
+    "E", "e", 4, -1, "4", "-1", "", " ", None, True, False, 1.0, "1.0", "AB", "A)", "\u00b2", "\u0663",
+    "9" * 5000, [0], {"answer": "A"},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("answer", "letter"), ACCEPTED_ANSWERS)
+def test_accepted_answers(tmp_path: Path, answer: Any, letter: str) -> None:
+    _write(tmp_path / "math.json", [_item(0, answer=answer)])
+    assert load_mcq(tmp_path).items["math"][0].answer == letter
+
+
+@pytest.mark.parametrize("answer", REFUSED_ANSWERS)
+def test_refused_answers_are_one_error_naming_file_and_item(tmp_path: Path, answer: Any) -> None:
+    path = _write(tmp_path / "math.json", [_item(0), _item(1, answer=answer)])
+    with pytest.raises(RolevecError) as caught:
+        load_mcq(tmp_path)
+    assert str(caught.value) == (
+        f"{path} item 1 answer {answer!r} is not one of A, B, C, D (or 0-3): fix the file or pass "
+        "--skip-bad to skip such items"
+    )
+
+
+def test_csv_answers_are_text(tmp_path: Path) -> None:
+    (tmp_path / "math.csv").write_text("question,A,B,C,D,answer\nq,1,2,3,4,b\nr,1,2,3,4,3\ns,1,2,3,4,4\n")
+    with pytest.raises(RolevecError, match=r"math\.csv item 2 answer '4' is not one of A, B, C, D"):
+        load_mcq(tmp_path)
+    assert [it.answer for it in load_mcq(tmp_path, skip_bad=True).items["math"]] == ["B", "D"]

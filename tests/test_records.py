@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 
 from rolevec.errors import RolevecError
-from rolevec.records import FIELDS, RecordStore, check_settings, compare_settings, read_records, record_identity
+from rolevec.records import (
+    FIELDS,
+    RecordStore,
+    check_settings,
+    compare_settings,
+    read_records,
+    record_identity,
+)
 
 
 def _record(qid: str, alpha: float | None = 1.0, condition: str = "add") -> dict[str, Any]:

@@ -23,12 +23,14 @@ import io
 import json
 import os
 import random
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import RolevecError, path_problem
+from .files import read_text
 
 LETTERS = ("A", "B", "C", "D")
 DOMAINS = ("econ", "eecs", "law", "math", "medicine", "natural_science", "politics", "psychology")
@@ -140,17 +142,21 @@ class _Bad(Exception):
 
 
 def _answer_letter(value: Any) -> str:
+    """Accepted: a letter A-D in either case (surrounding spaces ignored), an integer 0-3, or the text of
+    one (ASCII digits, leading zeros allowed); 0 is A. Anything else, booleans included, is refused."""
     if isinstance(value, bool):
-        raise _Bad(f"answer {value!r} is not one of A, B, C, D")
+        raise _Bad(f"answer {value!r} is not one of A, B, C, D (or 0-3)")
     if isinstance(value, int) and 0 <= value < 4:
         return LETTERS[value]
     if isinstance(value, str):
         text = value.strip()
         if text.upper() in LETTERS:
             return text.upper()
-        if text.isdigit() and int(text) < 4:
-            return LETTERS[int(text)]
-    raise _Bad(f"answer {value!r} is not one of A, B, C, D")
+        digits = text.lstrip("0") or "0"
+        # ASCII only: "²".isdigit() is true but int("²") fails, and a huge digit string is no answer
+        if text.isascii() and text.isdigit() and len(digits) == 1 and int(digits) < 4:
+            return LETTERS[int(digits)]
+    raise _Bad(f"answer {value!r} is not one of A, B, C, D (or 0-3)")
 
 
 def _choices(row: Mapping[str, Any]) -> list[Any]:
@@ -185,16 +191,24 @@ def _parse(row: Any, domain: str, index: int) -> MCQItem:
 
 
 def _read_rows(path: Path) -> list[Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RolevecError(f"cannot read question file {path} ({exc})") from exc
+    """Rows of one question file; UTF-8 with or without a byte-order mark (a CSV's first column name
+    would otherwise carry it), anything undecodable one error naming the file and line."""
+    text = read_text(path, what="question file")
     suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return list(csv.DictReader(io.StringIO(text)))
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise RolevecError(
+                        f"{path} line {number} is not valid JSON ({exc}); pass one JSON object per line"
+                    ) from None
+        return rows
     try:
-        if suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        if suffix == ".csv":
-            return list(csv.DictReader(io.StringIO(text)))
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RolevecError(f"{path} is not valid JSON ({exc}); pass a JSON list, JSONL or CSV file") from exc
@@ -288,7 +302,8 @@ def load_mcq(
     """Questions of the chosen domains (all found when ``None``) from a folder, a file or ``hf:NAME``.
 
     ``source=None`` uses :func:`default_mcq_dir`. Raises on a malformed item unless ``skip_bad`` (then the
-    count is in ``n_skipped``), on an unknown domain, and on a domain with no questions.
+    count is in ``n_skipped``), on an unknown domain, and on a domain with no questions. Warns once when a
+    domain repeats a question (same text and choices): every copy stays an item with its own id.
     """
     kind = "custom"
     if source is None:
@@ -297,6 +312,7 @@ def load_mcq(
     if isinstance(source, str) and source.startswith("hf:"):
         mcq = load_hf_mmlu(source[3:] or "cais/mmlu", domains=domains)
         _check_nonempty(mcq, domains)
+        _warn_repeats(mcq)
         return mcq
     path = Path(source).expanduser()
     if kind == "custom" and path.resolve() == builtin_mcq_dir().resolve():
@@ -339,7 +355,43 @@ def load_mcq(
         )
     mcq = MCQSet(items, str(path.resolve()), bad, kind)
     _check_nonempty(mcq, domains)
+    _warn_repeats(mcq)
     return mcq
+
+
+def _repeat_groups(items: Sequence[MCQItem]) -> list[list[MCQItem]]:
+    """Items grouped by identical question text and choices, groups in the order of their first copy."""
+    groups: dict[tuple[str, tuple[str, str, str, str]], list[MCQItem]] = {}
+    for it in items:
+        groups.setdefault((it.question, it.choices), []).append(it)
+    return list(groups.values())
+
+
+def repeated_questions(mcq: MCQSet) -> dict[str, tuple[int, int]]:
+    """Per domain that repeats questions: (extra copies, questions that have copies); others left out."""
+    out: dict[str, tuple[int, int]] = {}
+    for domain, items in mcq.items.items():
+        repeated = [g for g in _repeat_groups(items) if len(g) > 1]
+        if repeated:
+            out[domain] = (sum(len(g) - 1 for g in repeated), len(repeated))
+    return out
+
+
+def _repeat_counts(counts: Mapping[str, tuple[int, int]]) -> str:
+    parts = (f"{d} {extra} extra cop{'y' if extra == 1 else 'ies'}" for d, (extra, _) in counts.items())
+    return ", ".join(parts)
+
+
+def _warn_repeats(mcq: MCQSet) -> None:
+    """One line per load: repeated questions are kept (ids unchanged) but weigh more in an accuracy."""
+    counts = repeated_questions(mcq)
+    if counts:
+        warnings.warn(
+            f"{mcq.source} repeats questions (same text and choices): {_repeat_counts(counts)}; every copy "
+            "keeps its own id and is scored, and a split keeps all copies on the same side",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _check_nonempty(mcq: MCQSet, domains: Sequence[str] | None) -> None:
@@ -393,8 +445,9 @@ class Split:
         p = Path(path)
         if not p.is_file():
             raise RolevecError(f"split file {p} {path_problem(p)}: pass the split.json of an earlier run")
+        text = read_text(p, what="split file")
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = json.loads(text)
             return cls(int(data["seed"]), float(data["val_fraction"]), str(data["source"]), data["domains"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RolevecError(
@@ -472,20 +525,46 @@ def _stratified(
 
 
 def make_split(mcq: MCQSet, *, seed: int = 0, val_fraction: float = 0.2) -> Split:
-    """Seeded split of every domain, stratified by subject (largest-remainder allocation per subject)."""
+    """Seeded split of every domain, stratified by subject (largest-remainder allocation per subject).
+
+    A question repeated in a domain (same text and choices) is split once, as its first copy (whose
+    subject it counts under); every other copy follows its first copy to the same side, right after it,
+    so no question is in both validation and test. Validation then holds round(fraction x distinct
+    questions) distinct questions plus their copies. A domain without repeats gets exactly the split of
+    the algorithm before repeats were handled (same ids, same order, every seed and fraction).
+    """
+    domains = _split_domains(mcq, seed, val_fraction)
+    counts = repeated_questions(mcq)
+    if counts:
+        warnings.warn(
+            f"the split keeps every copy of a repeated question on its first copy's side: "
+            f"{_repeat_counts(counts)}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return Split(seed, val_fraction, mcq.source, domains)
+
+
+def _split_domains(mcq: MCQSet, seed: int, val_fraction: float) -> dict[str, dict[str, list[str]]]:
+    """:func:`make_split`'s work, without its warning (ensure_split's caller has had load_mcq's)."""
     if not 0.0 < val_fraction < 1.0:
         raise RolevecError(f"val_fraction must be between 0 and 1 (exclusive), not {val_fraction}")
     domains: dict[str, dict[str, list[str]]] = {}
     for domain, items in mcq.items.items():
         rng = random.Random(f"rolevec-split:{seed}:{domain}")
-        val, test = _stratified(items, val_fraction, rng)
+        groups = _repeat_groups(items)
+        copies = {g[0].qid: [it.qid for it in g] for g in groups}
+        first_val, first_test = _stratified([g[0] for g in groups], val_fraction, rng)
+        val = [q for first in first_val for q in copies[first]]
+        test = [q for first in first_test for q in copies[first]]
         if not val or not test:
+            distinct = "" if len(groups) == len(items) else f" ({len(groups)} distinct)"
             raise RolevecError(
-                f"domain {domain} has {len(items)} question(s): too few for a validation/test split with "
-                f"val_fraction {val_fraction}; pass more data or another --val-fraction"
+                f"domain {domain} has {len(items)} question(s){distinct}: too few for a validation/test "
+                f"split with val_fraction {val_fraction}; pass more data or another --val-fraction"
             )
         domains[domain] = {"val": val, "test": test}
-    return Split(seed, val_fraction, mcq.source, domains)
+    return domains
 
 
 def ensure_split(
@@ -503,6 +582,11 @@ def ensure_split(
     ``seed`` / ``val_fraction`` of None mean "as stored" (defaults 0 and 0.2 for a new split); given values
     must match a stored split. Each domain's split depends only on the seed, the fraction and that
     domain's questions, so a domain added later gets exactly what a split of all domains at once gives.
+
+    A stored split is the run's record and is kept as it is, never re-made: one saved before repeated
+    questions were kept together may have copies of a question on both sides; it still loads and is
+    used unchanged, with a warning (from the saving call only) that names the domains; a new run folder,
+    or --force, makes a new one.
     """
     p = Path(path)
     if p.exists():
@@ -537,10 +621,38 @@ def ensure_split(
             "same --mcq-dir, --force to start the run over, or another --out"
         )
     current.check_covers(mcq)
+    if save and (p.exists() or base is not None):  # the saving call; its save=False check stays quiet
+        _warn_straddling(p if p.exists() else None, current, mcq)
     missing = {d: items for d, items in mcq.items.items() if d not in current.domains}
     if missing:
-        extra = make_split(MCQSet(missing, mcq.source), seed=current.seed, val_fraction=current.val_fraction)
-        current.domains.update(extra.domains)
+        added = _split_domains(MCQSet(missing, mcq.source), current.seed, current.val_fraction)
+        current.domains.update(added)
     if save and (missing or not p.exists()):
         current.save(p, force=True)
     return current
+
+
+def _warn_straddling(path: Path | None, split: Split, mcq: MCQSet) -> None:
+    """One line when a stored split (from before repeats were kept together) has a question on both sides."""
+    counts: dict[str, int] = {}
+    for domain, items in mcq.items.items():
+        if domain not in split.domains:
+            continue
+        side = split.split_of(domain)
+        both = [g for g in _repeat_groups(items) if len({side.get(it.qid) for it in g} - {None}) > 1]
+        if both:
+            counts[domain] = len(both)
+    if counts:
+        where = path or "the selection's split"
+        listed = ", ".join(f"{d} {n}" for d, n in counts.items())
+        fix = (
+            "a new run folder or --force makes a split that keeps copies together"
+            if path
+            else "the selection was made on it; a new sweep makes a split that keeps copies together"
+        )
+        warnings.warn(
+            f"{where} has copies of a repeated question in both validation and test ({listed} question(s)); "
+            f"it is used as stored: {fix}",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -774,6 +774,7 @@ def load_model(
     """Load a causal LM by hub id, local folder or .gguf file; ``None`` loads the embedded default.
 
     ``progress=False`` also hides transformers' own loading bars (weights, GGUF dequantisation)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)
@@ -809,7 +810,7 @@ def load_model(
         with _loading_bars(progress, gguf=bool(gguf_file)):
             tokenizer = _load_tokenizer(path, gguf_file, trust_remote_code)
             hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, struct.error) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, struct.error, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if gguf_file:
             raise RolevecError(

@@ -136,7 +136,7 @@ def read_owners(folder: str | Path) -> Owners:
     except ValueError as exc:
         raise RolevecError(
             f"{path} is not valid JSON ({exc}): rolevec cannot tell which files there are its own; "
-            "restore the file or choose another --out"
+            "restore the file, or pass another folder"
         ) from None
     files = doc.get("files") if isinstance(doc, dict) else None
     kind = doc.get("kind") if isinstance(doc, dict) else None
@@ -147,7 +147,7 @@ def read_owners(folder: str | Path) -> Owners:
     ):
         raise RolevecError(
             f"{path} is not a rolevec ownership file (no 'kind' and 'files'): "
-            "restore it or choose another --out"
+            "restore it, or pass another folder"
         )
     return Owners(kind, {str(k): [str(c) for c in v] for k, v in files.items()})
 
@@ -167,23 +167,25 @@ def check_run_folder(folder: str | Path, command: str, *, force: bool) -> Path:
     Creates and changes nothing: the model may still fail to load, and the inputs to be checked.
     """
     root = Path(folder).expanduser()
+    named = "the run folder" if command == "report" else "--out"  # report takes the folder as its argument
+    other = "another run folder" if command == "report" else "another --out"
     if root.exists() and not root.is_dir():
-        raise RolevecError(f"--out {root} is a file: pass a folder")
+        raise RolevecError(f"{named} {root} is a file: pass a folder")
     check_writable(root)
     if not root.exists():
         return root
     owners = read_owners(root)
     if owners.kind == "checkpoint":
         raise RolevecError(
-            f"--out {root} is {_KIND_WORDS['checkpoint']}, not a run folder: rolevec {command} never "
-            "writes into it; choose another --out"
+            f"{named} {root} is {_KIND_WORDS['checkpoint']}, not a run folder: rolevec {command} never "
+            f"writes into it; choose {other}"
         )
     if force:
         foreign = [n for n in _replaced(command) if (root / n).exists() and n not in owners.files]
         if foreign:
             raise RolevecError(
                 f"--force would replace {', '.join(foreign)} in {root}, which rolevec did not write "
-                f"(not listed in {OWNERS_NAME}): move them away or choose another --out"
+                f"(not listed in {OWNERS_NAME}): move them away or choose {other}"
             )
     return root
 
@@ -238,7 +240,7 @@ def _locked(root: Path) -> Iterator[None]:
             pass
         except OSError:
             raise RolevecError(
-                f"{root} is in use by another rolevec process: wait for it or choose another --out"
+                f"{root} is in use by another rolevec process: wait for it to finish, then rerun"
             ) from None
         yield
     finally:
@@ -332,6 +334,7 @@ def prepare(folder: str | Path, command: str, *, force: bool) -> Iterator[Path]:
     trash = trash_root / command
     with _locked(root):
         owners = read_owners(root)
+        stored = owners.to_json() if (root / OWNERS_NAME).exists() else None
         pending = sorted(p for p in trash_root.iterdir() if p.is_dir()) if trash_root.is_dir() else []
         for old in pending:
             if force and old == trash:
@@ -358,7 +361,8 @@ def prepare(folder: str | Path, command: str, *, force: bool) -> Iterator[Path]:
             writers = owners.files.setdefault(name, [])
             if command not in writers:
                 writers.append(command)
-        write_owners(root, owners)
+        if owners.to_json() != stored:  # a resume that claims nothing new leaves the file as it was
+            write_owners(root, owners)
     yield root
     if trash.exists():
         shutil.rmtree(trash)

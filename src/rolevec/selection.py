@@ -202,4 +202,25 @@ def selected_site(selection: Mapping[str, Any], role: str) -> tuple[int, int, fl
             "sweep that role first"
         )
     entry = roles[role]
+    problem = entry_problem(entry)
+    if problem:
+        raise RolevecError(
+            f"the selection's entry for {role!r} has {problem}: pass a selection.json written by "
+            "`rolevec sweep`, or --layer/--position/--alpha"
+        )
     return int(entry["layer"]), int(entry["position"]), float(entry["alpha"])
+
+
+def entry_problem(entry: Any, fields: Sequence[str] = ("layer", "position", "alpha")) -> str | None:
+    """What is wrong with one role's selection entry (missing or non-numeric fields), or None."""
+    if not isinstance(entry, Mapping):
+        return f"a {type(entry).__name__}, not an object with layer, position and alpha"
+    wrong: list[str] = []
+    for name in fields:
+        value = entry.get(name)
+        whole = name != "alpha"
+        if value is None:
+            wrong.append(f"no {name}")
+        elif isinstance(value, bool) or not isinstance(value, int | float) or (whole and value != int(value)):
+            wrong.append(f"{name} {value!r}")
+    return " and ".join(wrong) or None

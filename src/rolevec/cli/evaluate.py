@@ -155,6 +155,10 @@ def prompt_format_from_args(args: argparse.Namespace) -> Any:
         from ..files import read_text
 
         template = read_text(args.prompt_file, what="--prompt-file").rstrip("\n")
+        try:
+            return PromptFormat(template, args.answer_prefix)
+        except RolevecError as exc:
+            raise RolevecError(f"--prompt-file {args.prompt_file}: {exc}") from None
     return PromptFormat(template, args.answer_prefix)
 
 
@@ -213,7 +217,10 @@ def _conditions(args: argparse.Namespace, adapter: Any, vectors: Any) -> list[An
         if steered and role not in vectors.roles:
             raise RolevecError(f"role {role!r} is not in {args.vectors} (it has: {', '.join(vectors.roles)})")
         if selection is not None:
-            layer, position, alpha = selected_site(selection, role)
+            try:
+                layer, position, alpha = selected_site(selection, role)
+            except RolevecError as exc:
+                raise RolevecError(f"--selection {args.selection}: {exc}") from None
         else:
             layer, position, alpha = args.layer, args.position, args.alpha
         for kind in kinds:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RolevecError, path_problem
 from ..files import read_text
+from ..selection import entry_problem
 
 if TYPE_CHECKING:
     from ..model import ModelAdapter
@@ -105,6 +106,16 @@ def choose(
     if getattr(args, "selection", None):
         selection, entry = read_selection(args.selection, args.role)
     origin = f"selection {args.selection}" if selection is not None else "defaults"
+    if selection is not None:
+        given = {"layer": args.layer, "position": args.position, "alpha": args.alpha}
+        no_alpha = args.ablate or not need_alpha
+        needed = [k for k, v in given.items() if v is None and not (k == "alpha" and no_alpha)]
+        problem = entry_problem(entry, needed)
+        if problem:
+            raise RolevecError(
+                f"{origin}: the entry for {args.role!r} has {problem}: pass a selection.json written by "
+                f"`rolevec sweep`, or {' '.join('--' + k for k in needed)}"
+            )
     layer = args.layer if args.layer is not None else entry.get("layer")
     if layer is None:
         layer = default_layer(vectors.n_layers)
