@@ -269,6 +269,28 @@ def _trash_state(trash: Path) -> dict[str, Any]:
     return doc
 
 
+def stored_path(folder: str | Path, name: str, command: str, *, force: bool) -> Path:
+    """Where ``name`` will be once :func:`prepare` has run, found without changing anything.
+
+    After an interrupted ``--force`` the folder holds that run's partial outputs and the old results
+    wait in the trash to be put back: checks made before :func:`prepare` (stored settings, the stored
+    split) must read what the command will really find.
+    """
+    root = Path(folder)
+    trash_root = root / TRASH_NAME
+    if not trash_root.is_dir():
+        return root / name
+    for old in sorted(p for p in trash_root.iterdir() if p.is_dir()):
+        if force and old.name == command:
+            continue  # finished, not restored: the stored results are being replaced
+        state = _trash_state(old)
+        if name in state["names"] and (old / name).exists():
+            return old / name
+        if state.get("done") and name in _replaced(old.name):
+            return old / name  # the interrupted run's own output, dropped on restore: absent
+    return root / name
+
+
 def _drop_partial(root: Path, command: str, owners: Owners) -> None:
     """Remove what an interrupted replacement of ``command`` wrote (rolevec's own files only)."""
     for name in _replaced(command):

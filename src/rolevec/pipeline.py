@@ -359,14 +359,16 @@ class Study:
     def run(self, *, force: bool = False) -> None:
         """Run or resume every stage; ``force`` starts over, moving the folder's earlier results aside
         (see :mod:`rolevec.outdir`) only once every input has been checked."""
-        from .outdir import prepare
-        from .records import check_settings, compare_settings
+        from .outdir import prepare, stored_path
+        from .records import SETTINGS_NAME, check_settings, compare_settings
 
         self.check_grid()
         check_inputs(self.config)
         study = {"study": self.config.fixed()}
         if not force:
-            compare_settings(self.run_dir, study)
+            compare_settings(
+                self.run_dir, study, stored_at=stored_path(self.run_dir, SETTINGS_NAME, "run", force=False)
+            )
         with prepare(self.run_dir, "run", force=force):
             check_settings(self.run_dir, study)
             started = time.perf_counter()

@@ -220,12 +220,15 @@ def _differences(stored: Any, wanted: Any, prefix: str = "") -> list[str]:
     return [] if stored == wanted else [f"{prefix[:-1]}: {_short(stored)} stored, {_short(wanted)} now"]
 
 
-def compare_settings(run_dir: str | Path, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+def compare_settings(
+    run_dir: str | Path, settings: Mapping[str, Any], *, stored_at: Path | None = None
+) -> dict[str, Any] | None:
     """Refuse settings that differ from a run folder's ``settings.json``, writing nothing; returns what a
-    :func:`check_settings` call would store (None: nothing to write)."""
+    :func:`check_settings` call would store (None: nothing to write). ``stored_at`` reads the stored
+    settings from elsewhere (an interrupted ``--force`` run's trash, see :func:`outdir.stored_path`)."""
     from .files import read_text
 
-    path = Path(run_dir) / SETTINGS_NAME
+    path = stored_at or Path(run_dir) / SETTINGS_NAME
     wanted: dict[str, Any] = json.loads(json.dumps(dict(settings)))
     if not path.exists():
         return wanted

@@ -116,15 +116,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 # --- shared steps (also used by `rolevec sweep`) ----------------------------------------------------
 
 
-def planned_split(run_dir: Path, mcq: Any, *, force: bool, **split_args: Any) -> Any:
+def planned_split(run_dir: Path, mcq: Any, *, command: str, force: bool, **split_args: Any) -> Any:
     """The split a run will use, computed without writing: ``--force`` ignores the stored one (it is
     about to be set aside), so every check runs before anything in the folder changes."""
     import tempfile
 
     from ..mcq import ensure_split
+    from ..outdir import stored_path
 
     if not force:
-        return ensure_split(run_dir / "split.json", mcq, save=False, **split_args)
+        stored = stored_path(run_dir, "split.json", command, force=False)
+        return ensure_split(stored, mcq, save=False, **split_args)
     with tempfile.TemporaryDirectory() as fresh:
         return ensure_split(Path(fresh) / "split.json", mcq, save=False, **split_args)
 
@@ -262,8 +264,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..evaluation import run_settings
     from ..mcq import ensure_split, parse_domains
-    from ..outdir import check_run_folder, prepare
-    from ..records import check_settings, compare_settings
+    from ..outdir import check_run_folder, prepare, stored_path
+    from ..records import SETTINGS_NAME, check_settings, compare_settings
     from ..selection import check_held_out, load_selection
     from ..vectors import RoleVectors
 
@@ -276,7 +278,7 @@ def _run(args: argparse.Namespace) -> int:
     mcq = load_questions(args, domains)
     base = _base_split(args, run_dir)
     split_args: dict[str, Any] = {"seed": args.seed, "val_fraction": args.val_fraction, "base": base}
-    split = planned_split(run_dir, mcq, force=args.force, **split_args)
+    split = planned_split(run_dir, mcq, command="evaluate", force=args.force, **split_args)
     adapter = load_from_args(args)
     if vectors is not None:
         vectors.check_compatible(adapter, allow_other_model=args.allow_other_model)
@@ -294,7 +296,9 @@ def _run(args: argparse.Namespace) -> int:
         roles=sorted({str(c.role) for c in conditions if c.kind in ("add", "ablate", "random")}),
     )
     if not args.force:
-        compare_settings(run_dir, settings)
+        compare_settings(
+            run_dir, settings, stored_at=stored_path(run_dir, SETTINGS_NAME, "evaluate", force=False)
+        )
     with prepare(run_dir, "evaluate", force=args.force):
         split = ensure_split(run_dir / "split.json", mcq, **split_args)
         check_settings(run_dir, settings)

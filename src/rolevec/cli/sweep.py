@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..evaluation import run_settings
     from ..mcq import ensure_split, role_domain
-    from ..outdir import check_run_folder, prepare
-    from ..records import check_settings, compare_settings
+    from ..outdir import check_run_folder, prepare, stored_path
+    from ..records import SETTINGS_NAME, check_settings, compare_settings
     from ..sweep import parse_alphas, parse_layers, parse_positions
     from ..vectors import RoleVectors
 
@@ -113,13 +113,15 @@ def _run(args: argparse.Namespace) -> int:
     prompt_format = prompt_format_from_args(args)
     mcq = load_questions(args, sorted(set(domain_of.values())))
     split_args: dict[str, Any] = {"seed": args.seed, "val_fraction": args.val_fraction}
-    split = planned_split(run_dir, mcq, force=args.force, **split_args)
+    split = planned_split(run_dir, mcq, command="sweep", force=args.force, **split_args)
     adapter = load_from_args(args)
     vectors.check_compatible(adapter, allow_other_model=args.allow_other_model)
     layers = parse_layers(args.layers, adapter.n_layers)
     settings = run_settings(adapter, prompt_format, split, vectors=vectors, roles=roles)
     if not args.force:
-        compare_settings(run_dir, settings)
+        compare_settings(
+            run_dir, settings, stored_at=stored_path(run_dir, SETTINGS_NAME, "sweep", force=False)
+        )
     with prepare(run_dir, "sweep", force=args.force):
         split = ensure_split(run_dir / "split.json", mcq, **split_args)
         check_settings(run_dir, settings)
