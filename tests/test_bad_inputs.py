@@ -531,7 +531,7 @@ case("prompts-n-zero", P, n="0", expect="--n")
 case("prompts-batch-size-zero", P, batch_size="0", expect="--batch-size")
 case("prompts-max-new-tokens-zero", P, max_new_tokens="0", expect="--max-new-tokens")
 case("prompts-seed-text", P, seed="x", expect="--seed")
-case("prompts-dtype-choice", P, dtype="auto", expect="--dtype")
+case("prompts-dtype-choice", P, dtype="int4", expect="--dtype")
 case("prompts-out-exists", P, {"out.json": "[]"}, expect="--force")
 case("prompts-out-is-folder", P, {"outdir": DIR}, out="{t}/outdir", expect="outdir")
 case("prompts-default-out-exists", P, {"mathematician.json": "[]"}, out=None, expect="--force")
@@ -1347,6 +1347,22 @@ case(
 )
 case("run-mcq-dir-missing", R, mcq_dir="{t}/nope", expect="nope")
 case("run-mcq-non-utf8", R, {"mcq/math.json": b"[" + LATIN1 + b"]"}, expect="math.json")
+case("run-val-fraction-one", R, val_fraction="1", expect="--val-fraction")
+case("run-val-fraction-text", R, val_fraction="a fifth", expect="--val-fraction")
+case(
+    "run-mcq-malformed-item",
+    R,
+    {"mcq/math.json": json.dumps([{"question": "Q?", "choices": ["a", "b"], "answer": "A"}])},
+    expect="math.json",
+)
+case("run-mcq-domain-empty", R, {"mcq/math.json": "[]"}, expect="math")
+case(
+    "run-mcq-too-few-for-split",
+    R,
+    {"mcq/math.json": json.dumps(_questions("math", 1))},
+    expect="too few",
+)
+case("sweep-mcq-domain-empty", S, {"mcq/math.json": "[]"}, domain="math", expect="math")
 case("run-n-zero", R, n="0", expect="--n")
 case("run-n-base-negative", R, n_base="-1", expect="--n-base")
 case("run-n-base-text", R, n_base="lots", expect="--n-base")

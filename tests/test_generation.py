@@ -185,7 +185,7 @@ def test_generate_cli_takes_defaults_from_a_selection(
     doc["roles"]["doctor"] = {**entry, "layer": "abc"}
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(doc))
-    cases.append(([*base, "--selection", str(broken), "Hi"], "must be numbers"))
+    cases.append(([*base, "--selection", str(broken), "Hi"], "has layer 'abc'"))
     for args, message in cases:
         capsys.readouterr()
         assert main(args) == 2

@@ -235,7 +235,8 @@ def _parse_rows(
         except _Bad as exc:
             if not skip_bad:
                 raise RolevecError(
-                    f"{path} item {index} {exc}: fix the file or pass --skip-bad to skip such items"
+                    f"{path} item {index} {exc}: fix the file (rolevec sweep and rolevec evaluate can "
+                    "skip such items with --skip-bad)"
                 ) from None
             bad += 1
     return out, bad
@@ -398,7 +399,8 @@ def _check_nonempty(mcq: MCQSet, domains: Sequence[str] | None) -> None:
     for domain in domains or mcq.domains:
         if not mcq.items.get(domain):
             raise RolevecError(
-                f"domain {domain!r} has no usable questions in {mcq.source}: pass other --domains or data"
+                f"domain {domain!r} has no usable questions in {mcq.source}: choose other domains or pass "
+                "questions for it"
             )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -265,13 +266,20 @@ def check_inputs(config: StudyConfig) -> tuple[list[str], list[str]]:
     the model: a bad file or value is refused before the model loads and before the run folder changes."""
     from .data import load_base, load_role_prompts, role_domain
     from .evaluation import persona_system
-    from .mcq import load_mcq
+    from .mcq import load_mcq, make_split
 
     roles, domains = check_roles(config)
+    if not 0.0 < config.val_fraction < 1.0:
+        raise RolevecError(
+            f"val_fraction must be between 0 and 1 (exclusive), not {config.val_fraction}: pass e.g. 0.2"
+        )
     for role in roles:
         load_role_prompts(role, config.roles_dir)
     load_base(config.base, column=config.base_column)
-    load_mcq(config.mcq, sorted(set(domains) | {str(role_domain(r)) for r in roles}))
+    mcq = load_mcq(config.mcq, sorted(set(domains) | {str(role_domain(r)) for r in roles}))
+    with warnings.catch_warnings():  # load_mcq has warned about repeated questions already
+        warnings.simplefilter("ignore")
+        make_split(mcq, seed=config.split_seed, val_fraction=config.val_fraction)  # enough questions?
     for template in config.persona_templates:
         persona_system("doctor", template)
     return roles, domains

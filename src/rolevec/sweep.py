@@ -39,6 +39,7 @@ from .evaluation import (
     to_record,
 )
 from .files import atomic_write, read_text
+from .interventions import zero_layers
 from .mcq import MCQItem
 from .model import ModelAdapter
 from .records import RecordStore, read_records
@@ -334,12 +335,8 @@ def run_sweep(
     base_cond = Condition("baseline")
     if layer_step < 1:
         raise RolevecError(f"layer step must be at least 1, not {layer_step}")
-    zero = [
-        (layer, p)
-        for layer in range(a, b, layer_step)
-        for p in pos
-        if float(vectors.vector(role, layer, p).norm()) == 0.0
-    ]
+    swept = range(a, b, layer_step)
+    zero = sorted((layer, p) for p in pos for layer in zero_layers(vectors, role, swept, p))
     if zero:
         warnings.warn(
             f"{len(zero)} site(s) of {role} have an all-zero vector (e.g. layer {zero[0][0]}, position "

@@ -42,7 +42,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=48, help="reply length limit")
     parser.add_argument("--device", default="auto", help="device of a local generator (default: auto)")
     parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="local generator dtype"
+        "--dtype",
+        default="float32",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="local generator dtype",
     )
     parser.add_argument("--out", default=None, help="output JSON file (default: <role>.json)")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -83,7 +86,9 @@ def _run(args: argparse.Namespace) -> int:
     else:
         from ..model import load_model
 
-        adapter = load_model(args.generator, device=args.device, dtype=args.dtype)
+        adapter = load_model(
+            args.generator, device=args.device, dtype=args.dtype, progress=not args.no_progress
+        )
         generator = LocalGenerator(adapter, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     result = generate_prompts(
         role,

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from .common import add_model_args, load_from_args, plain_warnings, positive_int
+from .common import add_model_args, fraction, load_from_args, plain_warnings, positive_int
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -39,6 +39,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--val-limit", type=positive_int, default=None, help="validation questions per domain"
     )
     parser.add_argument("--test-limit", type=positive_int, default=None, help="test questions per domain")
+    parser.add_argument(
+        "--val-fraction",
+        type=fraction,
+        default=None,
+        help="share of each domain for validation (default 0.2)",
+    )
     parser.add_argument("--layers", default=None, help="layer range a:b to search (default: first 80%%)")
     parser.add_argument("--layer-step", type=positive_int, default=None, help="search every k-th layer")
     parser.add_argument("--positions", default=None, help="positions to search, e.g. -1,-4, or all")
@@ -66,6 +72,7 @@ OVERRIDES = (
     "mcq",
     "val_limit",
     "test_limit",
+    "val_fraction",
     "layers",
     "layer_step",
     "positions",
