@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run every check CI runs: lint, format, types, unit and end-to-end tests.
+# Set up (idempotent) and run every check CI runs: lint, format, types, the docs build, unit and end-to-end
+# tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# lm-evaluation-harness too, so the test of the lm-eval export loads it with the real harness.
-.venv/bin/python -m pip --disable-pip-version-check -q install -c requirements/constraints.txt -e ".[dev,interop]"
+# lm-evaluation-harness too, so the test of the lm-eval export loads it with the real harness, and the
+# documentation tools, so a broken page, link or API reference fails here.
+.venv/bin/python -m pip --disable-pip-version-check -q install -c requirements/constraints.txt -e ".[dev,interop,docs]"
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
 .venv/bin/mypy
+site_dir=$(mktemp -d)
+trap 'rm -rf "$site_dir"' EXIT
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict -q -d "$site_dir"
 .venv/bin/python -m pytest -q "$@"
