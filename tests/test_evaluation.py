@@ -12,8 +12,8 @@ from rolevec.evaluation import (
     LetterScorer,
     PromptFormat,
     _batch,
+    applied,
     evaluate_conditions,
-    intervention,
     persona_system,
     plan_batches,
     prepare,
@@ -112,7 +112,7 @@ def test_fast_scoring_equals_full_logits(tiny: ModelAdapter, share: bool) -> Non
         Condition.make("add", role="mathematician", layer=1, position=-1, alpha=3.0),
         Condition.make("ablate", role="mathematician", layer=2, position=-2),
     ):
-        with intervention(tiny, cond, vecs):
+        with applied(tiny, cond.steering(vecs)):
             fast = scorer.fast(batch, letter_ids, share=share)
             naive = scorer.naive(batch, letter_ids)
         assert fast.shape == (7, 4)
@@ -120,8 +120,8 @@ def test_fast_scoring_equals_full_logits(tiny: ModelAdapter, share: bool) -> Non
     assert count_hooks(tiny.model) == 0
 
 
-def test_intervention_applies_each_condition_with_its_own_vector(tiny_llama: ModelAdapter) -> None:
-    """``intervention`` (what evaluation and the sweep steer with) against the interventions called
+def test_condition_steering_applies_each_condition_with_its_own_vector(tiny_llama: ModelAdapter) -> None:
+    """``Condition.steering`` (what evaluation and the sweep steer with) against the interventions called
     directly: addition of the role vector, its random control, ablation of its direction."""
     from rolevec.interventions import ablate, add
 
@@ -140,13 +140,14 @@ def test_intervention_applies_each_condition_with_its_own_vector(tiny_llama: Mod
     got: dict[str, torch.Tensor] = {}
     for kind, (direct, kwargs) in expected.items():
         cond = Condition.make(kind, role="mathematician", layer=2, position=-1, alpha=3.0)
-        with intervention(tiny_llama, cond, vecs):
+        with applied(tiny_llama, cond.steering(vecs)):
             got[kind] = scorer.naive(batch, letter_ids)
         with direct(tiny_llama, **kwargs):
             torch.testing.assert_close(got[kind], scorer.naive(batch, letter_ids), rtol=0, atol=1e-6)
         assert (got[kind] - baseline).abs().max() > 1e-3  # each condition changes the logits
     assert (got["random"] - got["add"]).abs().max() > 1e-3  # the control is not the role vector
-    with intervention(tiny_llama, Condition.make("persona", role="mathematician"), vecs):
+    assert Condition.make("persona", role="mathematician").steering(vecs) is None
+    with applied(tiny_llama, Condition.make("persona", role="mathematician").steering(vecs)):
         torch.testing.assert_close(scorer.naive(batch, letter_ids), baseline)  # a prompt, not a hook
     assert count_hooks(tiny_llama.model) == 0
 

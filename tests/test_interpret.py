@@ -15,7 +15,6 @@ from rolevec.hooks import count_hooks, hooked, input_hook
 from rolevec.interpret import (
     DEFAULT_PROMPT,
     FORMAT,
-    add_at_positions,
     greedy_ids,
     interpret_roles,
     judge_related,
@@ -26,6 +25,7 @@ from rolevec.interpret import (
     placeholder_positions,
     save_interpret,
 )
+from rolevec.interventions import Steering
 from rolevec.model import ModelAdapter
 from rolevec.testing import make_adapter
 from rolevec.vectors import RoleVectors
@@ -120,21 +120,22 @@ def _inputs_at(adapter: ModelAdapter, ids: list[int], layer: int) -> tuple[torch
     return seen[0], logits
 
 
-def test_add_at_positions_shifts_only_the_placeholder(tiny_llama: ModelAdapter) -> None:
+def test_steering_at_tokens_shifts_only_the_placeholder(tiny_llama: ModelAdapter) -> None:
     adapter = tiny_llama
     ids, positions = placeholder_positions(adapter, adapter.render(DEFAULT_PROMPT))
     torch.manual_seed(0)
     d = torch.randn(adapter.hidden_size)
     clean, clean_logits = _inputs_at(adapter, ids, 1)
-    with add_at_positions(adapter, d, 1, 3.0, positions, len(ids)):
+    with Steering.addition(d, layer=1, alpha=3.0, tokens=positions).apply(adapter):
         steered, steered_logits = _inputs_at(adapter, ids, 1)
-        # a forward of another width (a decoding step) is left alone
-        other, _ = _inputs_at(adapter, ids[:-1], 1)
+        # a one-token forward (a decoding step with the KV cache) is left alone
+        other, _ = _inputs_at(adapter, ids[-1:], 1)
     assert count_hooks(adapter.model) == 0
     expected = torch.zeros_like(clean)
     expected[0, positions] = 3.0 * d
     torch.testing.assert_close(steered - clean, expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(other, clean[:, :-1])
+    torch.testing.assert_close(other, _inputs_at(adapter, ids[-1:], 1)[0])
+    assert count_hooks(adapter.model) == 0
     first = positions[0]
     torch.testing.assert_close(steered_logits[:, :first], clean_logits[:, :first])  # causal: before ♦
     assert not torch.allclose(steered_logits[:, -1], clean_logits[:, -1])  # after ♦ the answer moves
@@ -146,7 +147,7 @@ def test_patch_scope_steers_the_generation(tiny_llama: ModelAdapter) -> None:
     torch.manual_seed(1)
     d = 20 * torch.randn(adapter.hidden_size)
     plain = greedy_ids(adapter, ids, 8)
-    with add_at_positions(adapter, d, 1, 3.0, positions, len(ids)):
+    with Steering.addition(d, layer=1, alpha=3.0, tokens=positions).apply(adapter):
         steered = greedy_ids(adapter, ids, 8)
     assert steered != plain
     scope = patch_scope(adapter, d, 1, max_new_tokens=8)

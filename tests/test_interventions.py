@@ -11,7 +11,7 @@ import torch
 
 from rolevec.errors import RolevecError
 from rolevec.hooks import count_hooks, hooked, input_hook, output_hook
-from rolevec.interventions import Steering, ablate, parse_layers, resolve_steering
+from rolevec.interventions import Steering, ablate, resolve_steering
 from rolevec.model import ModelAdapter
 from rolevec.testing import make_adapter
 from rolevec.vectors import RoleVectors
@@ -187,14 +187,6 @@ def test_resolve_refuses_another_model(tiny_llama: ModelAdapter) -> None:
     )
     with pytest.raises(RolevecError, match="hidden size 16"):
         resolve_steering(narrow, "doctor", layers=1, alpha=1.0, adapter=tiny_llama)
-
-
-def test_parse_layers() -> None:
-    assert parse_layers("3") == [3]
-    assert parse_layers("2:5") == [2, 3, 4]
-    for bad in ("5:2", "x", "1:y", ""):
-        with pytest.raises(RolevecError, match="layer"):
-            parse_layers(bad)
 
 
 def test_steering_rejects_bad_vectors() -> None:

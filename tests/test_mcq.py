@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from rolevec.data import role_domain
 from rolevec.errors import RolevecError
 from rolevec.mcq import (
     DOMAINS,
@@ -21,7 +22,6 @@ from rolevec.mcq import (
     load_mcq,
     make_split,
     parse_domains,
-    role_domain,
 )
 
 
@@ -196,9 +196,10 @@ def test_ensure_split_extends_per_domain_consistently(tmp_path: Path) -> None:
 
 def test_parse_domains_and_role_domain() -> None:
     assert parse_domains("all") is None and parse_domains("math, law") == ["math", "law"]
-    assert role_domain("lawyer") == "law" and role_domain("teacher") == "natural_science"
+    assert role_domain("lawyer", strict=True) == "law"
+    assert role_domain("teacher", strict=True) == "natural_science"
     with pytest.raises(RolevecError, match="--domain"):
-        role_domain("astronaut")
+        role_domain("astronaut", strict=True)
 
 
 def test_paper_data_counts(paper_data: Path) -> None:
@@ -540,8 +541,8 @@ def test_refused_answers_are_one_error_naming_file_and_item(tmp_path: Path, answ
     with pytest.raises(RolevecError) as caught:
         load_mcq(tmp_path)
     assert str(caught.value) == (
-        f"{path} item 1 answer {answer!r} is not one of A, B, C, D (or 0-3): fix the file or pass "
-        "--skip-bad to skip such items"
+        f"{path} item 1 answer {answer!r} is not one of A, B, C, D (or 0-3): fix the file (rolevec sweep "
+        "and rolevec evaluate can skip such items with --skip-bad)"
     )
 
 

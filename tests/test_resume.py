@@ -6,7 +6,8 @@ import torch
 
 from rolevec.evaluation import Condition, ItemResult, LetterScorer, prepare, score
 from rolevec.hooks import count_hooks
-from rolevec.resume import Addition, cache_batches, cache_groups, score_additions
+from rolevec.interventions import Steering
+from rolevec.resume import cache_batches, cache_groups, score_additions
 from rolevec.testing import make_adapter
 from test_evaluation import items, vectors_for
 
@@ -25,7 +26,7 @@ def _run(
     prepared, _ = prepare(adapter, items(11))
     qids = {p.item.qid for p in prepared}
     todo = {
-        (layer, p, a): (Addition(layer, vecs.vector("r", layer, p), a), set(qids))
+        (layer, p, a): (Steering.addition(vecs.vector("r", layer, p), layer=layer, alpha=a), set(qids))
         for layer in (1, 2)
         for p in (-1, -2)
         for a in (1.0, 3.0)

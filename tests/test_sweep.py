@@ -12,20 +12,17 @@ import torch
 import rolevec.resume as resume_module
 import rolevec.sweep as sweep_module
 from rolevec.errors import RolevecError
-from rolevec.evaluation import Condition, LetterScorer, _batch, intervention, prepare, score
+from rolevec.evaluation import Condition, LetterScorer, _batch, applied, prepare, score
 from rolevec.hooks import count_hooks
+from rolevec.interventions import Steering
 from rolevec.mcq import MCQItem, MCQSet, make_split
 from rolevec.model import ModelAdapter
 from rolevec.records import RecordStore, read_records
-from rolevec.resume import Addition, Work, cache_batches, residual_at, stack_rows
+from rolevec.resume import Work, cache_batches, residual_at, stack_rows
 from rolevec.selection import check_held_out, load_selection, select, selected_site, write_selection
 from rolevec.sweep import (
     GridRow,
-    default_layers,
     grid_rows,
-    parse_alphas,
-    parse_layers,
-    parse_positions,
     run_sweep,
     write_sweep_file,
 )
@@ -50,7 +47,9 @@ def _check_resumed_candidates(
         x = residual_at(adapter, work.batch, layer, start=(cur, x), prefix=work.base)
         cur = layer
         cands = [(-1, 1.0), (-2, 3.0), (-1, -2.0)]
-        shifts = [Addition(layer, vecs.vector("r", layer, p), a).shift(x) for p, a in cands]
+        shifts = [
+            Steering.addition(vecs.vector("r", layer, p), layer=layer, alpha=a).shift(x) for p, a in cands
+        ]
         resumed = scorer.letter_logits(
             stack_rows(work.batch, len(cands)),
             letter_ids.repeat(len(cands), 1),
@@ -58,7 +57,7 @@ def _check_resumed_candidates(
         )
         for k, (p, a) in enumerate(cands):
             cond = Condition.make("add", role="r", layer=layer, position=p, alpha=a)
-            with intervention(adapter, cond, vecs):
+            with applied(adapter, cond.steering(vecs)):
                 independent = scorer.naive(batch, letter_ids)
             torch.testing.assert_close(resumed[k * n : (k + 1) * n], independent, rtol=0, atol=atol)
     assert count_hooks(adapter.model) == 0
@@ -178,21 +177,6 @@ def test_cache_batches_respect_the_bound() -> None:
         assert 2 * len(b) * width * per_token <= bound
     assert max(len(b) for b in batches) <= 3
     assert all(len(b) == 1 for b in cache_batches(prepared, 16, per_token, 1))
-
-
-def test_argument_parsers() -> None:
-    assert default_layers(30) == (1, 24) and default_layers(3) == (1, 2)
-    assert parse_layers(None, 30) == (1, 24) and parse_layers("4:10", 30) == (4, 10)
-    assert parse_layers("28:", 30) == (28, 31) and parse_layers("7", 30) == (7, 8)
-    with pytest.raises(RolevecError, match="out of range"):
-        parse_layers("0:40", 30)
-    assert parse_positions("all", (-3, -2, -1)) == (-3, -2, -1)
-    assert parse_positions("-1,-2", (-3, -2, -1)) == (-1, -2)
-    with pytest.raises(RolevecError, match="positions"):
-        parse_positions("-5", (-3, -2, -1))
-    assert parse_alphas("1,3,1") == (1.0, 3.0)
-    with pytest.raises(RolevecError):
-        parse_alphas("x")
 
 
 def _row(cond: str, layer: int, position: int, alpha: float | None, acc: float, base: float = 0.5) -> GridRow:

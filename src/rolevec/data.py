@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from .errors import RolevecError, path_problem
 from .files import read_text
@@ -391,10 +391,22 @@ def domain_roles() -> dict[str, list[str]]:
     return {domain: list(roles) for domain, roles in PAPER_DOMAINS.items()}
 
 
-def role_domain(role: str) -> str | None:
-    """The domain whose MMLU questions a role is evaluated on, or None for a role outside Table 2."""
+@overload
+def role_domain(role: str, *, strict: Literal[True]) -> str: ...
+@overload
+def role_domain(role: str, *, strict: bool = False) -> str | None: ...
+def role_domain(role: str, *, strict: bool = False) -> str | None:
+    """The domain whose MMLU questions a role is evaluated on (the paper's Table 2).
+
+    A role outside the table has None, or with ``strict`` an error that asks for a domain.
+    """
     key = normalise_role(role)
     for domain, roles in PAPER_DOMAINS.items():
         if key in roles:
             return domain
+    if strict:
+        raise RolevecError(
+            f"role {role!r} has no domain in the paper's table: pass --domain (one of "
+            f"{', '.join(PAPER_DOMAINS)})"
+        )
     return None

@@ -32,12 +32,13 @@ import torch
 from .data import role_display
 from .errors import RolevecError
 from .hooks import StopForward, hooked, input_hook, output_hook, skipped
-from .interventions import ablate, add
+from .interventions import Steering
 from .mcq import LETTERS, MCQItem, MCQSet, Split
 from .model import Batch, ModelAdapter
 from .prefix import PrefixKV, PrefixMemo, PrefixSplit, forward_kwargs, prefix_kv, split_prefix
 from .records import CONDITIONS, RecordStore, condition_identity
-from .vectors import RoleVectors, check_alpha
+from .spec import check_alpha
+from .vectors import RoleVectors
 
 #: The paper's prompt, as the user turn. Fields: question, A, B, C, D, subject.
 PAPER_TEMPLATE = (
@@ -176,6 +177,27 @@ class Condition:
         assert self.role is not None
         return persona_system(self.role, self.persona_template or "you_are")
 
+    def steering(self, vectors: RoleVectors | None, random_seed: int = 0) -> Steering | None:
+        """The intervention this condition applies (None for baseline and persona).
+
+        ``random`` adds a Gaussian direction of the role vector's norm, drawn from ``random_seed`` and the
+        site, so a rerun draws the same one.
+        """
+        if self.kind not in STEERED:
+            return None
+        if vectors is None:
+            raise RolevecError(f"condition {self.kind} needs role vectors: pass --vectors FILE")
+        assert self.role is not None and self.layer is not None and self.position is not None
+        vec = vectors.vector(self.role, self.layer, self.position)
+        if self.kind == "random":
+            vec = random_direction(vec, random_seed, key=f"{self.role}:{self.layer}:{self.position}")
+        if self.kind == "ablate":
+            return Steering.ablation(vec, layer=self.layer, role=self.role, position=self.position)
+        assert self.alpha is not None
+        return Steering.addition(
+            vec, layer=self.layer, alpha=self.alpha, role=self.role, position=self.position
+        )
+
 
 def random_direction(vector: torch.Tensor, seed: int, *, key: str = "") -> torch.Tensor:
     """A Gaussian direction with the norm of ``vector``, from ``seed`` and a site key (reproducible)."""
@@ -186,30 +208,9 @@ def random_direction(vector: torch.Tensor, seed: int, *, key: str = "") -> torch
     return scaled.float()
 
 
-def condition_vector(vectors: RoleVectors | None, condition: Condition, random_seed: int = 0) -> torch.Tensor:
-    """The float32 vector a steered condition uses (the role vector, or its random control)."""
-    if vectors is None:
-        raise RolevecError(f"condition {condition.kind} needs role vectors: pass --vectors FILE")
-    assert condition.role is not None and condition.layer is not None and condition.position is not None
-    vec = vectors.vector(condition.role, condition.layer, condition.position)
-    if condition.kind == "random":
-        key = f"{condition.role}:{condition.layer}:{condition.position}"
-        return random_direction(vec, random_seed, key=key)
-    return vec
-
-
-def intervention(
-    adapter: ModelAdapter, condition: Condition, vectors: RoleVectors | None, random_seed: int = 0
-) -> AbstractContextManager[None]:
-    """The hooks a condition needs (none for baseline and persona)."""
-    if condition.kind in ("baseline", "persona"):
-        return nullcontext()
-    vec = condition_vector(vectors, condition, random_seed)
-    assert condition.layer is not None
-    if condition.kind == "ablate":
-        return ablate(adapter, vec)
-    assert condition.alpha is not None
-    return add(adapter, vec, layers=condition.layer, alpha=condition.alpha)
+def applied(adapter: ModelAdapter, steering: Steering | None) -> AbstractContextManager[None]:
+    """``steering`` applied to ``adapter``, or nothing (baseline and persona conditions)."""
+    return nullcontext() if steering is None else steering.apply(adapter)
 
 
 # --- scoring ---------------------------------------------------------------------------------------
@@ -595,7 +596,7 @@ def score(
     prepared, _ = prepare(adapter, items, prompt_format, cond.system())
     by_qid: dict[str, ItemResult] = {}
     with (
-        intervention(adapter, cond, vectors, random_seed),
+        applied(adapter, cond.steering(vectors, random_seed)),
         tqdm(total=len(prepared), disable=not progress, desc=cond.kind, unit="q") as bar,
     ):
         for results in iter_scores(adapter, prepared, scorer=scorer, batch_size=batch_size):
@@ -665,7 +666,7 @@ def evaluate_conditions(
     plan: list[tuple[Condition, str, list[MCQItem], dict[str, str]]] = []
     for cond in conditions:
         if cond.kind in STEERED:
-            condition_vector(vectors, cond, random_seed)  # fail early on a missing role/site
+            cond.steering(vectors, random_seed)  # fail early on a missing role/site
         for domain in doms:
             items = split.select(mcq, domain, split_name, limit)
             which = split.split_of(domain)
@@ -693,21 +694,21 @@ def evaluate_conditions(
     def independent(cond: Condition, domain: str, todo: list[MCQItem], which: dict[str, str]) -> None:
         prepared = prepared_for(todo, cond.system())
         bar.set_description(f"{cond.kind} {domain}")
-        with intervention(adapter, cond, vectors, random_seed):
+        with applied(adapter, cond.steering(vectors, random_seed)):
             for results in iter_scores(adapter, prepared, scorer=scorer, batch_size=batch_size):
                 record(cond, results, which)
 
     def resumed(domain: str, entries: list[tuple[Condition, str, list[MCQItem], dict[str, str]]]) -> bool:
         """The domain's additions from a shared residual; False where the parity check fails."""
-        from .resume import Addition, check_resume, score_additions  # resume builds on this module
+        from .resume import check_resume, score_additions  # resume builds on this module
 
         union = list({it.qid: it for _, _, todo, _ in entries for it in todo}.values())
         prepared = prepared_for(union, None)
-        todo_map: dict[Condition, tuple[Addition, set[str]]] = {}
+        todo_map: dict[Condition, tuple[Steering, set[str]]] = {}
         for cond, _, todo, _ in entries:
-            assert cond.layer is not None and cond.alpha is not None
-            vec = condition_vector(vectors, cond, random_seed)
-            todo_map[cond] = (Addition(cond.layer, vec, cond.alpha), {it.qid for it in todo})
+            steering = cond.steering(vectors, random_seed)
+            assert steering is not None
+            todo_map[cond] = (steering, {it.qid for it in todo})
         layers = sorted({a.layer for a, _ in todo_map.values()})
         middle = layers[len(layers) // 2]
         candidate = next(a for a, _ in todo_map.values() if a.layer == middle)

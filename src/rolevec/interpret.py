@@ -16,9 +16,8 @@ import json
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +25,10 @@ import torch
 
 from .errors import RolevecError, path_problem
 from .files import atomic_write, read_text
-from .hooks import hooked, input_hook
-from .interventions import add
+from .interventions import Steering, check_vector
 from .model import ModelAdapter
-from .vectors import RoleVectors, check_alpha
+from .spec import check_alpha
+from .vectors import RoleVectors
 
 FORMAT = "rolevec.interpret/1"
 PLACEHOLDER = "♦"
@@ -70,30 +69,6 @@ def placeholder_positions(
     return ids, positions
 
 
-@contextmanager
-def add_at_positions(
-    adapter: ModelAdapter,
-    vector: torch.Tensor,
-    layer: int,
-    alpha: float,
-    positions: Sequence[int],
-    width: int,
-) -> Iterator[None]:
-    """Add α·vector at the given token positions of the prompt forward only (width tokens wide)."""
-    shift = (alpha * vector.detach()).to(device=adapter.device, dtype=adapter.dtype)
-    index = torch.tensor(list(positions), dtype=torch.long, device=adapter.device)
-
-    def steer(x: torch.Tensor) -> torch.Tensor | None:
-        if x.shape[1] != width:  # a decoding step with the KV cache: the prompt is already steered
-            return None
-        out = x.clone()
-        out[:, index] = out[:, index] + shift.to(x.dtype)
-        return out
-
-    with hooked(pre=[(adapter.residual_site(layer), input_hook(steer))]):
-        yield
-
-
 @torch.inference_mode()
 def greedy_ids(adapter: ModelAdapter, ids: Sequence[int], max_new_tokens: int) -> list[int]:
     """The new token ids of a greedy continuation of one prompt (with whatever hooks are open)."""
@@ -123,16 +98,6 @@ class PatchScope:
     unsteered: str
 
 
-def _vector(adapter: ModelAdapter, vector: torch.Tensor) -> torch.Tensor:
-    if vector.ndim != 1 or vector.shape[0] != adapter.hidden_size:
-        raise RolevecError(
-            f"vector has shape {tuple(vector.shape)} but {adapter.name} has hidden size {adapter.hidden_size}"
-        )
-    if not torch.isfinite(vector).all():
-        raise RolevecError("vector contains NaN or infinite values")
-    return vector
-
-
 def patch_scope(
     adapter: ModelAdapter,
     vector: torch.Tensor,
@@ -148,13 +113,13 @@ def patch_scope(
 
     ``unsteered`` may be passed in when it is already known (it does not depend on the vector).
     """
-    alpha = check_alpha(alpha)
     if where not in WHERE:
         raise RolevecError(f"where must be one of {', '.join(WHERE)}, not {where!r}")
     if max_new_tokens < 1:
         raise RolevecError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
-    vector = _vector(adapter, vector)
+    check_vector(adapter, vector)
     adapter.residual_site(layer)  # validates the layer
+    steering = Steering.addition(vector, layer=layer, alpha=alpha)  # validates α
     text = adapter.render(prompt)
     if where == "placeholder":
         ids, positions = placeholder_positions(adapter, text)
@@ -164,11 +129,9 @@ def patch_scope(
     if unsteered is None:
         unsteered = _greedy(adapter, ids, max_new_tokens)
     if where == "placeholder":
-        with add_at_positions(adapter, vector, layer, alpha, positions, len(ids)):
-            steered = _greedy(adapter, ids, max_new_tokens)
-    else:
-        with add(adapter, vector, layers=layer, alpha=alpha, where="all"):
-            steered = _greedy(adapter, ids, max_new_tokens)
+        steering = replace(steering, tokens=tuple(positions))
+    with steering.apply(adapter):
+        steered = _greedy(adapter, ids, max_new_tokens)
     return PatchScope(prompt, where, tuple(positions), steered, unsteered)
 
 
@@ -205,7 +168,7 @@ def logit_lens(adapter: ModelAdapter, vector: torch.Tensor, *, top_k: int = 10, 
     """
     if top_k < 1:
         raise RolevecError(f"top_k must be at least 1, not {top_k}")
-    d = _vector(adapter, vector).detach().to(device=adapter.device, dtype=adapter.dtype)
+    d = check_vector(adapter, vector).to(device=adapter.device, dtype=adapter.dtype)
     if normed:
         hidden = adapter.final_norm(d.view(1, 1, -1))
         if isinstance(hidden, tuple):

@@ -1,18 +1,20 @@
-"""The paper's two interventions as scoped context managers over :mod:`rolevec.hooks`.
+"""The one intervention type: :class:`Steering`, addition or ablation, applied as a scoped context manager.
 
-* Activation addition: x ← x + α·d at the input of the chosen layer(s), at every position by default.
+* Activation addition: x ← x + α·d at the input of the chosen layer(s), at every position by default
+  (or only at given prompt tokens, as patch-scoping does).
 * Directional ablation: x ← x − d̂d̂ᵀx at every block input, the final norm input, and on every module
   output written into the residual stream, so the direction never re-enters it.
 
-:class:`Steering` is one of these resolved from a vector file (role, layer(s), position, α) — the
-common currency of generation, folding and export; :func:`resolve_steering` builds it and checks it.
+A :class:`Steering` is validated once, when it is made (α finite, vectors 1-D and finite); generation,
+folding, export, interpretation, the sweep and the test stage all use it, and the resumed scorer adds its
+:meth:`Steering.shift`. :func:`resolve_steering` builds one from a vector file and checks it.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,54 +23,22 @@ import torch
 from .errors import RolevecError
 from .hooks import hooked, input_hook, output_hook
 from .model import ModelAdapter
-from .vectors import RoleVectors, check_alpha
+from .spec import check_alpha
+from .vectors import RoleVectors, check_fingerprint
 
 WHERE = ("all", "prompt", "generated")
+MODES = ("add", "ablate")
 
 
-def _as_vector(adapter: ModelAdapter, vector: torch.Tensor) -> torch.Tensor:
+def check_vector(adapter: ModelAdapter, vector: torch.Tensor) -> torch.Tensor:
+    """``vector`` (detached) if it is a finite direction of this model's hidden size."""
     if vector.ndim != 1 or vector.shape[0] != adapter.hidden_size:
         raise RolevecError(
             f"vector has shape {tuple(vector.shape)} but {adapter.name} has hidden size {adapter.hidden_size}"
         )
     if not torch.isfinite(vector).all():
         raise RolevecError("vector contains NaN or infinite values")
-    return vector.detach().to(device=adapter.device, dtype=adapter.dtype)
-
-
-@contextmanager
-def add(
-    adapter: ModelAdapter,
-    vector: torch.Tensor,
-    *,
-    layers: int | Sequence[int],
-    alpha: float = 1.0,
-    where: str = "all",
-) -> Iterator[None]:
-    """Add α·vector to the residual stream at the input of each layer in ``layers``.
-
-    ``where`` restricts steering with a KV cache: ``prompt`` steers only multi-token (prompt) forwards,
-    ``generated`` only single-token (decoding) forwards; ``all`` steers every position. The split is
-    by the forward's length, so it needs cached decoding and a prompt of two tokens or more.
-    """
-    alpha = check_alpha(alpha)
-    if where not in WHERE:
-        raise RolevecError(f"where must be one of {', '.join(WHERE)}, not {where!r}")
-    layer_list = [layers] if isinstance(layers, int) else list(layers)
-    if not layer_list:
-        raise RolevecError("add() needs at least one layer")
-    shift = alpha * _as_vector(adapter, vector)
-
-    def steer(x: torch.Tensor) -> torch.Tensor | None:
-        if where == "prompt" and x.shape[1] == 1:
-            return None
-        if where == "generated" and x.shape[1] != 1:
-            return None
-        return x + shift.to(x.dtype)
-
-    sites = [adapter.residual_site(layer) for layer in layer_list]
-    with hooked(pre=[(site, input_hook(steer)) for site in sites]):
-        yield
+    return vector.detach()
 
 
 def unit(vector: torch.Tensor) -> torch.Tensor:
@@ -79,36 +49,20 @@ def unit(vector: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@contextmanager
-def ablate(adapter: ModelAdapter, direction: torch.Tensor) -> Iterator[None]:
-    """Remove the unit direction from the residual stream everywhere it can enter."""
-    d = unit(_as_vector(adapter, direction).float()).to(adapter.dtype)
-
-    def project_out(x: torch.Tensor) -> torch.Tensor:
-        dd = d.to(x.dtype)
-        # x − (x·d)d as one fused pass (addcmul) instead of a product and a difference: these hooks run
-        # 3n + 1 times a forward, on every token.
-        return torch.addcmul(x, (x @ dd).unsqueeze(-1), dd, value=-1)
-
-    n = adapter.n_layers
-    pre = [(adapter.residual_site(layer), input_hook(project_out)) for layer in range(n + 1)]
-    post = [(w, output_hook(project_out)) for layer in range(n) for w in adapter.writers(layer)]
-    with hooked(pre=pre, post=post):
-        yield
-
-
-# --- resolved steering recipes ------------------------------------------------------------------------
-
-MODES = ("add", "ablate")
-
-
 @dataclass(frozen=True)
 class Steering:
-    """One intervention resolved from a vector file, shared by generation, folding and export.
+    """One intervention: α·d added at its layer(s), or the direction d̂ removed everywhere.
 
-    ``vectors`` maps each layer to its (unscaled) role vector. For ``add`` every entry is applied at its
-    own layer, scaled by ``alpha``; for ``ablate`` there is one entry, the layer the direction was taken
-    from, and the direction is removed everywhere.
+    ``vectors`` maps each layer to its (unscaled) vector. For ``add`` every entry is applied at its own
+    layer, scaled by ``alpha``; for ``ablate`` there is one entry, the layer the direction was taken from,
+    and the direction is removed at every layer. ``tokens`` (addition only) restricts the addition to
+    those token indices of the prompt forward; decoding steps are left alone.
+
+    Example:
+        >>> import torch
+        >>> s = Steering.addition(torch.ones(4), layer=2, alpha=3.0, role="doctor")
+        >>> s.describe()
+        "add α=3 (role 'doctor', layer 2, position -1)"
     """
 
     mode: str
@@ -117,6 +71,7 @@ class Steering:
     role: str = ""
     position: int = -1
     source: Mapping[str, Any] = field(default_factory=dict)
+    tokens: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -125,16 +80,56 @@ class Steering:
             raise RolevecError("steering needs at least one layer")
         if self.mode == "ablate" and len(self.vectors) != 1:
             raise RolevecError("ablation removes one direction: pass a single --layer, not a range")
-        check_alpha(self.alpha)
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
         for vector in self.vectors.values():
             if vector.ndim != 1:
                 raise RolevecError(f"a steering vector must be 1-D, not of shape {tuple(vector.shape)}")
             if not torch.isfinite(vector).all():
                 raise RolevecError("steering vector contains NaN or infinite values")
+        if self.tokens is not None:
+            if self.mode != "add":
+                raise RolevecError("ablation acts on every token: pass no tokens")
+            if not self.tokens or min(self.tokens) < 0:
+                raise RolevecError(f"tokens must be non-negative prompt indices, not {list(self.tokens)}")
+
+    @classmethod
+    def addition(
+        cls,
+        vector: torch.Tensor,
+        *,
+        layer: int,
+        alpha: float,
+        role: str = "",
+        position: int = -1,
+        tokens: Sequence[int] | None = None,
+    ) -> Steering:
+        """α·vector at the input of ``layer`` (at ``tokens`` of the prompt only, if given)."""
+        return cls(
+            "add",
+            {layer: vector},
+            alpha=alpha,
+            role=role,
+            position=position,
+            tokens=None if tokens is None else tuple(int(t) for t in tokens),
+        )
+
+    @classmethod
+    def ablation(
+        cls, direction: torch.Tensor, *, layer: int = 0, role: str = "", position: int = -1
+    ) -> Steering:
+        """Remove ``direction`` (taken from ``layer``; the layer only labels it) everywhere."""
+        return cls("ablate", {layer: direction}, role=role, position=position)
 
     @property
     def layers(self) -> list[int]:
         return sorted(self.vectors)
+
+    @property
+    def layer(self) -> int:
+        """The one layer of a single-layer steering (an ablation, or an addition at one layer)."""
+        if len(self.vectors) != 1:
+            raise RolevecError(f"this steering acts at layers {self.layers}, not at one layer")
+        return self.layers[0]
 
     @property
     def hidden_size(self) -> int:
@@ -150,6 +145,12 @@ class Steering:
         if self.mode != "add":
             raise RolevecError("only addition has scaled vectors; ablation removes a direction")
         return {layer: self.alpha * self.vectors[layer].float() for layer in self.layers}
+
+    def shift(self, like: torch.Tensor) -> torch.Tensor:
+        """α·d of a one-layer addition in ``like``'s dtype and device, formed as :meth:`apply` forms it."""
+        if self.mode != "add" or self.tokens is not None:
+            raise RolevecError("only an addition at every position has one shift")
+        return self.alpha * self.vectors[self.layer].detach().to(device=like.device, dtype=like.dtype)
 
     def describe(self) -> str:
         layers = ",".join(str(layer) for layer in self.layers)
@@ -172,35 +173,73 @@ class Steering:
                 raise RolevecError(
                     f"layer {layer} is out of range: this model has layers 0..{adapter.n_layers}"
                 )
-        theirs = self.source.get("model_fingerprint")
-        if theirs and theirs != adapter.fingerprint():
-            origin = (
-                f"vectors come from {self.source.get('model')!r} (fingerprint {theirs}), not from "
-                f"{adapter.name!r} ({adapter.fingerprint()})"
-            )
-            if not allow_other_model:
-                raise RolevecError(
-                    f"{origin}: pass the model they were extracted from, or --allow-other-model to apply "
-                    "them anyway"
-                )
-            if warn_other_model:
-                warnings.warn(f"{origin}: results may be meaningless", stacklevel=2)
+        check_fingerprint(
+            adapter,
+            self.source.get("model_fingerprint"),
+            self.source.get("model"),
+            "vectors",
+            allow_other_model=allow_other_model,
+            warn_other_model=warn_other_model,
+        )
 
     @contextmanager
     def apply(self, adapter: ModelAdapter, *, where: str = "all") -> Iterator[None]:
-        """Steer ``adapter`` with hooks for the duration of the block."""
+        """Steer ``adapter`` with hooks for the duration of the block.
+
+        ``where`` restricts an addition with a KV cache: ``prompt`` steers only multi-token (prompt)
+        forwards, ``generated`` only single-token (decoding) forwards; ``all`` steers every position. The
+        split is by the forward's length, so it needs cached decoding and a prompt of two tokens or more.
+        """
+        if where not in WHERE:
+            raise RolevecError(f"where must be one of {', '.join(WHERE)}, not {where!r}")
+        for vector in self.vectors.values():
+            check_vector(adapter, vector)
         self.check_model(adapter, allow_other_model=True, warn_other_model=False)
         with ExitStack() as stack:
             if self.mode == "add":
                 for layer in self.layers:
-                    stack.enter_context(
-                        add(adapter, self.vectors[layer], layers=layer, alpha=self.alpha, where=where)
-                    )
+                    stack.enter_context(self._add_hooks(adapter, layer, where))
             else:
                 if where != "all":
                     raise RolevecError("ablation acts on every position: pass where='all' (CLI: --where all)")
-                stack.enter_context(ablate(adapter, self.vectors[self.layers[0]]))
+                stack.enter_context(self._ablate_hooks(adapter))
             yield
+
+    def _add_hooks(self, adapter: ModelAdapter, layer: int, where: str) -> Any:
+        shift = self.alpha * self.vectors[layer].detach().to(device=adapter.device, dtype=adapter.dtype)
+        index = None
+        if self.tokens is not None:
+            index = torch.tensor(list(self.tokens), dtype=torch.long, device=adapter.device)
+
+        def steer(x: torch.Tensor) -> torch.Tensor | None:
+            if where == "prompt" and x.shape[1] == 1:
+                return None
+            if where == "generated" and x.shape[1] != 1:
+                return None
+            if index is None:
+                return x + shift.to(x.dtype)
+            if x.shape[1] == 1:  # a decoding step with the KV cache: the prompt is already steered
+                return None
+            out = x.clone()
+            out[:, index] = out[:, index] + shift.to(x.dtype)
+            return out
+
+        return hooked(pre=[(adapter.residual_site(layer), input_hook(steer))])
+
+    def _ablate_hooks(self, adapter: ModelAdapter) -> Any:
+        d = unit(self.vectors[self.layers[0]].detach().to(device=adapter.device, dtype=adapter.dtype).float())
+        d = d.to(adapter.dtype)
+
+        def project_out(x: torch.Tensor) -> torch.Tensor:
+            dd = d.to(x.dtype)
+            # x − (x·d)d as one fused pass (addcmul) instead of a product and a difference: these hooks run
+            # 3n + 1 times a forward, on every token.
+            return torch.addcmul(x, (x @ dd).unsqueeze(-1), dd, value=-1)
+
+        n = adapter.n_layers
+        pre = [(adapter.residual_site(layer), input_hook(project_out)) for layer in range(n + 1)]
+        post = [(w, output_hook(project_out)) for layer in range(n) for w in adapter.writers(layer)]
+        return hooked(pre=pre, post=post)
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -213,19 +252,25 @@ class Steering:
         }
 
 
-def parse_layers(spec: str) -> list[int]:
-    """``"L"`` or a half-open range ``"a:b"`` (layers a..b-1, like Python slices)."""
-    text = spec.strip()
-    try:
-        if ":" in text:
-            start_text, stop_text = text.split(":", 1)
-            start, stop = int(start_text), int(stop_text)
-            if stop <= start:
-                raise RolevecError(f"layer range {spec!r} is empty: pass a:b with b > a (b is excluded)")
-            return list(range(start, stop))
-        return [int(text)]
-    except ValueError:
-        raise RolevecError(f"cannot read layers {spec!r}: pass an integer L or a range a:b") from None
+def add(
+    adapter: ModelAdapter,
+    vector: torch.Tensor,
+    *,
+    layers: int | Sequence[int],
+    alpha: float = 1.0,
+    where: str = "all",
+) -> AbstractContextManager[None]:
+    """Add α·vector at the input of each layer in ``layers``: a :class:`Steering` applied at once."""
+    layer_list = [layers] if isinstance(layers, int) else list(layers)
+    if not layer_list:
+        raise RolevecError("add() needs at least one layer")
+    check_vector(adapter, vector)
+    return Steering("add", dict.fromkeys(layer_list, vector), alpha=alpha).apply(adapter, where=where)
+
+
+def ablate(adapter: ModelAdapter, direction: torch.Tensor) -> AbstractContextManager[None]:
+    """Remove the unit direction from the residual stream everywhere it can enter."""
+    return Steering.ablation(check_vector(adapter, direction)).apply(adapter)
 
 
 #: A role vector shorter than this share of its site's mean activation is zero up to rounding.

@@ -62,18 +62,6 @@ MMLU_SUBJECTS: dict[str, tuple[str, ...]] = {
 SUBJECT_DOMAIN = {s: d for d, subjects in MMLU_SUBJECTS.items() for s in subjects}
 
 
-def role_domain(role: str) -> str:
-    """The paper's domain for a role (Table 2, in :mod:`rolevec.data`), or an error asking for --domain."""
-    from .data import role_domain as paper_domain
-
-    domain = paper_domain(role)
-    if domain is None:
-        raise RolevecError(
-            f"role {role!r} has no domain in the paper's table: pass --domain (one of {', '.join(DOMAINS)})"
-        )
-    return domain
-
-
 ENV_VAR = "ROLEVEC_MMLU_DIR"
 SHARED_RELATIVE = Path("shared") / "data" / "role-vectors-paper" / "mmlu_domains"
 SPLITS = ("val", "test", "all")

@@ -21,6 +21,7 @@ from typing import Any
 from .errors import RolevecError, path_problem
 from .files import read_text
 from .model import ModelAdapter
+from .spec import check_alpha
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
@@ -121,7 +122,6 @@ class StudyConfig:
 
     def check(self) -> None:
         """Refuse bad values before a run writes anything (a config file's are not type-checked)."""
-        import math
 
         def integer(key: str, low: int, optional: bool = False) -> None:
             value = getattr(self, key)
@@ -139,8 +139,10 @@ class StudyConfig:
             integer(key, 0)
         if not isinstance(self.val_fraction, int | float) or not 0 < self.val_fraction < 1:
             raise RolevecError(f"val_fraction must be between 0 and 1, not {self.val_fraction!r}")
-        if not self.alphas or not all(math.isfinite(a) for a in self.alphas):
-            raise RolevecError(f"alphas must be finite numbers, e.g. 1,3 — not {list(self.alphas)}")
+        if not self.alphas:
+            raise RolevecError("alphas is empty: pass finite numbers, e.g. 1,3")
+        for alpha in self.alphas:
+            check_alpha(alpha, field="alphas")
         if self.ablate_scope not in ("all", "passing", "none"):
             raise RolevecError(f"ablate_scope must be all, passing or none, not {self.ablate_scope!r}")
         for key in ("layers", "positions", "roles_dir", "base", "base_column", "mcq", "judge_url"):
@@ -357,9 +359,9 @@ class Study:
     def check_grid(self) -> None:
         """The layer range and positions against this model, before anything is written."""
         from .evaluation import persona_system
-        from .sweep import parse_layers, parse_positions
+        from .spec import parse_layer_range, parse_positions
 
-        parse_layers(self.config.layers, self.adapter.n_layers)
+        parse_layer_range(self.config.layers, self.adapter.n_layers)
         parse_positions(self.config.positions, tuple(self.adapter.chat.positions))
         for template in self.config.persona_templates:
             persona_system("doctor", template)
@@ -495,9 +497,9 @@ class Study:
         check_settings(self.run_dir, settings)
 
     def _grid(self) -> tuple[tuple[int, int], tuple[int, ...]]:
-        from .sweep import parse_layers, parse_positions
+        from .spec import parse_layer_range, parse_positions
 
-        layers = parse_layers(self.config.layers, self.adapter.n_layers)
+        layers = parse_layer_range(self.config.layers, self.adapter.n_layers)
         positions = parse_positions(self.config.positions, self.vectors.positions)
         return layers, positions
 

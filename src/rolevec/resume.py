@@ -13,10 +13,10 @@ batch first; callers fall back to independent runs where it fails.
 
 Entry points::
 
-    Addition(layer, vector, alpha).shift(like)          # α·v exactly as interventions.add forms it
+    Steering.shift(like)                                # α·v exactly as Steering.apply forms it
     residual_at(adapter, batch, layer, start=None, prefix=None) -> Tensor
     check_resume(adapter, prepared, checkpoints, candidate, scorer) -> (ok, error)
-    score_additions(adapter, prepared, todo, scorer, emit=..., batch_size=16) # todo: {key: (Addition, qids)}
+    score_additions(adapter, prepared, todo, scorer, emit=..., batch_size=16) # todo: {key: (Steering, qids)}
 """
 
 from __future__ import annotations
@@ -43,26 +43,13 @@ from .evaluation import (
     state_tolerance,
 )
 from .hooks import StopForward, hooked, input_hook, skipped
-from .interventions import add
+from .interventions import Steering
 from .model import Batch, ModelAdapter
 from .prefix import PrefixKV, PrefixMemo, PrefixSplit, forward_kwargs, prefix_kv
 
 DEFAULT_MAX_CACHE_BYTES = 512 * 1024**2
 
 K = TypeVar("K", bound=Hashable)
-
-
-@dataclass(frozen=True)
-class Addition:
-    """``x ← x + α·vector`` at the input of ``layer``, every position (a float32 ``vector``)."""
-
-    layer: int
-    vector: torch.Tensor
-    alpha: float
-
-    def shift(self, like: torch.Tensor) -> torch.Tensor:
-        """α·v as :func:`rolevec.interventions.add` forms it (cast to the model dtype, then scaled)."""
-        return self.alpha * self.vector.detach().to(device=like.device, dtype=like.dtype)
 
 
 def residual_at(
@@ -154,7 +141,7 @@ def check_resume(
     adapter: ModelAdapter,
     prepared: Sequence[Prepared],
     checkpoints: Sequence[int],
-    candidate: Addition,
+    candidate: Steering,
     scorer: LetterScorer,
 ) -> tuple[bool, float]:
     """Does resuming mid-stack reproduce full forwards here? One small batch of questions.
@@ -201,7 +188,7 @@ def check_resume(
     # The reference is the same addition by hooks on whole rows, scored by the fast path (which the
     # scorer's own probe checks against model(...).logits): full logits in half precision are rounded to
     # steps of up to 0.25, coarser than any tolerance that would still catch a wrong resume.
-    with add(adapter, candidate.vector, layers=candidate.layer, alpha=candidate.alpha):
+    with candidate.apply(adapter):
         independent = scorer.fast(batch, letter_ids, share=False)
     logit_err = float((resumed - independent).abs().max())
     ok = worst <= state_tolerance(adapter.dtype, adapter.n_layers)
@@ -270,7 +257,7 @@ class _Cached:
 def score_additions(
     adapter: ModelAdapter,
     prepared: Sequence[Prepared],
-    todo: Mapping[K, tuple[Addition, set[str]]],
+    todo: Mapping[K, tuple[Steering, set[str]]],
     scorer: LetterScorer,
     emit: Callable[[K, list[ItemResult]], None],
     *,

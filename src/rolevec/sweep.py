@@ -11,7 +11,7 @@ Every per-question result goes to the run's record store, so a killed sweep resu
 Entry points::
 
     default_layers(n_layers, fraction=0.8) -> tuple[int, int]           # half-open [a, b)
-    parse_layers(text, n_layers) / parse_positions(text, available) / parse_alphas(text)
+    (layers, positions and α are read by rolevec.spec, the one grammar)
     run_sweep(adapter, vectors, role, items, store, *, domain, layers, positions, alphas, ...) -> SweepResult
     grid_rows(records, *, role, domain, qids, split="val") -> list[GridRow]
     write_sweep_file(path, rows)     # sweep.jsonl; rows of the same role/domain are replaced
@@ -33,77 +33,24 @@ from .evaluation import (
     LetterScorer,
     Prepared,
     PromptFormat,
-    intervention,
+    applied,
     iter_scores,
     prepare,
     to_record,
 )
 from .files import atomic_write, read_text
-from .interventions import zero_layers
+from .interventions import Steering, zero_layers
 from .mcq import MCQItem
 from .model import ModelAdapter
 from .records import RecordStore, read_records
-from .resume import DEFAULT_MAX_CACHE_BYTES, Addition, check_resume, score_additions
-from .vectors import RoleVectors, check_alpha
+from .resume import DEFAULT_MAX_CACHE_BYTES, check_resume, score_additions
+from .spec import check_alpha, default_layers
+from .vectors import RoleVectors
 
 ABLATE_SCOPES = ("all", "passing", "none")
 
 
 # --- arguments -------------------------------------------------------------------------------------
-
-
-def default_layers(n_layers: int, fraction: float = 0.8) -> tuple[int, int]:
-    """The paper's search range, the first ``fraction`` of the layers, as half-open ``[1, b)``.
-
-    Layer 0 is left out: its input is the token embedding, and the post-instruction tokens are the same
-    template tokens for every prompt, so every role vector there is exactly zero.
-    """
-    return 1, max(2, round(fraction * n_layers))
-
-
-def parse_layers(text: str | None, n_layers: int) -> tuple[int, int]:
-    """``"a:b"`` (half-open, like a Python slice), ``"a:"``, ``":b"`` or ``"l"``; None -> first 80%."""
-    if text is None:
-        return default_layers(n_layers)
-    try:
-        if ":" in text:
-            lo, hi = text.split(":", 1)
-            a = int(lo) if lo.strip() else 0
-            b = int(hi) if hi.strip() else n_layers + 1
-        else:
-            a = int(text)
-            b = a + 1
-    except ValueError:
-        raise RolevecError(f"--layers {text!r} is not a range: pass e.g. 0:24, 10:, or 12") from None
-    if a >= b:
-        raise RolevecError(f"--layers {text!r} is empty (a:b is half-open, b > a): pass e.g. {a}:{a + 1}")
-    if not 0 <= a < b <= n_layers + 1:
-        raise RolevecError(f"--layers {text!r} is out of range: this model has layers 0..{n_layers}")
-    return a, b
-
-
-def parse_positions(text: str | None, available: Sequence[int]) -> tuple[int, ...]:
-    """``"-1,-2"`` or ``"all"`` (every post-instruction position of the vector file)."""
-    if text is None or text.strip() == "all":
-        return tuple(available)
-    try:
-        values = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise RolevecError(f"--positions {text!r}: pass integers like -1,-2 or all") from None
-    bad = [p for p in values if p not in available]
-    if bad or not values:
-        raise RolevecError(f"--positions {text!r}: this vector file has positions {list(available)}")
-    return values
-
-
-def parse_alphas(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(check_alpha(float(t)) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise RolevecError(f"--alphas {text!r}: pass numbers like 1,3") from None
-    if not values:
-        raise RolevecError("--alphas is empty: pass e.g. 1,3")
-    return tuple(dict.fromkeys(values))
 
 
 # --- grid rows -------------------------------------------------------------------------------------
@@ -197,7 +144,8 @@ def probe_reuse(
     first, middle and last layer of the range, with one candidate of the role resumed at the middle one."""
     a, b = layers
     mid = (a + b - 1) // 2
-    candidate = Addition(mid, vectors.vector(role, mid, position), alpha)
+    vector = vectors.vector(role, mid, position)
+    candidate = Steering.addition(vector, layer=mid, alpha=alpha, role=role, position=position)
     return check_resume(adapter, prepared, (a, mid, b - 1), candidate, scorer)
 
 
@@ -254,14 +202,23 @@ class _Sweep:
         chunk = [p for p in self.prepared if p.item.qid in todo]
         if not chunk:
             return
-        with intervention(self.adapter, cond, self.vectors):
+        with applied(self.adapter, cond.steering(self.vectors)):
             for results in iter_scores(self.adapter, chunk, scorer=self.scorer, batch_size=self.batch_size):
                 self.n_new += self.store.append(to_record(cond, r, self.split_label) for r in results)
                 self.bar.update(len(results))
 
     def reuse(self, pending: dict[Candidate, set[str]], max_rows: int, max_cache_bytes: int) -> None:
         todo = {
-            c: (Addition(c[0], self.vectors.vector(self.role, c[0], c[1]), c[2]), qids)
+            c: (
+                Steering.addition(
+                    self.vectors.vector(self.role, c[0], c[1]),
+                    layer=c[0],
+                    alpha=c[2],
+                    role=self.role,
+                    position=c[1],
+                ),
+                qids,
+            )
             for c, qids in pending.items()
             if qids
         }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -106,18 +105,13 @@ class RoleVectors:
                 f"{self.n_layers} layers, but {adapter.name} has {adapter.hidden_size} and "
                 f"{adapter.n_layers}: extract vectors for this model with `rolevec extract`"
             )
-        theirs = self.metadata.get("model_fingerprint")
-        if theirs and theirs != adapter.fingerprint():
-            origin = (
-                f"vectors come from {self.metadata.get('model')!r} (fingerprint {theirs}), not from "
-                f"{adapter.name!r} ({adapter.fingerprint()})"
-            )
-            if not allow_other_model:
-                raise RolevecError(
-                    f"{origin}: pass the model they were extracted from, or --allow-other-model to use "
-                    "them anyway"
-                )
-            warnings.warn(f"{origin}: results may be meaningless", stacklevel=2)
+        check_fingerprint(
+            adapter,
+            self.metadata.get("model_fingerprint"),
+            self.metadata.get("model"),
+            "vectors",
+            allow_other_model=allow_other_model,
+        )
 
     # --- storage ---------------------------------------------------------------------------------
     def save(self, path: str | Path, *, force: bool = False) -> Path:
@@ -197,7 +191,23 @@ def _check_finite(path: Path, name: str, tensor: torch.Tensor, positions: tuple[
     )
 
 
-def check_alpha(alpha: float) -> float:
-    if not math.isfinite(alpha):
-        raise RolevecError(f"alpha must be a finite number, not {alpha}")
-    return float(alpha)
+def check_fingerprint(
+    adapter: ModelAdapter,
+    theirs: str | None,
+    model: str | None,
+    what: str,
+    *,
+    allow_other_model: bool,
+    warn_other_model: bool = True,
+) -> None:
+    """Refuse (or, when allowed, warn about) ``what`` made on a model with another fingerprint."""
+    if not theirs or theirs == adapter.fingerprint():
+        return
+    ours = f"{adapter.name!r} ({adapter.fingerprint()})"
+    origin = f"{what} come from {model!r} (fingerprint {theirs}), not from {ours}"
+    if not allow_other_model:
+        raise RolevecError(
+            f"{origin}: pass the model they were extracted from, or --allow-other-model to use them anyway"
+        )
+    if warn_other_model:
+        warnings.warn(f"{origin}: results may be meaningless", stacklevel=3)

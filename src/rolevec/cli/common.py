@@ -105,3 +105,22 @@ def check_out(path: str, force: bool, example: str | None = None) -> Path:
         raise RolevecError(f"{out} already exists: pass --force to overwrite it, or choose another --out")
     check_writable(out)
     return out
+
+
+@contextmanager
+def as_flags(**flags: str) -> Iterator[None]:
+    """Say which flag a library error is about: the library names fields (``layers``), users type flags.
+
+    ``as_flags(layers="--layers")`` rewrites an error that starts with ``layers`` to start with
+    ``--layers``; other errors pass through unchanged.
+    """
+    from ..errors import RolevecError
+
+    try:
+        yield
+    except RolevecError as exc:
+        text = str(exc)
+        for field, flag in flags.items():
+            if text == field or text.startswith(f"{field} "):
+                raise RolevecError(flag + text[len(field) :]) from exc
+        raise

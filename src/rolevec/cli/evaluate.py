@@ -183,7 +183,7 @@ def split_list(text: str | None) -> list[str]:
 
 
 def _conditions(args: argparse.Namespace, adapter: Any, vectors: Any) -> list[Any]:
-    from ..evaluation import Condition, condition_vector
+    from ..evaluation import Condition
     from ..interventions import ablation_problem
     from ..selection import load_selection, selected_site
 
@@ -234,7 +234,7 @@ def _conditions(args: argparse.Namespace, adapter: Any, vectors: Any) -> list[An
                 out.append(Condition.make(kind, role=role, layer=layer, position=position, alpha=alpha))
     for cond in out:  # refuse a site the file lacks, or a bad template, before the run folder is written
         if cond.kind in ("add", "ablate", "random"):
-            condition_vector(vectors, cond, args.random_seed)
+            cond.steering(vectors, args.random_seed)
         if cond.kind == "ablate":
             problem = ablation_problem(vectors, str(cond.role), [int(cond.layer)], int(cond.position))
             if problem:

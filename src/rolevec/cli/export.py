@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_args, check_out, load_from_args, plain_warnings
+from .common import add_model_args, as_flags, check_out, load_from_args, plain_warnings
 from .steer_args import add_vector_args, check_alpha_arg, load_vectors
 
 
@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..errors import RolevecError
     from ..export import PT_DTYPES, export_control_vector, export_lm_eval, llama_cpp_index
-    from ..interventions import parse_layers, resolve_steering
+    from ..interventions import resolve_steering
+    from ..spec import parse_layers
 
     out = check_out(args.out, args.force)
     check_alpha_arg(args.alpha)
@@ -59,7 +60,8 @@ def _run(args: argparse.Namespace) -> int:
         raise RolevecError(
             f"--format {args.format} writes {'/'.join(sorted(suffixes))} files: fix --out {out}"
         )
-    layer_list = [args.layer] if args.layer is not None else parse_layers(args.layers)
+    with as_flags(layers="--layers"):
+        layer_list = [args.layer] if args.layer is not None else parse_layers(args.layers)
     if args.format == "gguf":
         for layer in layer_list:
             llama_cpp_index(layer)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,8 +52,10 @@ def add_strength_args(parser: argparse.ArgumentParser, *, required: bool) -> Non
 
 
 def check_alpha_arg(alpha: float | None) -> None:
-    if alpha is not None and not math.isfinite(alpha):
-        raise RolevecError(f"--alpha must be a finite number, not {alpha}")
+    from ..spec import check_alpha
+
+    if alpha is not None:
+        check_alpha(alpha, field="--alpha")
 
 
 def load_vectors(path: str) -> RoleVectors:

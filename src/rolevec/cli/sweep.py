@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from ..errors import RolevecError
-from .common import add_model_args, load_from_args, plain_warnings, positive_int
+from .common import add_model_args, as_flags, load_from_args, plain_warnings, positive_int
 from .evaluate import (
     add_data_args,
     load_questions,
@@ -89,11 +89,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..data import role_domain
     from ..evaluation import run_settings
-    from ..mcq import ensure_split, role_domain
+    from ..mcq import ensure_split
     from ..outdir import check_run_folder, prepare, stored_path
     from ..records import SETTINGS_NAME, check_settings, compare_settings
-    from ..sweep import parse_alphas, parse_layers, parse_positions
+    from ..spec import parse_alphas, parse_layer_range, parse_positions
     from ..vectors import RoleVectors
 
     # Every input is checked before the folder changes: flags and files first, before the model loads.
@@ -107,16 +108,18 @@ def _run(args: argparse.Namespace) -> int:
         raise RolevecError(
             f"role(s) {', '.join(missing)} not in {args.vectors} (it has: {', '.join(vectors.roles)})"
         )
-    domain_of = {r: args.domain or role_domain(r) for r in roles}
-    alphas = parse_alphas(args.alphas)
-    positions = parse_positions(args.positions, vectors.positions)
+    domain_of = {r: args.domain or role_domain(r, strict=True) for r in roles}
+    with as_flags(alphas="--alphas", positions="--positions"):
+        alphas = parse_alphas(args.alphas)
+        positions = parse_positions(args.positions, vectors.positions)
     prompt_format = prompt_format_from_args(args)
     mcq = load_questions(args, sorted(set(domain_of.values())))
     split_args: dict[str, Any] = {"seed": args.seed, "val_fraction": args.val_fraction}
     split = planned_split(run_dir, mcq, command="sweep", force=args.force, **split_args)
     adapter = load_from_args(args)
     vectors.check_compatible(adapter, allow_other_model=args.allow_other_model)
-    layers = parse_layers(args.layers, adapter.n_layers)
+    with as_flags(layers="--layers"):
+        layers = parse_layer_range(args.layers, adapter.n_layers)
     settings = run_settings(adapter, prompt_format, split, vectors=vectors, roles=roles)
     if not args.force:
         compare_settings(
