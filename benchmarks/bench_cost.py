@@ -91,9 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from rolevec.activations import extract_role_vectors
     from rolevec.data import load_base, load_role_prompts, sample
-    from rolevec.evaluation import Condition, LetterScorer, evaluate_conditions, score
+    from rolevec.evaluation import Condition, evaluate_conditions, score
     from rolevec.mcq import load_mcq, make_split
     from rolevec.records import RecordStore
+    from rolevec.scoring import LetterScorer
     from rolevec.sweep import default_layers, run_sweep
 
     dtype = args.dtype

@@ -106,10 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from rolevec.activations import extract_role_vectors
     from rolevec.data import load_base, load_role_prompts, role_domain, sample
-    from rolevec.evaluation import Condition, LetterScorer, score
+    from rolevec.evaluation import Condition, score
     from rolevec.interventions import add
     from rolevec.mcq import load_mcq, make_split
     from rolevec.records import RecordStore, read_records
+    from rolevec.scoring import LetterScorer
     from rolevec.sweep import DEFAULT_MAX_CACHE_BYTES, default_layers, run_sweep
 
     dtype = args.dtype

@@ -513,7 +513,7 @@ class NaiveScorer:
     """
 
     def __init__(self, adapter: Any, batch_size: int = 8) -> None:
-        from rolevec.evaluation import PromptFormat
+        from rolevec.scoring import PromptFormat
 
         self.adapter = adapter
         self.model = adapter.model

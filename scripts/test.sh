@@ -10,6 +10,8 @@ bash scripts/setup.sh
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
 .venv/bin/mypy
+# the architecture (pyproject.toml [tool.importlinter]): a wrong-way import between layers fails here
+.venv/bin/lint-imports --no-cache
 site_dir=$(mktemp -d)
 trap 'rm -rf "$site_dir"' EXIT
 NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict -q -d "$site_dir"

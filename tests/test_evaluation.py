@@ -9,14 +9,9 @@ import torch
 from rolevec.errors import RolevecError
 from rolevec.evaluation import (
     Condition,
-    LetterScorer,
-    PromptFormat,
-    _batch,
     applied,
     evaluate_conditions,
     persona_system,
-    plan_batches,
-    prepare,
     random_direction,
     score,
 )
@@ -24,6 +19,7 @@ from rolevec.hooks import count_hooks
 from rolevec.mcq import MCQItem, MCQSet, make_split
 from rolevec.model import ModelAdapter
 from rolevec.records import RecordStore, read_records
+from rolevec.scoring import LetterScorer, PromptFormat, _batch, plan_batches, prepare
 from rolevec.testing import counted, make_adapter
 from rolevec.vectors import RoleVectors
 
@@ -283,7 +279,7 @@ def test_a_forward_costs_more_tokens_on_a_gpu_so_batches_fill_up() -> None:
     padding is far costlier (the H200 benchmark: 13 forwards of up to 64 rows were no faster than 16 of 8)."""
     import random
 
-    from rolevec.evaluation import batch_overhead_tokens
+    from rolevec.scoring import batch_overhead_tokens
 
     assert batch_overhead_tokens(torch.device("cpu")) == 64
     gpu = batch_overhead_tokens(torch.device("cuda"))
@@ -336,7 +332,7 @@ def test_test_stage_additions_share_the_lower_layers(arch: str, tmp_path: Path) 
 
 def break_resume(monkeypatch: pytest.MonkeyPatch) -> None:
     """Simulate an architecture that cannot be resumed mid-stack: advanced residuals drift."""
-    import rolevec.resume as resume_module
+    import rolevec.scoring as resume_module
 
     real = resume_module.residual_at
 
@@ -362,19 +358,19 @@ def test_accelerators_score_whole_rows_with_the_same_logits(
 ) -> None:
     """Where ``shares_prefix`` says no (accelerators), no prefix is run and the letter logits stay the
     same as with the shared head."""
-    import rolevec.evaluation as evaluation
+    import rolevec.scoring as scoring
 
-    assert evaluation.shares_prefix(torch.device("cpu"))
-    assert not evaluation.shares_prefix(torch.device("cuda"))
+    assert scoring.shares_prefix(torch.device("cpu"))
+    assert not scoring.shares_prefix(torch.device("cuda"))
     shared = score(tiny_llama, items(9), batch_size=4)
     runs: list[int] = []
-    monkeypatch.setattr(evaluation, "prefix_kv", counted(evaluation.prefix_kv, runs))
-    monkeypatch.setattr(evaluation, "shares_prefix", lambda device: False)
+    monkeypatch.setattr(scoring, "prefix_kv", counted(scoring.prefix_kv, runs))
+    monkeypatch.setattr(scoring, "shares_prefix", lambda device: False)
     whole = score(tiny_llama, items(9), batch_size=4)
     assert runs == []
     assert [r.pred for r in whole] == [r.pred for r in shared]
     for a, b in zip(whole, shared, strict=True):
         assert max(abs(x - y) for x, y in zip(a.logits, b.logits, strict=True)) <= 1e-4
-    monkeypatch.setattr(evaluation, "shares_prefix", lambda device: True)
+    monkeypatch.setattr(scoring, "shares_prefix", lambda device: True)
     score(tiny_llama, items(9), batch_size=4)
     assert len(runs) == 1  # the CPU policy: one head for the run

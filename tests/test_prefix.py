@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from rolevec.errors import RolevecError
-from rolevec.evaluation import LetterScorer, _batch, iter_scores, prepare
 from rolevec.hooks import count_hooks
 from rolevec.model import ModelAdapter
 from rolevec.prefix import (
@@ -16,6 +15,7 @@ from rolevec.prefix import (
     prefix_kv,
     split_prefix,
 )
+from rolevec.scoring import LetterScorer, _batch, iter_scores, prepare
 from test_evaluation import items
 
 
@@ -52,16 +52,16 @@ def test_probe_drops_prefix_sharing_when_it_changes_logits(
 ) -> None:
     """A cache that does not reproduce the prefix (simulated: its keys perturbed) is caught by the probe;
     the scorer goes on with full rows and the fast path."""
-    import rolevec.evaluation as evaluation
+    import rolevec.scoring as scoring
 
-    real = evaluation.prefix_kv
+    real = scoring.prefix_kv
 
     def broken(adapter: ModelAdapter, split: object, shift: object = None) -> object:
         kv = real(adapter, split, shift)  # type: ignore[arg-type]
         layers = tuple((k + 1.0, v) for k, v in kv.layers)
         return type(kv)(layers, kv.length)
 
-    monkeypatch.setattr(evaluation, "prefix_kv", broken)
+    monkeypatch.setattr(scoring, "prefix_kv", broken)
     prepared, _ = prepare(tiny_llama, items(4))
     batch, letter_ids = _batch(tiny_llama, prepared)
     scorer = LetterScorer(tiny_llama)
@@ -111,16 +111,16 @@ def test_split_cuts_at_the_run_head(tiny_llama: ModelAdapter) -> None:
 
 def test_memo_runs_the_head_once_per_run(tiny_llama: ModelAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every batch of a scoring run reuses the head computed for the first; the logits match full rows."""
-    import rolevec.evaluation as evaluation
+    import rolevec.scoring as scoring
 
     calls: list[int] = []
-    real = evaluation.prefix_kv
+    real = scoring.prefix_kv
 
     def counting(adapter: ModelAdapter, split: PrefixSplit, shift: object = None) -> PrefixKV:
         calls.append(split.length)
         return real(adapter, split, shift)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(evaluation, "prefix_kv", counting)
+    monkeypatch.setattr(scoring, "prefix_kv", counting)
     prepared, _ = prepare(tiny_llama, items(12))
     scorer = LetterScorer(tiny_llama)
     got = [r for batch in iter_scores(tiny_llama, prepared, scorer=scorer, batch_size=3) for r in batch]

@@ -4,10 +4,10 @@ from typing import Any
 
 import torch
 
-from rolevec.evaluation import Condition, ItemResult, LetterScorer, prepare, score
+from rolevec.evaluation import Condition, score
 from rolevec.hooks import count_hooks
 from rolevec.interventions import Steering
-from rolevec.resume import cache_batches, cache_groups, score_additions
+from rolevec.scoring import ItemResult, LetterScorer, cache_batches, cache_groups, prepare, score_additions
 from rolevec.testing import make_adapter
 from test_evaluation import items, vectors_for
 

@@ -9,16 +9,16 @@ from typing import Any
 import pytest
 import torch
 
-import rolevec.resume as resume_module
+import rolevec.scoring as resume_module
 import rolevec.sweep as sweep_module
 from rolevec.errors import RolevecError
-from rolevec.evaluation import Condition, LetterScorer, _batch, applied, prepare, score
+from rolevec.evaluation import Condition, applied, score
 from rolevec.hooks import count_hooks
 from rolevec.interventions import Steering
 from rolevec.mcq import MCQItem, MCQSet, make_split
 from rolevec.model import ModelAdapter
 from rolevec.records import RecordStore, read_records
-from rolevec.resume import Work, cache_batches, residual_at, stack_rows
+from rolevec.scoring import LetterScorer, Work, _batch, cache_batches, prepare, residual_at, stack_rows
 from rolevec.selection import check_held_out, load_selection, select, selected_site, write_selection
 from rolevec.sweep import (
     GridRow,

@@ -46,9 +46,9 @@ _EXPORTS: dict[str, str] = {
     "Split": "mcq",
     "load_mcq": "mcq",
     "make_split": "mcq",
-    "PromptFormat": "evaluation",
+    "PromptFormat": "scoring",
     "Condition": "evaluation",
-    "LetterScorer": "evaluation",
+    "LetterScorer": "scoring",
     "score": "evaluation",
     "evaluate_conditions": "evaluation",
     "RecordStore": "records",
@@ -106,7 +106,7 @@ if TYPE_CHECKING:
     from .activations import extract_role_vectors, mean_activations
     from .analysis import analyse
     from .data import PromptSet, available_roles, load_base, load_prompts, load_role_prompts, sample
-    from .evaluation import Condition, LetterScorer, PromptFormat, evaluate_conditions, score
+    from .evaluation import Condition, evaluate_conditions, score
     from .export import export_control_vector, export_lm_eval, steering_from_control_vector
     from .folding import fold, save_folded
     from .generation import generate
@@ -116,6 +116,7 @@ if TYPE_CHECKING:
     from .pipeline import StudyConfig, config_from, run_study
     from .records import RecordStore, read_records
     from .report import write_report
+    from .scoring import LetterScorer, PromptFormat
     from .vectors import RoleVectors
 
 

@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 
 from .data import PromptSet
 from .errors import RolevecError
-from .evaluation import batch_overhead_tokens, plan_batches, shares_prefix, state_tolerance
 from .hooks import StopForward, hooked, input_hook
 from .model import Batch, ModelAdapter
 from .prefix import PrefixKV, PrefixMemo, forward_kwargs, prefix_kv, split_prefix
+from .scoring import batch_overhead_tokens, plan_batches, shares_prefix, state_tolerance
 from .vectors import RoleVectors
 
 DEFAULT_MAX_TOKENS = 2048
@@ -312,7 +312,7 @@ def extract_role_vectors(
 
     ``seed`` is the seed the sets were sampled with; it is recorded in the metadata.
     """
-    from . import __version__
+    from ._version import __version__
 
     if not role_sets:
         raise RolevecError("no roles to extract: pass at least one role")

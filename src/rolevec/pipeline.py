@@ -489,8 +489,9 @@ class Study:
             self.state.notes.append(
                 "questions come from rolevec's built-in sample (24 per domain), not MMLU: pass --mcq-dir"
             )
-        from .evaluation import PromptFormat, run_settings
+        from .evaluation import run_settings
         from .records import check_settings
+        from .scoring import PromptFormat
 
         self.prompt_format = PromptFormat()
         settings = run_settings(self.adapter, self.prompt_format, self.split, self.config.random_seed)
@@ -505,8 +506,8 @@ class Study:
 
     def stage_selection(self) -> None:
         from .data import role_domain
-        from .evaluation import LetterScorer
         from .records import RecordStore
+        from .scoring import LetterScorer
         from .selection import select, write_selection
         from .sweep import run_sweep, write_sweep_file
 

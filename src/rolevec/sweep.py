@@ -1,7 +1,7 @@
 """The validation sweep over steering sites (layer × position × α) for one role, reusing work.
 
 Addition at layer l leaves everything below l unchanged, so the addition candidates run from a shared
-unsteered residual (:mod:`rolevec.resume`): per batch of questions the lower blocks run once, and each
+unsteered residual (:mod:`rolevec.scoring`): per batch of questions the lower blocks run once, and each
 candidate runs only the blocks from l up, several candidates stacked in one forward. A one-batch parity
 probe checks that resuming mid-stack reproduces the full forward on this architecture; if not, the sweep
 warns and runs every candidate independently. Ablation touches every layer, so its candidates always run
@@ -27,23 +27,23 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RolevecError
-from .evaluation import (
-    Condition,
-    ItemResult,
-    LetterScorer,
-    Prepared,
-    PromptFormat,
-    applied,
-    iter_scores,
-    prepare,
-    to_record,
-)
+from .evaluation import Condition, applied, to_record
 from .files import atomic_write, read_text
 from .interventions import Steering, zero_layers
 from .mcq import MCQItem
 from .model import ModelAdapter
 from .records import RecordStore, read_records
-from .resume import DEFAULT_MAX_CACHE_BYTES, check_resume, score_additions
+from .scoring import (
+    DEFAULT_MAX_CACHE_BYTES,
+    ItemResult,
+    LetterScorer,
+    Prepared,
+    PromptFormat,
+    check_resume,
+    iter_scores,
+    prepare,
+    score_additions,
+)
 from .spec import check_alpha, default_layers
 from .vectors import RoleVectors
 
@@ -140,7 +140,7 @@ def probe_reuse(
     alpha: float,
     scorer: LetterScorer,
 ) -> tuple[bool, float]:
-    """Does resuming mid-stack reproduce full forwards here? :func:`rolevec.resume.check_resume` over the
+    """Does resuming mid-stack reproduce full forwards here? :func:`rolevec.scoring.check_resume` over the
     first, middle and last layer of the range, with one candidate of the role resumed at the middle one."""
     a, b = layers
     mid = (a + b - 1) // 2

@@ -150,7 +150,7 @@ def load_questions(args: argparse.Namespace, domains: Sequence[str] | None) -> M
 
 
 def prompt_format_from_args(args: argparse.Namespace) -> Any:
-    from ..evaluation import PAPER_TEMPLATE, PromptFormat
+    from ..scoring import PAPER_TEMPLATE, PromptFormat
 
     template = PAPER_TEMPLATE
     if args.prompt_file:
@@ -317,9 +317,10 @@ def _evaluate(
     prompt_format: Any,
     domains: list[str] | None,
 ) -> None:
-    from ..evaluation import LetterScorer, evaluate_conditions
+    from ..evaluation import evaluate_conditions
     from ..files import atomic_write
     from ..records import RecordStore, read_records, record_identity
+    from ..scoring import LetterScorer
     from ..stats import format_table, per_subject, summarize
 
     doms = domains if domains is not None else mcq.domains

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RolevecError, path_problem
 from ..files import read_text
-from ..selection import entry_problem
 
 if TYPE_CHECKING:
     from ..model import ModelAdapter
@@ -111,6 +110,8 @@ def choose(
         given = {"layer": args.layer, "position": args.position, "alpha": args.alpha}
         no_alpha = args.ablate or not need_alpha
         needed = [k for k, v in given.items() if v is None and not (k == "alpha" and no_alpha)]
+        from ..selection import entry_problem  # not at the top: `rolevec --help` must not import torch
+
         problem = entry_problem(entry, needed)
         if problem:
             raise RolevecError(

@@ -159,8 +159,8 @@ def _sweep(
     mcq: Any,
     split: Any,
 ) -> None:
-    from ..evaluation import LetterScorer
     from ..records import RecordStore, read_records
+    from ..scoring import LetterScorer
     from ..selection import Choice, select, write_selection
     from ..stats import format_table, summarize
     from ..sweep import run_sweep, write_sweep_file
