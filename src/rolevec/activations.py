@@ -280,7 +280,30 @@ def mean_activations(
     progress: bool = True,
     desc: str = "",
 ) -> torch.Tensor:
-    """Mean residual activation over ``prompts``: float64 ``[n_positions, n_layers + 1, hidden]``."""
+    """Mean residual activation over ``prompts``: float64 ``[n_positions, n_layers + 1, hidden]``.
+
+    Each prompt is wrapped in the model's chat template; positions are the post-instruction tokens
+    (``adapter.chat.positions``), layer L is the input of block L and layer n_layers the final output.
+
+    Args:
+        adapter: The model to read activations from.
+        prompts: The user prompts to average over (at least one).
+        batch_size: Prompts per forward (default 16); the mean does not depend on it.
+        padding_side: ``right`` (default) or ``left``; the mean does not depend on it.
+        max_tokens: Longer prompts have their user text shortened (default: the model's context).
+        progress: Show a progress bar.
+        desc: The progress bar's label.
+
+    Returns:
+        The mean as a float64 tensor.
+
+    Example:
+        ```python
+        adapter = load_model()
+        mu = mean_activations(adapter, ["Explain photosynthesis.", "Describe a cell."], batch_size=8)
+        mu.shape  # (n_positions, adapter.n_layers + 1, adapter.hidden_size)
+        ```
+    """
     if not prompts:
         raise RolevecError("cannot average over an empty prompt set: pass at least one prompt")
     encoded = encode_prompts(adapter, prompts, max_tokens=max_tokens)
@@ -311,6 +334,26 @@ def extract_role_vectors(
     """μ_role for every role and ν_base, in one pass; d = μ − ν is derived by :class:`RoleVectors`.
 
     ``seed`` is the seed the sets were sampled with; it is recorded in the metadata.
+
+    Args:
+        adapter: The model to read activations from.
+        role_sets: Role name -> its prompt set D_r.
+        base: The base prompt set D_base (:func:`load_base`); a role may not share its name.
+        batch_size: Prompts per forward (default 16); the means do not depend on it.
+        seed: The seed the sets were sampled with, for the metadata only.
+        progress: Show a progress bar.
+        max_tokens: Longer prompts have their user text shortened (default: the model's context).
+
+    Returns:
+        The :class:`RoleVectors`, ready to ``save``.
+
+    Example:
+        ```python
+        adapter = load_model()
+        roles = {r: sample(load_role_prompts(r), 64, seed=42) for r in ("doctor", "lawyer")}
+        vectors = extract_role_vectors(adapter, roles, sample(load_base(), 64, seed=42), seed=42)
+        vectors.save("runs/mine/vectors.safetensors")
+        ```
     """
     from ._version import __version__
 

@@ -381,7 +381,25 @@ def analyse(
     domains: Mapping[str, Sequence[str]] | None = None,
     split: str = "test",
 ) -> Analysis:
-    """Pair every condition with the baseline per domain and summarise in- vs out-of-domain."""
+    """Pair every condition with the baseline per domain and summarise in- vs out-of-domain.
+
+    Args:
+        records: The run's records (``rolevec.analysis.load_records(run_dir)``).
+        selection: The run's parsed ``selection.json``; its roles' domains take precedence.
+        domains: Domain -> its roles, deciding each role's own domain (default: the paper's Table 2).
+        split: The split whose records are analysed (default ``test``).
+
+    Returns:
+        The ``Analysis``: per-domain cells, per-role summaries and the baseline rows.
+
+    Example:
+        ```python
+        from rolevec.analysis import load_records
+        result = analyse(load_records("runs/quick"), domains={"medicine": ["doctor"]})
+        for s in result.summaries:
+            print(s.role, s.condition.label, s.ood_mean_rel)
+        ```
+    """
     rows = [r for r in records if r.split == split]
     baseline: dict[str, dict[str, bool]] = defaultdict(dict)
     for r in rows:

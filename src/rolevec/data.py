@@ -58,7 +58,22 @@ def builtin_dir() -> Path:
 
 @dataclass(frozen=True)
 class PromptSet:
-    """Prompts for one role (or the base set), with where they came from."""
+    """Prompts for one role (or the base set), with where they came from.
+
+    Usually made by :func:`load_prompts`, :func:`load_role_prompts` or :func:`load_base`.
+
+    Args:
+        name: The role (or ``base``) the prompts are for; names the set in vector metadata.
+        prompts: The prompts, stripped, non-empty and de-duplicated.
+        source: Where they came from (a path, ``builtin:...`` or ``hf:...``).
+        n_duplicates_dropped: How many duplicate prompts the loader dropped (default 0).
+
+    Example:
+        ```python
+        ps = PromptSet(name="doctor", prompts=("Diagnose a rash.", "Explain statins."), source="notes")
+        len(ps)  # 2
+        ```
+    """
 
     name: str
     prompts: tuple[str, ...]
@@ -269,6 +284,21 @@ def load_prompts(path: str | Path, *, column: str | None = None, name: str | Non
 
     ``column`` picks the field (JSON/JSONL objects) or column (CSV, datasets) holding the prompt; by
     default ``instruction``, then ``prompt``, then ``text``.
+
+    Args:
+        path: A prompt file (.json, .jsonl, .csv, anything else read as one prompt a line) or
+            ``hf:NAME[:SPLIT]`` for a Hugging Face dataset.
+        column: The field or column holding the prompt (default: the first of the three above found).
+        name: The set's name (default: the file's stem, or the dataset name).
+
+    Returns:
+        The loaded :class:`PromptSet`; raises ``RolevecError`` when it holds no prompts.
+
+    Example:
+        ```python
+        ps = load_prompts("data/chemist.jsonl", column="prompt", name="chemist")
+        print(len(ps), ps.n_duplicates_dropped)
+        ```
     """
     return _load(path, column, name, BASE_COLUMN_ADVICE)
 
@@ -334,13 +364,40 @@ def _roles_dir(roles_dir: str | Path | None) -> Path:
 
 
 def available_roles(roles_dir: str | Path | None = None) -> list[str]:
-    """Roles with a prompt file in ``roles_dir`` (default: the 29 built-in roles), sorted."""
+    """Roles with a prompt file in ``roles_dir`` (default: the 29 built-in roles), sorted.
+
+    Args:
+        roles_dir: A folder of ``<role>.json`` (or .jsonl/.csv/.txt) files; ``None`` for the built-in roles.
+
+    Returns:
+        The role names (file stems), sorted.
+
+    Example:
+        ```python
+        roles = available_roles()  # ['accountant', 'biologist', ...]
+        mine = available_roles("my_roles")
+        ```
+    """
     folder = _roles_dir(roles_dir)
     return sorted({p.stem for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PROMPT_SUFFIXES})
 
 
 def load_role_prompts(role: str, roles_dir: str | Path | None = None) -> PromptSet:
-    """The prompt set D_r of one role, from ``<roles_dir>/<role>.json`` (or .jsonl/.csv/.txt)."""
+    """The prompt set D_r of one role, from ``<roles_dir>/<role>.json`` (or .jsonl/.csv/.txt).
+
+    Args:
+        role: The role; normalised to the file-name form ("Data Scientist" -> ``data_scientist``).
+        roles_dir: The folder holding the role files; ``None`` (default) for the built-in roles.
+
+    Returns:
+        The role's :class:`PromptSet`; raises ``RolevecError`` naming the known roles when none is found.
+
+    Example:
+        ```python
+        doctor = load_role_prompts("doctor")
+        chemist = load_role_prompts("chemist", roles_dir="my_roles")
+        ```
+    """
     folder = _roles_dir(roles_dir)
     key = normalise_role(role)
     for suffix in PROMPT_SUFFIXES:
@@ -359,7 +416,21 @@ def load_role_prompts(role: str, roles_dir: str | Path | None = None) -> PromptS
 
 
 def load_base(path: str | Path | None = None, *, column: str | None = None) -> PromptSet:
-    """The generic base set D_base (default: the built-in Alpaca-style instructions)."""
+    """The generic base set D_base (default: the built-in Alpaca-style instructions).
+
+    Args:
+        path: A prompt file or ``hf:NAME[:SPLIT]`` as for :func:`load_prompts`; ``None`` for the built-in set.
+        column: The field or column holding the prompt (ignored for the built-in set).
+
+    Returns:
+        The base :class:`PromptSet`, named ``base``.
+
+    Example:
+        ```python
+        base = load_base()
+        base = load_base("hf:tatsu-lab/alpaca", column="instruction")
+        ```
+    """
     if path is None:
         ps = load_prompts(builtin_dir() / "base.json", name="base")
         return replace(ps, source="builtin:base.json")
@@ -370,6 +441,20 @@ def sample(ps: PromptSet, n: int | None, seed: int) -> PromptSet:
     """``n`` prompts drawn as the paper does (``random.seed(seed); random.sample(prompts, n)``).
 
     With fewer than ``n`` prompts, all are used (in file order) and a warning says so; ``None`` keeps all.
+
+    Args:
+        ps: The prompt set to draw from.
+        n: How many prompts to draw (at least 1); ``None`` keeps the whole set.
+        seed: The random seed, so the same seed draws the same prompts.
+
+    Returns:
+        A :class:`PromptSet` with the drawn prompts (the same set when nothing is drawn).
+
+    Example:
+        ```python
+        doctor = sample(load_role_prompts("doctor"), 128, seed=42)
+        base = sample(load_base(), 128, seed=42)
+        ```
     """
     if n is None:
         return ps

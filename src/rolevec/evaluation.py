@@ -72,7 +72,29 @@ def persona_system(role: str, template: str = "you_are") -> str:
 
 @dataclass(frozen=True)
 class Condition:
-    """One evaluation condition; its fields are the identity part of a record."""
+    """One evaluation condition; its fields are the identity part of a record.
+
+    Validated at construction: a steered condition needs a role and a site, ``add`` and ``random`` an α.
+    :meth:`make` sets the fields that do not apply to ``kind`` to ``None``.
+
+    Args:
+        kind: ``baseline``, ``persona``, ``add``, ``ablate`` or ``random`` (a random direction of the role
+            vector's norm, the control for ``add``).
+        role: The role whose persona or vector is used (not for ``baseline``).
+        persona_template: For ``persona``: ``you_are``, ``imagine`` or ``talking_to``.
+        layer: For steered kinds: the layer the role vector is taken from and added at.
+        position: For steered kinds: the post-instruction position of the vector (e.g. -1).
+        alpha: For ``add`` and ``random``: the scale α of the added vector.
+
+    Example:
+        ```python
+        conditions = [
+            Condition("baseline"),
+            Condition.make("persona", role="doctor"),
+            Condition.make("add", role="doctor", layer=12, position=-1, alpha=3.0),
+        ]
+        ```
+    """
 
     kind: str
     role: str | None = None
@@ -184,7 +206,29 @@ def score(
     random_seed: int = 0,
     progress: bool = False,
 ) -> list[ItemResult]:
-    """Score questions under one condition; results in the order of ``items``."""
+    """Score questions under one condition; results in the order of ``items``.
+
+    Args:
+        adapter: The model to score with.
+        items: The questions (e.g. ``split.select(mcq, "medicine", "test")``).
+        condition: A :class:`Condition`, or a kind name without fields (default ``baseline``).
+        vectors: The role vectors a steered condition takes its vector from.
+        prompt_format: How a question becomes the prompt (default: :class:`PromptFormat`'s).
+        batch_size: Questions per forward (default 16).
+        scorer: A :class:`LetterScorer` to reuse (default: a new one).
+        random_seed: The seed of the ``random`` condition's direction (default 0).
+        progress: Show a progress bar (default ``False``).
+
+    Returns:
+        One result per item (``pred``, ``correct``, ``p_gold``, ``probs``, ...).
+
+    Example:
+        ```python
+        items = make_split(mcq).select(mcq, "medicine", "test", limit=20)
+        results = score(adapter, items, "baseline")
+        accuracy = sum(r.correct for r in results) / len(results)
+        ```
+    """
     from tqdm.auto import tqdm
 
     cond = Condition(condition) if isinstance(condition, str) else condition
@@ -252,6 +296,34 @@ def evaluate_conditions(
     With ``reuse`` the additions and random controls of a domain run from one shared unsteered residual
     (:mod:`rolevec.scoring`), each from its own layer up, after a parity check (independent runs where
     it fails).
+
+    Args:
+        adapter: The model to score with.
+        mcq: The questions.
+        split: Which questions are validation and which test.
+        conditions: The conditions to score.
+        store: The open :class:`RecordStore` the records are appended to.
+        vectors: The role vectors steered conditions take their vectors from.
+        domains: The domains to score (default: every domain of ``mcq``).
+        split_name: ``test`` (default), ``val`` or ``all``.
+        limit: Score only the first ``limit`` items of each domain's split.
+        prompt_format: How a question becomes the prompt (default: :class:`PromptFormat`'s).
+        batch_size: Questions per forward (default 16).
+        scorer: A :class:`LetterScorer` to reuse (default: a new one).
+        random_seed: The seed of the ``random`` condition's directions (default 0).
+        reuse: Run additions and random controls from a shared residual (default ``True``).
+        progress: Show a progress bar.
+
+    Returns:
+        An ``EvaluationReport``: records new and already stored, per condition, and the scorer mode.
+
+    Example:
+        ```python
+        conditions = [Condition("baseline"), Condition.make("persona", role="doctor")]
+        with RecordStore("runs/mine/records.jsonl") as store:
+            report = evaluate_conditions(adapter, mcq, split, conditions, store, domains=["medicine"])
+        print(report.n_new, "new records")
+        ```
     """
     from tqdm.auto import tqdm
 

@@ -139,7 +139,21 @@ def read_control_vector(path: str | Path) -> dict[int, torch.Tensor]:
 
 
 def steering_from_control_vector(path: str | Path, *, scale: float = 1.0) -> Steering:
-    """A control vector as rolevec addition at each of its layers, with llama.cpp's strength ``scale``."""
+    """A control vector as rolevec addition at each of its layers, with llama.cpp's strength ``scale``.
+
+    Args:
+        path: A llama.cpp (or repeng) control vector ``.gguf`` file.
+        scale: The strength, as in llama.cpp's ``--control-vector-scaled FILE SCALE`` (default 1.0).
+
+    Returns:
+        An addition :class:`Steering` (α = ``scale``), with its layers mapped to rolevec's convention.
+
+    Example:
+        ```python
+        steering = steering_from_control_vector("exports/doctor.gguf", scale=0.5)
+        answer = generate(adapter, "What causes a fever?", steering=steering)
+        ```
+    """
     meta, directions = read_control_vector_file(path)
     source = {"control_vector": str(path), "model_hint": meta.get("model_hint")}
     return Steering(mode="add", vectors=directions, alpha=scale, role=Path(path).stem, source=source)
@@ -148,7 +162,25 @@ def steering_from_control_vector(path: str | Path, *, scale: float = 1.0) -> Ste
 def export_control_vector(
     steering: Steering, path: str | Path, *, model_hint: str, force: bool = False
 ) -> Path:
-    """Write an addition as a control vector with α multiplied in (load it with strength 1)."""
+    """Write an addition as a control vector with α multiplied in (load it with strength 1).
+
+    Only layers 2..n_layers can be exported (llama.cpp adds to block outputs; see the module docstring).
+
+    Args:
+        steering: The addition to export (an ablation is refused).
+        path: The ``.gguf`` file to write.
+        model_hint: Stored as ``controlvector.model_hint``: the model type (``adapter.config.model_type``).
+        force: Overwrite an existing file (default ``False``).
+
+    Returns:
+        The written file.
+
+    Example:
+        ```python
+        steering = resolve_steering(vectors, "doctor", layers=12, alpha=3.0, adapter=adapter)
+        export_control_vector(steering, "exports/doctor.gguf", model_hint=adapter.config.model_type)
+        ```
+    """
     from ._version import __version__
 
     if steering.mode != "add":
@@ -211,7 +243,25 @@ def export_lm_eval(
     dtype: torch.dtype = torch.float32,
     force: bool = False,
 ) -> Path:
-    """Write the ``steer_path`` file for ``lm_eval --model steered``."""
+    """Write the ``steer_path`` file for ``lm_eval --model steered``.
+
+    Args:
+        steering: The addition to export (an ablation is refused); layer 0 cannot be exported.
+        adapter: The model the steering is for; it names the hooked modules.
+        path: The file to write, ending in ``.pt`` or ``.pth``.
+        dtype: The dtype the vectors are saved in (default float32).
+        force: Overwrite an existing file (default ``False``).
+
+    Returns:
+        The written file.
+
+    Example:
+        ```python
+        steering = resolve_steering(vectors, "doctor", layers=12, alpha=3.0, adapter=adapter)
+        export_lm_eval(steering, adapter, "exports/doctor.pt")
+        # lm_eval --model steered --model_args pretrained=...,steer_path=exports/doctor.pt
+        ```
+    """
     config = lm_eval_config(steering, adapter, dtype=dtype)
     out = Path(path)
     if out.suffix not in {".pt", ".pth"}:

@@ -403,6 +403,21 @@ def fold(adapter: ModelAdapter, steering: Steering, *, verify: bool = True) -> M
 
     With ``verify`` the copy is compared against hooked steering on two probe prompts and checked to
     reload from its own config.
+
+    Args:
+        adapter: The model to fold into (it is copied, not changed).
+        steering: The intervention to make part of the weights.
+        verify: Check the folded copy against hooked steering (default ``True``).
+
+    Returns:
+        The folded :class:`ModelAdapter`; it steers with no hooks.
+
+    Example:
+        ```python
+        steering = resolve_steering(vectors, "doctor", layers=12, alpha=3.0, adapter=adapter)
+        folded = fold(adapter, steering)
+        print(generate(folded, "What causes a fever?").text)
+        ```
     """
     problem = fold_problem(adapter, steering)
     if problem:
@@ -486,6 +501,22 @@ def save_folded(
 
     With ``check=(original, steering)`` the written folder is reloaded with plain transformers and its
     logits compared with hooked steering before it is moved into place.
+
+    Args:
+        folded: The adapter returned by :func:`fold`.
+        out: The checkpoint folder to write; written beside and renamed into place, never half-written.
+        manifest: Provenance written as ``manifest.json`` in the folder (default: none).
+        force: Replace an existing folder that rolevec wrote (default ``False``).
+        check: ``(original, steering)`` to verify the written checkpoint before it is moved into place.
+
+    Returns:
+        The written folder.
+
+    Example:
+        ```python
+        folded = fold(adapter, steering)
+        save_folded(folded, "checkpoints/doctor-l12-a3", check=(adapter, steering))
+        ```
     """
     from .manifest import MANIFEST_NAME, write_manifest
 

@@ -217,7 +217,34 @@ def generate(
     use_cache: bool = True,
     stream: Callable[[str], None] | None = None,
 ) -> Generation:
-    """Answer one prompt; ``stream`` receives text pieces as they are decoded (e.g. ``print``)."""
+    """Answer one prompt; ``stream`` receives text pieces as they are decoded (e.g. ``print``).
+
+    Args:
+        adapter: The model to generate with.
+        prompt: The user's prompt.
+        steering: The intervention applied while generating (default: none).
+        where: For a steering: ``all`` (default), ``prompt`` or ``generated`` tokens only (needs
+            ``use_cache``).
+        max_new_tokens: The most tokens to generate (default 64).
+        temperature: Sampling temperature; 0 (default) decodes greedily.
+        seed: The sampling seed, for reproducible answers at a temperature above 0.
+        chat: Render the prompt as the user turn of the chat template (default ``True``).
+        system: A system prompt for the chat template (e.g. a persona).
+        use_cache: Decode with a KV cache (default ``True``).
+        stream: Called with each decoded piece of text as it is generated.
+
+    Returns:
+        The ``Generation``: its ``text``, ``token_ids`` and whether a stop token ended it.
+
+    Example:
+        ```python
+        adapter = load_model()
+        steering = resolve_steering(RoleVectors.load("runs/quick/vectors.safetensors"), "doctor",
+                                    layers=12, alpha=3.0, adapter=adapter)
+        answer = generate(adapter, "What causes a fever?", steering=steering, max_new_tokens=48)
+        print(answer.text)
+        ```
+    """
     streamer = TextStream(adapter.tokenizer, stream) if stream is not None else None
     stops = stop_token_ids(adapter)
 

@@ -58,6 +58,18 @@ class Steering:
     and the direction is removed at every layer. ``tokens`` (addition only) restricts the addition to
     those token indices of the prompt forward; decoding steps are left alone.
 
+    Build one with :meth:`addition`, :meth:`ablation` or :func:`resolve_steering`, and steer with
+    ``with steering.apply(adapter): ...``.
+
+    Args:
+        mode: ``add`` or ``ablate``.
+        vectors: Layer -> its unscaled vector (one entry for ``ablate``: the layer of the direction).
+        alpha: The scale α of an addition (default 0; unused by ``ablate``).
+        role: The role the vector is from; used in descriptions.
+        position: The post-instruction position the vector was taken at (default -1); used in descriptions.
+        source: The model (and its fingerprint) the vectors come from, checked by ``check_model``.
+        tokens: For an addition: only these token indices of the prompt forward are steered (default: all).
+
     Example:
         >>> import torch
         >>> s = Steering.addition(torch.ones(4), layer=2, alpha=3.0, role="doctor")
@@ -332,7 +344,30 @@ def resolve_steering(
 
     A zero vector cannot give an ablation direction, so that is refused (before any model is needed);
     adding one changes nothing, which ``warn_zero`` reports as a warning (a caller that resolves the same
-    steering again once the model is loaded passes ``warn_zero=False`` the second time)."""
+    steering again once the model is loaded passes ``warn_zero=False`` the second time).
+
+    Args:
+        vectors: The role vectors to pick from.
+        role: The role whose vector is used.
+        layers: The layer, or layers, the vector is taken from; an addition is applied at each.
+        position: The post-instruction position of the vector (default -1, the last token).
+        alpha: The scale α of an addition; must be ``None`` with ``ablate``.
+        ablate: Remove the (single layer's) direction at every layer instead of adding (default ``False``).
+        adapter: The model to check the vectors against (depth, hidden size, fingerprint).
+        allow_other_model: Accept vectors from a model with another fingerprint, with a warning.
+        warn_zero: Warn when an added vector is zero (default ``True``).
+
+    Returns:
+        The checked :class:`Steering`.
+
+    Example:
+        ```python
+        vectors = RoleVectors.load("runs/quick/vectors.safetensors")
+        steering = resolve_steering(vectors, "doctor", layers=12, alpha=3.0, adapter=adapter)
+        with steering.apply(adapter):
+            print(generate(adapter, "What causes a fever?").text)
+        ```
+    """
     layer_list = [layers] if isinstance(layers, int) else list(layers)
     if ablate and alpha is not None:
         raise RolevecError("ablation takes no alpha: pass either --alpha A or --ablate")

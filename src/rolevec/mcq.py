@@ -70,7 +70,22 @@ _EXTENSIONS = (".json", ".jsonl", ".csv")
 
 @dataclass(frozen=True)
 class MCQItem:
-    """One four-choice question; ``qid`` is ``domain/index`` in its source file."""
+    """One four-choice question; ``qid`` is ``domain/index`` in its source file.
+
+    Attributes:
+        qid: The question's id, ``domain/index`` (its index in the source file).
+        domain: The domain it belongs to (``medicine``, ``law``, ...).
+        question: The question text.
+        choices: The four answer texts, for A, B, C and D.
+        answer: The correct letter, ``A`` to ``D``.
+        subject: Its MMLU subject within the domain; the split is stratified by it.
+
+    Example:
+        ```python
+        item = MCQItem("medicine/0", "medicine", "Which organ makes insulin?",
+                       ("Liver", "Pancreas", "Kidney", "Spleen"), "B", "anatomy")
+        ```
+    """
 
     qid: str
     domain: str
@@ -82,7 +97,22 @@ class MCQItem:
 
 @dataclass
 class MCQSet:
-    """Questions per domain, in source order, and where they came from."""
+    """Questions per domain, in source order, and where they came from.
+
+    Made by :func:`load_mcq`.
+
+    Attributes:
+        items: Domain -> its questions, in source order.
+        source: Where the questions came from (a folder, a file or ``hf:NAME``).
+        n_skipped: How many malformed items ``skip_bad`` left out (default 0).
+        kind: ``builtin``, ``shared``, ``env``, ``custom`` or ``hf``: which kind of source it is.
+
+    Example:
+        ```python
+        mcq = load_mcq(domains=["medicine", "law"])
+        print(mcq.domains, len(mcq.items["law"]), mcq.n_skipped)
+        ```
+    """
 
     items: dict[str, list[MCQItem]]
     source: str
@@ -293,6 +323,23 @@ def load_mcq(
     ``source=None`` uses :func:`default_mcq_dir`. Raises on a malformed item unless ``skip_bad`` (then the
     count is in ``n_skipped``), on an unknown domain, and on a domain with no questions. Warns once when a
     domain repeats a question (same text and choices): every copy stays an item with its own id.
+
+    Args:
+        source: A folder of ``<domain>.json/.jsonl/.csv`` files, one such file, or ``hf:NAME`` (``hf:``
+            alone is ``cais/mmlu``); ``None`` for the paper's MMLU files or the built-in sample.
+        domains: The domains to load; ``None`` (default) loads every domain found.
+        skip_bad: Skip malformed items (counted in ``n_skipped``) instead of raising.
+        cwd: Where the search for the default source starts (default: the current folder).
+        env: The environment read for ``$ROLEVEC_MMLU_DIR`` (default: ``os.environ``).
+
+    Returns:
+        The questions as an :class:`MCQSet`.
+
+    Example:
+        ```python
+        mcq = load_mcq()  # the paper's MMLU domains when found, else the built-in sample
+        mcq = load_mcq("data/mcq", domains=["medicine"], skip_bad=True)
+        ```
     """
     kind = "custom"
     if source is None:
@@ -407,7 +454,22 @@ def parse_domains(text: str | None, available: Iterable[str] = DOMAINS) -> list[
 
 @dataclass
 class Split:
-    """Which question ids of each domain are validation and which are test; saved as ``split.json``."""
+    """Which question ids of each domain are validation and which are test; saved as ``split.json``.
+
+    Made by :func:`make_split`, or read back with ``Split.load(path)``.
+
+    Attributes:
+        seed: The seed the split was drawn with.
+        val_fraction: The fraction of each domain's (distinct) questions given to validation.
+        source: Where the questions came from (the :class:`MCQSet`'s ``source``).
+        domains: Domain -> ``{"val": [qid, ...], "test": [qid, ...]}``, each in its shuffled order.
+
+    Example:
+        ```python
+        split = Split.load("runs/quick/split.json")
+        test_items = split.select(load_mcq(), "medicine", "test", limit=50)
+        ```
+    """
 
     seed: int
     val_fraction: float
@@ -522,6 +584,20 @@ def make_split(mcq: MCQSet, *, seed: int = 0, val_fraction: float = 0.2) -> Spli
     so no question is in both validation and test. Validation then holds round(fraction x distinct
     questions) distinct questions plus their copies. A domain without repeats gets exactly the split of
     the algorithm before repeats were handled (same ids, same order, every seed and fraction).
+
+    Args:
+        mcq: The questions to split.
+        seed: The shuffle seed (default 0); the same seed and questions give the same split.
+        val_fraction: The fraction of each domain's distinct questions put in validation (default 0.2).
+
+    Returns:
+        The :class:`Split`, to save with ``split.save("split.json")``.
+
+    Example:
+        ```python
+        split = make_split(load_mcq(), seed=0, val_fraction=0.2)
+        split.save("runs/mine/split.json")
+        ```
     """
     domains = _split_domains(mcq, seed, val_fraction)
     counts = repeated_questions(mcq)

@@ -353,7 +353,27 @@ def map_architecture(model: nn.Module, block_pattern: str | None = None) -> Arch
 
 
 class ModelAdapter:
-    """A loaded model with its tokenizer, architecture map and chat format."""
+    """A loaded model with its tokenizer, architecture map and chat format.
+
+    :func:`load_model` makes one; construct it directly to wrap a model already in memory. The model is
+    put in eval mode with gradients off, and a tokenizer without a pad token pads with its EOS token.
+
+    Args:
+        model: The causal language model (a Hugging Face ``PreTrainedModel`` or alike).
+        tokenizer: Its tokenizer; its chat template gives the chat format.
+        name: The model's name, recorded in vector files and manifests.
+        block_pattern: The dotted path of the decoder-block list (e.g. ``model.layers``), when it cannot
+            be found automatically.
+        source: Provenance recorded with the results (default: ``{"model": name}``).
+
+    Example:
+        ```python
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        hf = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+        tok = AutoTokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+        adapter = ModelAdapter(hf, tok, name="HuggingFaceTB/SmolLM2-135M-Instruct")
+        ```
+    """
 
     def __init__(
         self,
@@ -773,7 +793,27 @@ def load_model(
 ) -> ModelAdapter:
     """Load a causal LM by hub id, local folder or .gguf file; ``None`` loads the embedded default.
 
-    ``progress=False`` also hides transformers' own loading bars (weights, GGUF dequantisation)."""
+    ``progress=False`` also hides transformers' own loading bars (weights, GGUF dequantisation).
+
+    Args:
+        model: A hub id, a local model folder or a ``.gguf`` file; ``None`` (default) loads the embedded
+            SmolLM2-135M-Instruct.
+        device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (default: CUDA, then MPS, then CPU).
+        dtype: A dtype name such as ``float32`` (default) or ``bfloat16``, or ``auto`` (bfloat16 where the
+            hardware runs it fast).
+        block_pattern: The dotted path of the decoder-block list, when it cannot be found automatically.
+        trust_remote_code: Allow the model's own code from the hub (default ``False``).
+        progress: Show loading progress bars.
+
+    Returns:
+        The :class:`ModelAdapter` around the loaded model.
+
+    Example:
+        ```python
+        adapter = load_model()  # the embedded default model, on CPU in seconds
+        adapter = load_model("Qwen/Qwen2.5-7B-Instruct", device="cuda", dtype="bfloat16")
+        ```
+    """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 

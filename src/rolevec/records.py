@@ -83,7 +83,20 @@ def record_identity(record: Mapping[str, Any]) -> Identity:
 
 
 def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Every complete record of a store (a torn last line, left by a killed run, is ignored)."""
+    """Every complete record of a store (a torn last line, left by a killed run, is ignored).
+
+    Args:
+        path: The JSONL records file (e.g. a run's ``records.jsonl``); a missing file yields nothing.
+
+    Returns:
+        An iterator over the records as dicts, in file order; raises ``RolevecError`` on a damaged line.
+
+    Example:
+        ```python
+        records = list(read_records("runs/quick/records.jsonl"))
+        baseline = [r for r in records if r["condition"] == "baseline"]
+        ```
+    """
     p = Path(path)
     if not p.exists():
         return
@@ -134,6 +147,16 @@ class RecordStore:
 
     Holds an exclusive lock on ``<path>.lock`` while open (POSIX), so two processes never append to the
     same run at once. Use as a context manager or call :meth:`close`.
+
+    Args:
+        path: The JSONL file; created (with its folder) when missing, and a torn last line is cut off.
+
+    Example:
+        ```python
+        with RecordStore("runs/mine/records.jsonl") as store:
+            report = evaluate_conditions(adapter, mcq, split, [Condition("baseline")], store)
+            print(len(store), "records stored")
+        ```
     """
 
     def __init__(self, path: str | Path) -> None:

@@ -956,6 +956,20 @@ def write_report(run_dir: str | Path, *, force: bool = False, data: RunData | No
     Refuses to overwrite an existing report unless ``force``; everything is computed before the first
     file is written, and each file is written atomically. ``data`` is the run as :func:`load_run` read it
     (read here when not given).
+
+    Args:
+        run_dir: The run folder (``rolevec run --out``); it needs a ``records.jsonl``.
+        force: Overwrite an existing report (default ``False``).
+        data: The run already read with :func:`load_run` (default: read from ``run_dir``).
+
+    Returns:
+        The ``ReportFiles``: paths of the HTML and Markdown reports, tables and figures written.
+
+    Example:
+        ```python
+        files = write_report("runs/quick", force=True)
+        print(files.html, len(files.figures))
+        ```
     """
     data = load_run(run_dir) if data is None else data
     root = data.run_dir

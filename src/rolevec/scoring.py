@@ -58,7 +58,21 @@ PAPER_TEMPLATE = (
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """How a question becomes the user turn, and an optional assistant prefix after the generation prompt."""
+    """How a question becomes the user turn, and an optional assistant prefix after the generation prompt.
+
+    Args:
+        template: The user turn, with ``{question}`` and optionally ``{A}`` to ``{D}`` and ``{subject}``
+            (default: the paper's template, ending in ``Answer:``).
+        answer_prefix: Text put at the start of the assistant turn, before the scored letter (default
+            none).
+
+    Example:
+        ```python
+        from rolevec.scoring import PAPER_TEMPLATE
+        fmt = PromptFormat(template="A question on {subject}. " + PAPER_TEMPLATE)
+        results = score(adapter, items, prompt_format=fmt)
+        ```
+    """
 
     template: str = PAPER_TEMPLATE
     answer_prefix: str | None = None
@@ -265,6 +279,20 @@ class LetterScorer:
     With ``share_prefix`` the rows' common head (the chat template's system turn and user header) runs
     once per batch (see :mod:`rolevec.prefix`). The first batch is checked against a plain full forward;
     on a mismatch the scorer drops prefix sharing, then the fast path, with a warning.
+
+    Args:
+        adapter: The model to score with.
+        fast: Compute the four letters' logits from the final norm's output instead of the full logits
+            (default ``True``); ``False`` always runs the plain forward.
+        probe: Check the first batch of the fast path against a plain forward (default ``True``).
+        share_prefix: Run the rows' common head once per batch (default ``True``; fast path only).
+
+    Example:
+        ```python
+        scorer = LetterScorer(adapter)
+        results = score(adapter, items, "baseline", scorer=scorer)
+        print(scorer.mode)  # "fast", or "naive" after a failed parity check
+        ```
     """
 
     def __init__(

@@ -32,7 +32,25 @@ LAYER_CONVENTION = (
 
 @dataclass(frozen=True)
 class RoleVectors:
-    """Role means, the base mean and their differences for one model, with provenance."""
+    """Role means, the base mean and their differences for one model, with provenance.
+
+    Made by :func:`extract_role_vectors`, or read back with :meth:`load`; ``vector(role, layer,
+    position)`` gives one role vector d = μ_role − ν_base.
+
+    Args:
+        role_means: Role -> its mean activation μ_role, ``[positions, n_layers + 1, hidden]``.
+        base_mean: The base set's mean ν_base, of the same shape.
+        positions: The post-instruction positions of the first axis, from the end (e.g. ``(-3, -2, -1)``).
+        position_tokens: The token text at each position.
+        metadata: Provenance (model, prompt sets, seed, versions) saved with the vectors.
+
+    Example:
+        ```python
+        vectors = RoleVectors.load("runs/quick/vectors.safetensors")
+        d = vectors.vector("doctor", layer=12, position=-1)
+        print(vectors.roles, vectors.n_layers, d.norm())
+        ```
+    """
 
     role_means: Mapping[str, torch.Tensor]
     base_mean: torch.Tensor
