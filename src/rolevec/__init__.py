@@ -57,6 +57,8 @@ _EXPORTS: dict[str, str] = {
     "StudyConfig": "pipeline",
     "config_from": "pipeline",
     "run_study": "pipeline",
+    "select_sites": "stages",
+    "run_test_stage": "stages",
     "write_report": "report",
     "analyse": "analysis",
 }
@@ -95,9 +97,11 @@ __all__ = [
     "read_records",
     "resolve_steering",
     "run_study",
+    "run_test_stage",
     "sample",
     "save_folded",
     "score",
+    "select_sites",
     "steering_from_control_vector",
     "write_report",
 ]
@@ -117,6 +121,7 @@ if TYPE_CHECKING:
     from .records import RecordStore, read_records
     from .report import write_report
     from .scoring import LetterScorer, PromptFormat
+    from .stages import run_test_stage, select_sites
     from .vectors import RoleVectors
 
 

@@ -14,7 +14,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,49 @@ FIXED_KEYS = (
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """Everything that decides a run's numbers (the model aside). Saved in the manifest and settings."""
+    """Everything that decides a run's numbers (the model aside). Saved in the manifest and settings.
+
+    Build one with :func:`config_from` (a preset, a config file and options); ``check()`` validates it.
+
+    Args:
+        roles: The roles to study; ``("all",)`` for the paper's 29 (default: the quick preset's 8).
+        domains: The MMLU domains to test on; ``("all",)`` (default) for all 8.
+        roles_dir: A folder of ``<role>.json`` prompt files (default: the built-in sets).
+        base: The base prompt file or ``hf:NAME`` (default: the built-in generic prompts).
+        base_column: The field or column of ``base`` holding the prompt.
+        n_prompts: Prompts sampled per role (default 128; ``None`` keeps all).
+        n_base: Base prompts sampled (default 128; ``None`` keeps all).
+        prompt_seed: The seed prompts are sampled with (default 42).
+        mcq: The questions: a folder, a file or ``hf:NAME`` (default: the paper's MMLU files when found,
+            else the built-in sample).
+        split_seed: The seed of the validation/test split (default 0).
+        val_fraction: The share of each domain's questions used for validation (default 0.2).
+        val_limit: Validation questions per role domain used in the sweep (default: all).
+        test_limit: Test questions per domain (default: all).
+        layers: The layer range searched, ``"a:b"`` half-open (default: the first 80% of layers).
+        layer_step: Search every k-th layer of the range (default 1).
+        positions: The positions searched, e.g. ``"-1,-2"``, or ``"all"`` (default).
+        alphas: The α values searched for addition (default 1 and 3).
+        ablate_scope: Where ablation is swept: ``all`` sites (default), ``passing`` (where some α beats the
+            baseline) or ``none``.
+        persona_templates: The persona prompts tested (default ``you_are``).
+        random_control: Also test a random direction of the same norm at each chosen site (default ``True``).
+        random_seed: The seed of the random directions (default 0).
+        batch_size: Prompts or questions per forward (default 16).
+        interpret: Run patch-scoping and the logit lens on each chosen vector (default ``True``).
+        interpret_alpha: The α used by the interpretation stage (default 3.0).
+        judge_url: An OpenAI-compatible endpoint for the optional LLM judge (key in
+            ``$ROLEVEC_JUDGE_API_KEY``).
+        judge_model: The judge's model name (default ``gpt-4o-mini``).
+        dtype: The model dtype the run loads with (default ``auto``).
+
+    Example:
+        ```python
+        config = StudyConfig(roles=("doctor", "lawyer"), domains=("medicine", "law"), n_prompts=32,
+                             test_limit=50, alphas=(1.0, 3.0))
+        config.check()
+        ```
+    """
 
     roles: tuple[str, ...] = PRESETS["quick"]["roles"]
     domains: tuple[str, ...] = ("all",)
@@ -162,7 +204,24 @@ class StudyConfig:
 def config_from(
     preset: str | None, file: Mapping[str, Any] | None, overrides: Mapping[str, Any]
 ) -> StudyConfig:
-    """Preset, then config file, then explicit options (later wins); unknown keys are errors."""
+    """Preset, then config file, then explicit options (later wins); unknown keys are errors.
+
+    ``roles``, ``domains``, ``persona_templates`` and ``alphas`` may be comma-separated strings.
+
+    Args:
+        preset: ``quick`` or ``paper``, or ``None`` for :class:`StudyConfig`'s defaults.
+        file: The keys of a config file (e.g. ``read_config_file("study.toml")``), or ``None``.
+        overrides: Explicit options; a ``None`` value leaves the key as it was.
+
+    Returns:
+        The checked :class:`StudyConfig`.
+
+    Example:
+        ```python
+        config = config_from("quick", None, {"roles": "doctor,lawyer", "test_limit": 20})
+        config.n_prompts  # 32, from the quick preset
+        ```
+    """
     known = {f.name for f in fields(StudyConfig)}
     values: dict[str, Any] = {}
     if preset is not None:
@@ -506,63 +565,47 @@ class Study:
 
     def stage_selection(self) -> None:
         from .data import role_domain
-        from .records import RecordStore
         from .scoring import LetterScorer
-        from .selection import select, write_selection
-        from .sweep import run_sweep, write_sweep_file
+        from .stages import select_sites
 
         c = self.config
         layers, positions = self._grid()
         self.scorer = LetterScorer(self.adapter)
-        choices = []
-        modes = {}
-        used: dict[str, list[str]] = {}
-        with RecordStore(self.run_dir / "records.jsonl") as store:
-            for role in self.roles:
-                domain = str(role_domain(role))
-                items = self.split.select(self.mcq, domain, "val", c.val_limit)
-                used[domain] = [it.qid for it in items]
-                result = run_sweep(
-                    self.adapter,
-                    self.vectors,
-                    role,
-                    items,
-                    store,
-                    domain=domain,
-                    layers=layers,
-                    layer_step=c.layer_step,
-                    positions=positions,
-                    alphas=c.alphas,
-                    prompt_format=self.prompt_format,
-                    batch_size=c.batch_size,
-                    ablate_scope=c.ablate_scope,
-                    scorer=self.scorer,
-                    progress=self.progress,
-                )
-                write_sweep_file(self.run_dir / "sweep.jsonl", result.rows)
-                choice = select(result.rows)
-                modes[role] = result.reuse
-                choices.append(choice)
-                met = "criterion met" if choice.criterion_met else "criterion NOT met (best addition kept)"
-                self.log(
-                    f"    {role}: layer {choice.layer}, position {choice.position}, α {choice.alpha:g} "
-                    f"(val {choice.val_accuracy:.3f} vs baseline {choice.val_baseline:.3f}; {met})"
-                )
-        write_selection(
-            self.run_dir / "selection.json",
+
+        def report(choice: Any) -> None:
+            met = "criterion met" if choice.criterion_met else "criterion NOT met (best addition kept)"
+            self.log(
+                f"    {choice.role}: layer {choice.layer}, position {choice.position}, α {choice.alpha:g} "
+                f"(val {choice.val_accuracy:.3f} vs baseline {choice.val_baseline:.3f}; {met})"
+            )
+
+        chosen = select_sites(
             self.adapter,
-            split_seed=self.split.seed,
+            self.vectors,
+            self.roles,
+            self.mcq,
+            self.split,
+            self.run_dir,
+            domain_of={role: str(role_domain(role)) for role in self.roles},
             layers=layers,
-            choices=choices,
-            validation=used,
+            positions=positions,
+            alphas=c.alphas,
+            layer_step=c.layer_step,
+            limit=c.val_limit,
+            prompt_format=self.prompt_format,
+            batch_size=c.batch_size,
+            ablate_scope=c.ablate_scope,
+            scorer=self.scorer,
+            progress=self.progress,
+            on_choice=report,
         )
-        self.choices = {ch.role: ch for ch in choices}
+        self.choices = {ch.role: ch for ch in chosen.choices}
         self.state.sampled["grid"] = {
             "layers": list(range(layers[0], layers[1], c.layer_step)),
             "positions": list(positions),
             "alphas": list(c.alphas),
             "ablation": c.ablate_scope,
-            "sweep_mode": modes,
+            "sweep_mode": {r.role: r.reuse for r in chosen.sweeps},
         }
 
     def conditions(self) -> list[Any]:
@@ -587,26 +630,24 @@ class Study:
         return out
 
     def stage_test(self) -> None:
-        from .evaluation import evaluate_conditions
-        from .records import RecordStore
+        from .stages import run_test_stage
 
-        with RecordStore(self.run_dir / "records.jsonl") as store:
-            report = evaluate_conditions(
-                self.adapter,
-                self.mcq,
-                self.split,
-                self.conditions(),
-                store,
-                vectors=self.vectors,
-                domains=self.domains,
-                split_name="test",
-                limit=self.config.test_limit,
-                prompt_format=self.prompt_format,
-                batch_size=self.config.batch_size,
-                scorer=self.scorer,
-                random_seed=self.config.random_seed,
-                progress=self.progress,
-            )
+        report = run_test_stage(
+            self.adapter,
+            self.mcq,
+            self.split,
+            self.conditions(),
+            self.run_dir,
+            vectors=self.vectors,
+            domains=self.domains,
+            split_name="test",
+            limit=self.config.test_limit,
+            prompt_format=self.prompt_format,
+            batch_size=self.config.batch_size,
+            scorer=self.scorer,
+            random_seed=self.config.random_seed,
+            progress=self.progress,
+        )
         if report.persona_folded:
             self.state.notes.append(
                 "the chat template rejects system turns: persona text was folded into the user turn"
@@ -658,14 +699,31 @@ def run_study(
 
     ``force=True`` starts over: rolevec's earlier results in ``run_dir`` are set aside once every
     input has been checked and deleted when the run succeeds (a user's own files are never touched).
+
+    Args:
+        adapter: The model to study (:func:`load_model`).
+        config: The study's settings.
+        run_dir: The run folder; a rerun with the same settings resumes, and ``roles``, ``domains`` and
+            the test size may grow.
+        args: The command-line options, recorded in ``manifest.json`` (default: none).
+        preset: The preset name recorded in the manifest (default: ``custom``).
+        progress: Show progress bars.
+        log: Receives each progress message (default ``print``).
+        force: Start over, as described above (default ``False``).
+
+    Returns:
+        The finished ``Study``; its ``report_files`` name the report written.
+
+    Example:
+        ```python
+        adapter = load_model()
+        study = run_study(adapter, config_from("quick", None, {}), "runs/quick", preset="quick")
+        print(study.report_files.html)
+        ```
     """
     study = Study(adapter, config, run_dir, args=args, preset=preset, progress=progress, log=log)
     study.run(force=force)
     return study
-
-
-def with_overrides(config: StudyConfig, **changes: Any) -> StudyConfig:
-    return replace(config, **changes)
 
 
 def describe_sampling(sampled: Mapping[str, Any], roles: Sequence[str], domains: Sequence[str]) -> str:

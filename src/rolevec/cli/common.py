@@ -38,13 +38,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_from_args(args: argparse.Namespace) -> ModelAdapter:
+def load_from_args(args: argparse.Namespace, *, dtype: str | None = None) -> ModelAdapter:
+    """The model the flags name; ``dtype`` overrides ``--dtype`` (a config file's choice, say)."""
     from ..model import load_model
 
     return load_model(
         args.model,
         device=args.device,
-        dtype=args.dtype,
+        dtype=dtype or args.dtype,
         block_pattern=args.block_pattern,
         trust_remote_code=args.trust_remote_code,
         progress=not getattr(args, "no_progress", False),

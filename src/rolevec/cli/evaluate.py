@@ -317,37 +317,32 @@ def _evaluate(
     prompt_format: Any,
     domains: list[str] | None,
 ) -> None:
-    from ..evaluation import evaluate_conditions
     from ..files import atomic_write
-    from ..records import RecordStore, read_records, record_identity
+    from ..records import read_records, record_identity
     from ..scoring import LetterScorer
+    from ..stages import run_test_stage
     from ..stats import format_table, per_subject, summarize
 
     doms = domains if domains is not None else mcq.domains
     scorer = LetterScorer(adapter)
-    with RecordStore(run_dir / "records.jsonl") as store:
-        if store.repaired_bytes:
-            print(
-                f"rolevec: cut a torn last line ({store.repaired_bytes} bytes) off {store.path}",
-                file=sys.stderr,
-            )
-        report = evaluate_conditions(
-            adapter,
-            mcq,
-            split,
-            conditions,
-            store,
-            vectors=vectors,
-            domains=doms,
-            split_name=args.split,
-            limit=args.limit,
-            prompt_format=prompt_format,
-            batch_size=args.batch_size,
-            scorer=scorer,
-            random_seed=args.random_seed,
-            reuse=not args.no_reuse,
-            progress=not args.no_progress,
-        )
+    report = run_test_stage(
+        adapter,
+        mcq,
+        split,
+        conditions,
+        run_dir,
+        vectors=vectors,
+        domains=doms,
+        split_name=args.split,
+        limit=args.limit,
+        prompt_format=prompt_format,
+        batch_size=args.batch_size,
+        scorer=scorer,
+        random_seed=args.random_seed,
+        reuse=not args.no_reuse,
+        progress=not args.no_progress,
+        log=lambda line: print(f"rolevec: {line}", file=sys.stderr),
+    )
     if report.persona_folded:
         print(
             "rolevec: this chat template has no system turn; persona prompts were folded into the user turn",

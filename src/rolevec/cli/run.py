@@ -101,9 +101,8 @@ def _run(args: argparse.Namespace) -> int:
     # before the model loads and before the folder changes: a typo or a broken file costs nothing
     run_dir = check_run_folder(args.out, "run", force=args.force)
     check_inputs(config)
-    args.dtype = config.dtype
     start = time.perf_counter()
-    adapter = load_from_args(args)
+    adapter = load_from_args(args, dtype=config.dtype)
     print(
         f"rolevec run ({args.preset}) on {adapter.name}, {adapter.dtype}, {adapter.device} → {run_dir}",
         file=sys.stderr,
@@ -116,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
         adapter,
         config,
         run_dir,
-        args={k: v for k, v in vars(args).items() if k != "func"},
+        args={**{k: v for k, v in vars(args).items() if k != "func"}, "dtype": config.dtype},
         preset=args.preset,
         progress=not args.no_progress,
         log=log,

@@ -159,66 +159,48 @@ def _sweep(
     mcq: Any,
     split: Any,
 ) -> None:
-    from ..records import RecordStore, read_records
+    from ..records import read_records
     from ..scoring import LetterScorer
-    from ..selection import Choice, select, write_selection
+    from ..selection import Choice
+    from ..stages import select_sites
     from ..stats import format_table, summarize
-    from ..sweep import run_sweep, write_sweep_file
 
     scorer = LetterScorer(adapter)
-    choices: list[Choice] = []
-    results: list[Any] = []
-    with RecordStore(run_dir / "records.jsonl") as store:
-        if store.repaired_bytes:
+
+    def warn_unmet(choice: Choice) -> None:
+        if not choice.criterion_met:
             print(
-                f"rolevec: cut a torn last line ({store.repaired_bytes} bytes) off {store.path}",
+                f"rolevec: no candidate for {choice.role} beats the validation baseline under addition while "
+                "not "
+                "beating it under ablation; selected the best addition candidate anyway "
+                "(criterion_met false in selection.json)",
                 file=sys.stderr,
             )
-        for role in roles:
-            domain = domain_of[role]
-            items = split.select(mcq, domain, "val", args.limit)
-            result = run_sweep(
-                adapter,
-                vectors,
-                role,
-                items,
-                store,
-                domain=domain,
-                layers=layers,
-                positions=positions,
-                alphas=alphas,
-                prompt_format=prompt_format,
-                batch_size=args.batch_size,
-                max_rows=args.max_rows,
-                max_cache_bytes=args.max_cache_mb * 1024**2,
-                reuse=not args.no_reuse,
-                ablate_scope=args.ablate,
-                scorer=scorer,
-                progress=not args.no_progress,
-            )
-            results.append(result)
-            write_sweep_file(run_dir / "sweep.jsonl", result.rows)
-            choice = select(result.rows)
-            choices.append(choice)
-            if not choice.criterion_met:
-                print(
-                    f"rolevec: no candidate for {role} beats the validation baseline under addition while "
-                    "not "
-                    "beating it under ablation; selected the best addition candidate anyway "
-                    "(criterion_met false in selection.json)",
-                    file=sys.stderr,
-                )
-    used = {
-        d: [it.qid for it in split.select(mcq, d, "val", args.limit)] for d in sorted(set(domain_of.values()))
-    }
-    write_selection(
-        run_dir / "selection.json",
+
+    picked = select_sites(
         adapter,
-        split_seed=split.seed,
+        vectors,
+        roles,
+        mcq,
+        split,
+        run_dir,
+        domain_of=domain_of,
         layers=layers,
-        choices=choices,
-        validation=used,
+        positions=positions,
+        alphas=alphas,
+        limit=args.limit,
+        prompt_format=prompt_format,
+        batch_size=args.batch_size,
+        max_rows=args.max_rows,
+        max_cache_bytes=args.max_cache_mb * 1024**2,
+        reuse=not args.no_reuse,
+        ablate_scope=args.ablate,
+        scorer=scorer,
+        progress=not args.no_progress,
+        on_choice=warn_unmet,
+        log=lambda line: print(f"rolevec: {line}", file=sys.stderr),
     )
+    choices, results = picked.choices, picked.sweeps
     write_command_manifest(
         run_dir,
         "sweep",
