@@ -6,11 +6,11 @@ import json
 import warnings
 from pathlib import Path
 
-from rolevec.evaluation import Condition
+from rolevec.evaluation import Condition, EvaluationReport, evaluate_conditions
 from rolevec.mcq import MCQItem, MCQSet, make_split
 from rolevec.model import ModelAdapter
 from rolevec.records import read_records
-from rolevec.stages import run_test_stage, select_sites
+from rolevec.stages import open_records, select_sites
 from test_evaluation import vectors_for
 
 
@@ -84,9 +84,11 @@ def test_conditions_in_subsets_score_each_record_once(tiny_llama: ModelAdapter, 
         Condition.make("add", role="lawyer", layer=1, position=-1, alpha=1.0),
         Condition.make("ablate", role="lawyer", layer=2, position=-1),
     ]
-    run = lambda conds, out: run_test_stage(  # noqa: E731
-        tiny_llama, mcq, split, conds, out, vectors=vectors, progress=False
-    )
+
+    def run(conds: list[Condition], out: Path) -> EvaluationReport:
+        with open_records(out) as store:
+            return evaluate_conditions(tiny_llama, mcq, split, conds, store, vectors=vectors, progress=False)
+
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     whole.mkdir(), parts.mkdir()
     assert run(conditions, whole).n_new == 3 * 8

@@ -58,7 +58,7 @@ _EXPORTS: dict[str, str] = {
     "config_from": "pipeline",
     "run_study": "pipeline",
     "select_sites": "stages",
-    "run_test_stage": "stages",
+    "open_records": "stages",
     "write_report": "report",
     "analyse": "analysis",
 }
@@ -94,10 +94,10 @@ __all__ = [
     "load_role_prompts",
     "make_split",
     "mean_activations",
+    "open_records",
     "read_records",
     "resolve_steering",
     "run_study",
-    "run_test_stage",
     "sample",
     "save_folded",
     "score",
@@ -121,7 +121,7 @@ if TYPE_CHECKING:
     from .records import RecordStore, read_records
     from .report import write_report
     from .scoring import LetterScorer, PromptFormat
-    from .stages import run_test_stage, select_sites
+    from .stages import open_records, select_sites
     from .vectors import RoleVectors
 
 

@@ -630,24 +630,26 @@ class Study:
         return out
 
     def stage_test(self) -> None:
-        from .stages import run_test_stage
+        from .evaluation import evaluate_conditions
+        from .stages import open_records
 
-        report = run_test_stage(
-            self.adapter,
-            self.mcq,
-            self.split,
-            self.conditions(),
-            self.run_dir,
-            vectors=self.vectors,
-            domains=self.domains,
-            split_name="test",
-            limit=self.config.test_limit,
-            prompt_format=self.prompt_format,
-            batch_size=self.config.batch_size,
-            scorer=self.scorer,
-            random_seed=self.config.random_seed,
-            progress=self.progress,
-        )
+        with open_records(self.run_dir) as store:
+            report = evaluate_conditions(
+                self.adapter,
+                self.mcq,
+                self.split,
+                self.conditions(),
+                store,
+                vectors=self.vectors,
+                domains=self.domains,
+                split_name="test",
+                limit=self.config.test_limit,
+                prompt_format=self.prompt_format,
+                batch_size=self.config.batch_size,
+                scorer=self.scorer,
+                random_seed=self.config.random_seed,
+                progress=self.progress,
+            )
         if report.persona_folded:
             self.state.notes.append(
                 "the chat template rejects system turns: persona text was folded into the user turn"

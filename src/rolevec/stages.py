@@ -10,16 +10,16 @@ would.
 Entry points::
 
     select_sites(adapter, vectors, roles, mcq, split, run_dir, *, domain_of, layers, ...) -> SiteSelection
-    run_test_stage(adapter, mcq, split, conditions, run_dir, *, vectors, ...) -> EvaluationReport
+    open_records(run_dir, log=None) -> RecordStore   # the test stage: evaluate_conditions(..., store, ...)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .evaluation import Condition, EvaluationReport, evaluate_conditions
 from .mcq import MCQSet, Split
 from .model import ModelAdapter
 from .records import RecordStore
@@ -38,9 +38,26 @@ class SiteSelection:
     validation: dict[str, list[str]]
 
 
-def _report_repair(store: RecordStore, log: Callable[[str], None] | None) -> None:
-    if store.repaired_bytes and log is not None:
-        log(f"cut a torn last line ({store.repaired_bytes} bytes) off {store.path}")
+@contextmanager
+def open_records(run_dir: str | Path, log: Callable[[str], None] | None = None) -> Iterator[RecordStore]:
+    """The run folder's ``records.jsonl`` as an open :class:`RecordStore`, saying so when a torn line was cut.
+
+    The test stage is :func:`rolevec.evaluate_conditions` on this store; the selection stage opens it too.
+
+    Args:
+        run_dir: The run folder.
+        log: Receives the note about a repaired records file (default: none).
+
+    Example:
+        ```python
+        with open_records("runs/quick", log=print) as store:
+            report = evaluate_conditions(adapter, mcq, split, conditions, store, vectors=vectors)
+        ```
+    """
+    with RecordStore(Path(run_dir) / "records.jsonl") as store:
+        if store.repaired_bytes and log is not None:
+            log(f"cut a torn last line ({store.repaired_bytes} bytes) off {store.path}")
+        yield store
 
 
 def select_sites(
@@ -114,8 +131,7 @@ def select_sites(
     choices: list[Choice] = []
     sweeps: list[SweepResult] = []
     used: dict[str, list[str]] = {}
-    with RecordStore(run_dir / "records.jsonl") as store:
-        _report_repair(store, log)
+    with open_records(run_dir, log) as store:
         for role in roles:
             domain = domain_of[role]
             items = split.select(mcq, domain, "val", limit)
@@ -155,76 +171,3 @@ def select_sites(
         validation=used,
     )
     return SiteSelection(choices, sweeps, used)
-
-
-def run_test_stage(
-    adapter: ModelAdapter,
-    mcq: MCQSet,
-    split: Split,
-    conditions: Sequence[Condition],
-    run_dir: str | Path,
-    *,
-    vectors: RoleVectors | None = None,
-    domains: Sequence[str] | None = None,
-    split_name: str = "test",
-    limit: int | None = None,
-    prompt_format: PromptFormat | None = None,
-    batch_size: int = 16,
-    scorer: LetterScorer | None = None,
-    random_seed: int = 0,
-    reuse: bool = True,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-) -> EvaluationReport:
-    """The test stage: score ``conditions`` on ``split_name`` into the run folder's ``records.jsonl``.
-
-    Records already there are skipped, so any subset of conditions or domains can run in any order.
-
-    Args:
-        adapter: The model to score with.
-        mcq: The questions.
-        split: Which questions are validation and which test.
-        conditions: The conditions to score.
-        run_dir: The run folder whose ``records.jsonl`` the records are appended to.
-        vectors: The role vectors steered conditions take their vectors from.
-        domains: The domains to score (default: every domain of ``mcq``).
-        split_name: ``test`` (default), ``val`` or ``all``.
-        limit: Score only the first ``limit`` items of each domain's split.
-        prompt_format: How a question becomes the prompt (default: :class:`PromptFormat`'s).
-        batch_size: Questions per forward (default 16).
-        scorer: A :class:`LetterScorer` to reuse (default: a new one).
-        random_seed: The seed of the ``random`` condition's directions (default 0).
-        reuse: Run additions and random controls from a shared residual (default ``True``).
-        progress: Show a progress bar.
-        log: Receives notes such as a repaired records file (default: none).
-
-    Returns:
-        The ``EvaluationReport`` of :func:`evaluate_conditions`.
-
-    Example:
-        ```python
-        conditions = [Condition("baseline"), Condition.make("add", role="doctor", layer=12, position=-1,
-                                                             alpha=3.0)]
-        report = run_test_stage(adapter, mcq, split, conditions, "runs/mine", vectors=vectors)
-        print(report.n_new, report.n_done_before)
-        ```
-    """
-    with RecordStore(Path(run_dir) / "records.jsonl") as store:
-        _report_repair(store, log)
-        return evaluate_conditions(
-            adapter,
-            mcq,
-            split,
-            conditions,
-            store,
-            vectors=vectors,
-            domains=domains,
-            split_name=split_name,
-            limit=limit,
-            prompt_format=prompt_format,
-            batch_size=batch_size,
-            scorer=scorer,
-            random_seed=random_seed,
-            reuse=reuse,
-            progress=progress,
-        )

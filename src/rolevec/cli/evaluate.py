@@ -317,32 +317,33 @@ def _evaluate(
     prompt_format: Any,
     domains: list[str] | None,
 ) -> None:
+    from ..evaluation import evaluate_conditions
     from ..files import atomic_write
     from ..records import read_records, record_identity
     from ..scoring import LetterScorer
-    from ..stages import run_test_stage
+    from ..stages import open_records
     from ..stats import format_table, per_subject, summarize
 
     doms = domains if domains is not None else mcq.domains
     scorer = LetterScorer(adapter)
-    report = run_test_stage(
-        adapter,
-        mcq,
-        split,
-        conditions,
-        run_dir,
-        vectors=vectors,
-        domains=doms,
-        split_name=args.split,
-        limit=args.limit,
-        prompt_format=prompt_format,
-        batch_size=args.batch_size,
-        scorer=scorer,
-        random_seed=args.random_seed,
-        reuse=not args.no_reuse,
-        progress=not args.no_progress,
-        log=lambda line: print(f"rolevec: {line}", file=sys.stderr),
-    )
+    with open_records(run_dir, log=lambda line: print(f"rolevec: {line}", file=sys.stderr)) as store:
+        report = evaluate_conditions(
+            adapter,
+            mcq,
+            split,
+            conditions,
+            store,
+            vectors=vectors,
+            domains=doms,
+            split_name=args.split,
+            limit=args.limit,
+            prompt_format=prompt_format,
+            batch_size=args.batch_size,
+            scorer=scorer,
+            random_seed=args.random_seed,
+            reuse=not args.no_reuse,
+            progress=not args.no_progress,
+        )
     if report.persona_folded:
         print(
             "rolevec: this chat template has no system turn; persona prompts were folded into the user turn",
