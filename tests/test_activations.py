@@ -312,7 +312,7 @@ def test_a_prefix_cache_that_changes_activations_is_caught(
 
 
 def test_state_tolerance_grows_with_depth_in_half_precision_only() -> None:
-    from rolevec.scoring import state_tolerance
+    from rolevec.batching import state_tolerance
 
     assert state_tolerance(torch.float32, 30) == 1e-4
     assert 4e-2 < state_tolerance(torch.bfloat16, 30) < 5e-2  # SmolLM2's batch-shape noise is 2e-2

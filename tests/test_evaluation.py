@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 import torch
 
+from rolevec.batching import plan_batches
 from rolevec.errors import RolevecError
 from rolevec.evaluation import (
     Condition,
@@ -19,7 +20,7 @@ from rolevec.hooks import count_hooks
 from rolevec.mcq import MCQItem, MCQSet, make_split
 from rolevec.model import ModelAdapter
 from rolevec.records import RecordStore, read_records
-from rolevec.scoring import LetterScorer, PromptFormat, _batch, plan_batches, prepare
+from rolevec.scoring import LetterScorer, PromptFormat, _batch, prepare
 from rolevec.testing import counted, make_adapter
 from rolevec.vectors import RoleVectors
 
@@ -279,7 +280,7 @@ def test_a_forward_costs_more_tokens_on_a_gpu_so_batches_fill_up() -> None:
     padding is far costlier (the H200 benchmark: 13 forwards of up to 64 rows were no faster than 16 of 8)."""
     import random
 
-    from rolevec.scoring import batch_overhead_tokens
+    from rolevec.batching import batch_overhead_tokens
 
     assert batch_overhead_tokens(torch.device("cpu")) == 64
     gpu = batch_overhead_tokens(torch.device("cuda"))

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .batching import batch_overhead_tokens, plan_batches, shares_prefix, state_tolerance
 from .data import PromptSet
 from .errors import RolevecError
 from .hooks import StopForward, hooked, input_hook
 from .model import Batch, ModelAdapter
 from .prefix import PrefixKV, PrefixMemo, forward_kwargs, prefix_kv, split_prefix
-from .scoring import batch_overhead_tokens, plan_batches, shares_prefix, state_tolerance
 from .vectors import RoleVectors
 
 DEFAULT_MAX_TOKENS = 2048
@@ -153,7 +153,7 @@ def _accumulate(
 ) -> torch.Tensor:
     """Sum of activations per set, float64 ``[n_sets, P, n_layers + 1, H]`` (one pass over all prompts).
 
-    ``share_prefix`` (default: on a CPU only, see ``evaluation.shares_prefix``) runs the common head once.
+    ``share_prefix`` (default: on a CPU only, see ``batching.shares_prefix``) runs the common head once.
     """
     if batch_size < 1:
         raise RolevecError(f"batch size must be at least 1, not {batch_size}")

@@ -470,7 +470,6 @@ _MOVED_TO_SCORING = frozenset(
         "length_batches",
         "ItemResult",
         "results_from_logits",
-        "_tolerance",
         "state_tolerance",
         "Resume",
         "LetterScorer",
