@@ -39,9 +39,9 @@ N_PROMPTS = 128
 
 def grid(adapter: Any, data: Path, positions: int) -> dict[str, Any]:
     """Counts of the paper preset's inferences for this model (see the module docstring)."""
-    from rolevec.data import domain_roles
-    from rolevec.mcq import load_mcq, make_split
-    from rolevec.sweep import default_layers
+    from rolevec.data.mcq import load_mcq, make_split
+    from rolevec.data.sources import domain_roles
+    from rolevec.evaluation.sweep import default_layers
 
     mcq = load_mcq(data / "mmlu_domains")
     split = make_split(mcq, seed=0, val_fraction=0.2)
@@ -89,13 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = Bench(args, "cost", quick_repeats=2)
     data = find_data(args.data)
 
-    from rolevec.activations import extract_role_vectors
-    from rolevec.data import load_base, load_role_prompts, sample
-    from rolevec.evaluation import Condition, evaluate_conditions, score
-    from rolevec.mcq import load_mcq, make_split
-    from rolevec.records import RecordStore
-    from rolevec.scoring import LetterScorer
-    from rolevec.sweep import default_layers, run_sweep
+    from rolevec.core.records import RecordStore
+    from rolevec.data.mcq import load_mcq, make_split
+    from rolevec.data.sources import load_base, load_role_prompts, sample
+    from rolevec.evaluation.conditions import Condition, evaluate_conditions, score
+    from rolevec.evaluation.scoring import LetterScorer
+    from rolevec.evaluation.sweep import default_layers, run_sweep
+    from rolevec.vectors.extraction import extract_role_vectors
 
     dtype = args.dtype
     adapter = load(dtype, args)

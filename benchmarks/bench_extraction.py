@@ -32,8 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = Bench(args, "extraction")
     data = find_data(args.data)
 
-    from rolevec.activations import extract_role_vectors
-    from rolevec.data import load_base, load_role_prompts, sample
+    from rolevec.data.sources import load_base, load_role_prompts, sample
+    from rolevec.vectors.extraction import extract_role_vectors
 
     n = args.n or (16 if args.quick else 64)
     roles = [r.strip() for r in args.roles.split(",") if r.strip()]

@@ -34,12 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = Bench(args, "generation", repeats=5, quick_repeats=3)
     data = find_data(args.data)
 
-    from rolevec.activations import extract_role_vectors
-    from rolevec.data import load_base, load_role_prompts, sample
-    from rolevec.folding import fold
-    from rolevec.generation import _decode
-    from rolevec.interventions import resolve_steering
-    from rolevec.model import ModelAdapter
+    from rolevec.data.sources import load_base, load_role_prompts, sample
+    from rolevec.model.loading import ModelAdapter
+    from rolevec.steering.folding import fold
+    from rolevec.steering.generation import _decode
+    from rolevec.steering.interventions import resolve_steering
+    from rolevec.vectors.extraction import extract_role_vectors
 
     adapter = load(args.dtype, args)
     bench.mark("load")

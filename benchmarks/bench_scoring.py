@@ -48,8 +48,8 @@ def compute_ceiling(
     kept for every batch; accelerators read whole rows) and skips the unembedding (four rows at one
     position are free). Attention's quadratic part and fixed per-forward costs are left out.
     """
-    from rolevec.prefix import PrefixMemo
-    from rolevec.scoring import batch_overhead_tokens, shares_prefix
+    from rolevec.model.batching import batch_overhead_tokens, shares_prefix
+    from rolevec.model.prefix import PrefixMemo
 
     prepared, _ = prepare(adapter, items)
     share = shares_prefix(adapter.device)  # accelerators read whole rows
@@ -93,8 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = find_data(args.data)
     per_domain = args.per_domain or (3 if args.quick else 16)
 
-    from rolevec.evaluation import score
-    from rolevec.scoring import LetterScorer, length_batches, prepare
+    from rolevec.evaluation.conditions import score
+    from rolevec.evaluation.scoring import LetterScorer, length_batches, prepare
 
     items = load_questions(data, per_domain)
     n = len(items)

@@ -104,14 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = Bench(args, "sweep", quick_repeats=2)
     data = find_data(args.data)
 
-    from rolevec.activations import extract_role_vectors
-    from rolevec.data import load_base, load_role_prompts, role_domain, sample
-    from rolevec.evaluation import Condition, score
-    from rolevec.interventions import add
-    from rolevec.mcq import load_mcq, make_split
-    from rolevec.records import RecordStore, read_records
-    from rolevec.scoring import LetterScorer
-    from rolevec.sweep import DEFAULT_MAX_CACHE_BYTES, default_layers, run_sweep
+    from rolevec.core.records import RecordStore, read_records
+    from rolevec.data.mcq import load_mcq, make_split
+    from rolevec.data.sources import load_base, load_role_prompts, role_domain, sample
+    from rolevec.evaluation.conditions import Condition, score
+    from rolevec.evaluation.scoring import LetterScorer
+    from rolevec.evaluation.sweep import DEFAULT_MAX_CACHE_BYTES, default_layers, run_sweep
+    from rolevec.steering.interventions import add
+    from rolevec.vectors.extraction import extract_role_vectors
 
     dtype = args.dtype
     adapter = load(dtype, args)

@@ -242,7 +242,7 @@ def model_label(model: str | None) -> str:
 def load(dtype: str, args: argparse.Namespace) -> Any:
     """The model of ``--model`` (default: the embedded SmolLM2-135M-Instruct) on ``--device`` in ``dtype``."""
     from rolevec.errors import RolevecError
-    from rolevec.model import load_model
+    from rolevec.model.loading import load_model
 
     try:
         if args.model is not None and args.model.startswith("random:"):
@@ -259,7 +259,7 @@ def random_model(shape: str, tokenizer: str | None, device: str, dtype: str) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from rolevec.errors import RolevecError
-    from rolevec.model import (
+    from rolevec.model.loading import (
         ModelAdapter,
         _load_tokenizer,
         embedded_model_file,
@@ -499,7 +499,7 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
 
 def load_questions(data: Path, per_domain: int, domains: Sequence[str] | None = None) -> list[Any]:
     """The first ``per_domain`` questions of each domain file, domains in alphabetical order."""
-    from rolevec.mcq import load_mcq
+    from rolevec.data.mcq import load_mcq
 
     mcq = load_mcq(data / "mmlu_domains", list(domains) if domains else None)
     return [it for d in sorted(mcq.items) for it in mcq.items[d][:per_domain]]
@@ -513,7 +513,7 @@ class NaiveScorer:
     """
 
     def __init__(self, adapter: Any, batch_size: int = 8) -> None:
-        from rolevec.scoring import PromptFormat
+        from rolevec.evaluation.scoring import PromptFormat
 
         self.adapter = adapter
         self.model = adapter.model

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rolevec.model import ModelAdapter
-from rolevec.testing import ARCHITECTURES, make_adapter
+from rolevec.model.loading import ModelAdapter
+from rolevec.model.testing import ARCHITECTURES, make_adapter
 
 PAPER_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "role-vectors-paper"
 
@@ -28,7 +28,7 @@ def tiny_llama() -> ModelAdapter:
 @pytest.fixture(scope="session")
 def embedded() -> ModelAdapter:
     """The real embedded SmolLM2-135M-Instruct (about 15 s to load, once per test session)."""
-    from rolevec.model import load_model
+    from rolevec.model.loading import load_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -48,7 +48,7 @@ def _no_hooks_leak_on_embedded(request: pytest.FixtureRequest) -> Iterator[None]
     """The embedded model is shared by the whole session: a test that leaves a hook on it fails here."""
     yield
     if "embedded" in request.fixturenames:
-        from rolevec.hooks import count_hooks
+        from rolevec.model.hooks import count_hooks
 
         model = request.getfixturevalue("embedded").model
         assert count_hooks(model) == 0, f"{request.node.name} left hooks on the shared embedded model"

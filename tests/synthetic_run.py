@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from rolevec.analysis import builtin_domains
-from rolevec.vectors import RoleVectors
+from rolevec.analysis.tables import builtin_domains
+from rolevec.vectors.role_vectors import RoleVectors
 
 DOMAINS = tuple(builtin_domains())
 ROLES = ("mathematician", "doctor", "lawyer")

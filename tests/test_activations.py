@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 import torch
 
-from rolevec.activations import encode_prompts, extract_role_vectors, mean_activations
-from rolevec.data import PromptSet, load_base, load_role_prompts, sample
+from rolevec.data.sources import PromptSet, load_base, load_role_prompts, sample
 from rolevec.errors import RolevecError
-from rolevec.hooks import count_hooks, hooked
-from rolevec.model import ModelAdapter
-from rolevec.testing import counted, make_adapter
+from rolevec.model.hooks import count_hooks, hooked
+from rolevec.model.loading import ModelAdapter
+from rolevec.model.testing import counted, make_adapter
+from rolevec.vectors.extraction import encode_prompts, extract_role_vectors, mean_activations
 
 PROMPTS = [
     "Prove that the square root of two is irrational.",
@@ -257,7 +257,7 @@ def test_embedded_parity_and_padding_on_paper_data(embedded: ModelAdapter, paper
 def test_shared_prefix_gives_the_same_means(tiny: ModelAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
     """The template's head runs once per run (plus once for the check); the read positions stay after the
     cut, even for identical prompts (whose common head is everything)."""
-    import rolevec.activations as activations
+    import rolevec.vectors.extraction as activations
 
     runs: list[int] = []
     monkeypatch.setattr(activations, "prefix_kv", counted(activations.prefix_kv, runs))
@@ -284,7 +284,7 @@ def test_a_prefix_cache_that_changes_activations_is_caught(
 ) -> None:
     """Two prompts of the first split batch are read both ways; if they disagree (simulated: the prefix's
     keys perturbed), extraction warns and reads full rows, giving the unshared means."""
-    import rolevec.activations as activations
+    import rolevec.vectors.extraction as activations
 
     real = activations.prefix_kv
 
@@ -312,7 +312,7 @@ def test_a_prefix_cache_that_changes_activations_is_caught(
 
 
 def test_state_tolerance_grows_with_depth_in_half_precision_only() -> None:
-    from rolevec.batching import state_tolerance
+    from rolevec.model.batching import state_tolerance
 
     assert state_tolerance(torch.float32, 30) == 1e-4
     assert 4e-2 < state_tolerance(torch.bfloat16, 30) < 5e-2  # SmolLM2's batch-shape noise is 2e-2
@@ -327,10 +327,10 @@ def test_prefix_check_accepts_bfloat16_rounding_on_the_quick_presets_prompts() -
     cache, and must not turn prefix sharing off (it did, with a 2e-2 tolerance)."""
     import warnings
 
-    import rolevec.activations as activations
-    from rolevec.data import load_base, load_role_prompts, sample
-    from rolevec.model import load_model
-    from rolevec.pipeline import PRESETS
+    import rolevec.vectors.extraction as activations
+    from rolevec.data.sources import load_base, load_role_prompts, sample
+    from rolevec.model.loading import load_model
+    from rolevec.study.pipeline import PRESETS
 
     quick = PRESETS["quick"]
     prompts = [

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from rolevec.analysis import (
+from rolevec.analysis.tables import (
     analyse,
     builtin_domains,
     load_records,

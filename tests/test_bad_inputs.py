@@ -1446,9 +1446,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import numpy as np
     from safetensors.torch import save_file
 
-    from rolevec.export import write_control_vector
-    from rolevec.testing import make_model, make_tokenizer
-    from rolevec.vectors import RoleVectors
+    from rolevec.model.testing import make_model, make_tokenizer
+    from rolevec.steering.export import write_control_vector
+    from rolevec.vectors.role_vectors import RoleVectors
 
     root = tmp_path_factory.mktemp("bad-inputs-assets")
     tokenizer = make_tokenizer()

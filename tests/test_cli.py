@@ -13,7 +13,7 @@ import torch
 
 from rolevec.cli import main
 from rolevec.errors import RolevecError
-from rolevec.testing import make_adapter
+from rolevec.model.testing import make_adapter
 from test_interventions import role_vectors, zero_at
 
 
@@ -167,7 +167,7 @@ def test_cli_messages_suggest_flags_the_command_has(
 def test_library_messages_suggest_flags_the_commands_have() -> None:
     """Messages raised below the CLI, for the commands that can reach them."""
     from rolevec.cli.steer_args import check_selection_model
-    from rolevec.interventions import Steering, resolve_steering
+    from rolevec.steering.interventions import Steering, resolve_steering
 
     tiny = make_adapter("llama")
     other = role_vectors(tiny, fingerprint="0123456789abcdef")

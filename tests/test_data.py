@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from rolevec.data import (
+from rolevec.data.sources import (
     PAPER_DOMAINS,
     PromptSet,
     available_roles,

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from rolevec.cli import main
-from rolevec.mcq import builtin_mcq_dir
-from rolevec.records import read_records, record_identity
-from rolevec.testing import make_adapter
-from rolevec.vectors import RoleVectors
+from rolevec.core.records import read_records, record_identity
+from rolevec.data.mcq import builtin_mcq_dir
+from rolevec.model.testing import make_adapter
+from rolevec.vectors.role_vectors import RoleVectors
 
 
 @pytest.fixture(scope="module")

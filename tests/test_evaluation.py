@@ -6,9 +6,10 @@ from typing import Any
 import pytest
 import torch
 
-from rolevec.batching import plan_batches
+from rolevec.core.records import RecordStore, read_records
+from rolevec.data.mcq import MCQItem, MCQSet, make_split
 from rolevec.errors import RolevecError
-from rolevec.evaluation import (
+from rolevec.evaluation.conditions import (
     Condition,
     applied,
     evaluate_conditions,
@@ -16,13 +17,12 @@ from rolevec.evaluation import (
     random_direction,
     score,
 )
-from rolevec.hooks import count_hooks
-from rolevec.mcq import MCQItem, MCQSet, make_split
-from rolevec.model import ModelAdapter
-from rolevec.records import RecordStore, read_records
-from rolevec.scoring import LetterScorer, PromptFormat, _batch, prepare
-from rolevec.testing import counted, make_adapter
-from rolevec.vectors import RoleVectors
+from rolevec.evaluation.scoring import LetterScorer, PromptFormat, _batch, prepare
+from rolevec.model.batching import plan_batches
+from rolevec.model.hooks import count_hooks
+from rolevec.model.loading import ModelAdapter
+from rolevec.model.testing import counted, make_adapter
+from rolevec.vectors.role_vectors import RoleVectors
 
 
 def items(n: int, domain: str = "math") -> list[MCQItem]:
@@ -120,7 +120,7 @@ def test_fast_scoring_equals_full_logits(tiny: ModelAdapter, share: bool) -> Non
 def test_condition_steering_applies_each_condition_with_its_own_vector(tiny_llama: ModelAdapter) -> None:
     """``Condition.steering`` (what evaluation and the sweep steer with) against the interventions called
     directly: addition of the role vector, its random control, ablation of its direction."""
-    from rolevec.interventions import ablate, add
+    from rolevec.steering.interventions import ablate, add
 
     vecs = vectors_for(tiny_llama)
     prepared, _ = prepare(tiny_llama, items(5))
@@ -280,7 +280,7 @@ def test_a_forward_costs_more_tokens_on_a_gpu_so_batches_fill_up() -> None:
     padding is far costlier (the H200 benchmark: 13 forwards of up to 64 rows were no faster than 16 of 8)."""
     import random
 
-    from rolevec.batching import batch_overhead_tokens
+    from rolevec.model.batching import batch_overhead_tokens
 
     assert batch_overhead_tokens(torch.device("cpu")) == 64
     gpu = batch_overhead_tokens(torch.device("cuda"))
@@ -333,7 +333,7 @@ def test_test_stage_additions_share_the_lower_layers(arch: str, tmp_path: Path) 
 
 def break_resume(monkeypatch: pytest.MonkeyPatch) -> None:
     """Simulate an architecture that cannot be resumed mid-stack: advanced residuals drift."""
-    import rolevec.scoring as resume_module
+    import rolevec.evaluation.scoring as resume_module
 
     real = resume_module.residual_at
 
@@ -359,7 +359,7 @@ def test_accelerators_score_whole_rows_with_the_same_logits(
 ) -> None:
     """Where ``shares_prefix`` says no (accelerators), no prefix is run and the letter logits stay the
     same as with the shared head."""
-    import rolevec.scoring as scoring
+    import rolevec.evaluation.scoring as scoring
 
     assert scoring.shares_prefix(torch.device("cpu"))
     assert not scoring.shares_prefix(torch.device("cuda"))

@@ -12,7 +12,10 @@ import torch
 
 from rolevec.cli import main
 from rolevec.errors import RolevecError
-from rolevec.export import (
+from rolevec.model.hooks import hooked, output_hook
+from rolevec.model.loading import ModelAdapter
+from rolevec.model.testing import make_adapter
+from rolevec.steering.export import (
     export_control_vector,
     export_lm_eval,
     lm_eval_config,
@@ -22,11 +25,8 @@ from rolevec.export import (
     steering_from_control_vector,
     write_control_vector,
 )
-from rolevec.folding import steered_logits
-from rolevec.hooks import hooked, output_hook
-from rolevec.interventions import Steering
-from rolevec.model import ModelAdapter
-from rolevec.testing import make_adapter
+from rolevec.steering.folding import steered_logits
+from rolevec.steering.interventions import Steering
 from test_interventions import role_vectors, zero_at
 
 PROMPTS = ["Explain how eigenvalues relate to stability."]
@@ -233,7 +233,7 @@ def test_export_cli(
 def test_generate_cli_reads_a_control_vector(
     tmp_path: Path, saved_tiny: tuple[list[str], ModelAdapter], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from rolevec.generation import generate
+    from rolevec.steering.generation import generate
 
     opts, tiny = saved_tiny
     steering = _steering(tiny.hidden_size, layers=(2,), alpha=3.0)

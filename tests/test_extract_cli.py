@@ -10,9 +10,9 @@ import torch
 
 from rolevec.cli import main
 from rolevec.errors import RolevecError
-from rolevec.model import ModelAdapter, load_model
-from rolevec.testing import make_adapter
-from rolevec.vectors import RoleVectors
+from rolevec.model.loading import ModelAdapter, load_model
+from rolevec.model.testing import make_adapter
+from rolevec.vectors.role_vectors import RoleVectors
 
 ROLE_PROMPTS = {
     "mathematician": ["Prove that 2 is prime.", "Integrate x squared.", "Define a ring.", "Define a ring."],
@@ -187,7 +187,7 @@ def test_interrupted_run_leaves_no_file(
     def interrupted_forward(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("rolevec.activations._accumulate", interrupted_forward)
+    monkeypatch.setattr("rolevec.vectors.extraction._accumulate", interrupted_forward)
     assert main(argv) == 130
     assert not out.exists()
 

@@ -11,7 +11,10 @@ import torch
 
 from rolevec.cli import main
 from rolevec.errors import RolevecError
-from rolevec.folding import (
+from rolevec.model.hooks import count_hooks
+from rolevec.model.loading import ModelAdapter
+from rolevec.model.testing import make_adapter
+from rolevec.steering.folding import (
     fold,
     fold_,
     fold_problem,
@@ -20,10 +23,7 @@ from rolevec.folding import (
     verify_fold,
     write_folder,
 )
-from rolevec.hooks import count_hooks
-from rolevec.interventions import Steering
-from rolevec.model import ModelAdapter
-from rolevec.testing import make_adapter
+from rolevec.steering.interventions import Steering
 from test_interventions import role_vectors
 
 PROMPTS = ["Explain how eigenvalues relate to stability.", "Hi"]
@@ -273,7 +273,7 @@ def test_fold_cli_refuses_inexact_architecture(tmp_path: Path, capsys: pytest.Ca
 @pytest.mark.e2e
 def test_fold_embedded_matches_hooks(embedded: ModelAdapter) -> None:
     """SmolLM2 (GGUF-loaded, tied embeddings): mlp_bias fold, reloadable config, hooked logits."""
-    from rolevec.folding import check_reloadable
+    from rolevec.steering.folding import check_reloadable
 
     gen = torch.Generator().manual_seed(0)
     d = torch.randn(embedded.hidden_size, generator=gen)

@@ -11,11 +11,11 @@ import torch
 
 from rolevec.cli import main
 from rolevec.errors import RolevecError
-from rolevec.generation import TextStream, generate, generate_batch
-from rolevec.hooks import count_hooks, hooked, input_hook
-from rolevec.interventions import Steering
-from rolevec.model import ModelAdapter
-from rolevec.testing import make_adapter
+from rolevec.model.hooks import count_hooks, hooked, input_hook
+from rolevec.model.loading import ModelAdapter
+from rolevec.model.testing import make_adapter
+from rolevec.steering.generation import TextStream, generate, generate_batch
+from rolevec.steering.interventions import Steering
 from test_interventions import role_vectors, zero_at
 
 PROMPTS = ["Explain eigenvalues.", "Hi", "What is the standard dose of amoxicillin for a child?"]

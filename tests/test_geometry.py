@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from rolevec.analysis.geometry import Site, common_site, cosine_matrix, norms_by_layer, pca_2d, role_geometry
 from rolevec.errors import RolevecError
-from rolevec.geometry import Site, common_site, cosine_matrix, norms_by_layer, pca_2d, role_geometry
-from rolevec.vectors import RoleVectors
+from rolevec.vectors.role_vectors import RoleVectors
 from synthetic_run import make_selection, make_vectors
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from rolevec.errors import RolevecError
-from rolevec.hooks import StopForward, count_hooks, hooked, input_hook, output_hook, skipped
-from rolevec.model import ModelAdapter
+from rolevec.model.hooks import StopForward, count_hooks, hooked, input_hook, output_hook, skipped
+from rolevec.model.loading import ModelAdapter
 
 
 def _logits(adapter: ModelAdapter) -> torch.Tensor:

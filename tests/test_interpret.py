@@ -10,9 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from rolevec.errors import RolevecError
-from rolevec.hooks import count_hooks, hooked, input_hook
-from rolevec.interpret import (
+from rolevec.analysis.interpret import (
     DEFAULT_PROMPT,
     FORMAT,
     greedy_ids,
@@ -25,10 +23,12 @@ from rolevec.interpret import (
     placeholder_positions,
     save_interpret,
 )
-from rolevec.interventions import Steering
-from rolevec.model import ModelAdapter
-from rolevec.testing import make_adapter
-from rolevec.vectors import RoleVectors
+from rolevec.errors import RolevecError
+from rolevec.model.hooks import count_hooks, hooked, input_hook
+from rolevec.model.loading import ModelAdapter
+from rolevec.model.testing import make_adapter
+from rolevec.steering.interventions import Steering
+from rolevec.vectors.role_vectors import RoleVectors
 
 
 # --- a fake OpenAI-compatible judge on 127.0.0.1 ------------------------------------------------------

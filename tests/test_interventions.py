@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from rolevec.errors import RolevecError
-from rolevec.hooks import count_hooks, hooked, input_hook, output_hook
-from rolevec.interventions import Steering, ablate, resolve_steering
-from rolevec.model import ModelAdapter
-from rolevec.testing import make_adapter
-from rolevec.vectors import RoleVectors
+from rolevec.model.hooks import count_hooks, hooked, input_hook, output_hook
+from rolevec.model.loading import ModelAdapter
+from rolevec.model.testing import make_adapter
+from rolevec.steering.interventions import Steering, ablate, resolve_steering
+from rolevec.vectors.role_vectors import RoleVectors
 
 TEXTS = ["Explain how eigenvalues relate to stability.", "Hi", "What is the dose of amoxicillin?"]
 
@@ -223,8 +223,8 @@ def zero_at(vectors: RoleVectors, layer: int, *, role: str = "doctor", noise: fl
 def test_layer_0_vector_is_zero_after_extraction(tiny_llama: ModelAdapter) -> None:
     """Why the refusal below explains layer 0 as it does: block 0's input at the template positions is
     the embedding of the same template tokens for every prompt, so μ − ν is exactly zero there."""
-    from rolevec.activations import extract_role_vectors
-    from rolevec.data import PromptSet
+    from rolevec.data.sources import PromptSet
+    from rolevec.vectors.extraction import extract_role_vectors
 
     role = PromptSet("doctor", ("Treat a mild fever.", "Explain blood pressure."), "test")
     base = PromptSet("base", ("Write a poem.", "Name two animals, please, and say why."), "test")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from rolevec.errors import RolevecError
-from rolevec.hooks import count_hooks, hooked, input_hook
-from rolevec.interventions import ablate, add
-from rolevec.model import ModelAdapter
+from rolevec.model.hooks import count_hooks, hooked, input_hook
+from rolevec.model.loading import ModelAdapter
+from rolevec.steering.interventions import ablate, add
 
 
 def _residuals(adapter: ModelAdapter, texts: list[str]) -> tuple[list[torch.Tensor], torch.Tensor]:

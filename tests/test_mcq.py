@@ -10,9 +10,7 @@ from typing import Any
 
 import pytest
 
-from rolevec.data import role_domain
-from rolevec.errors import RolevecError
-from rolevec.mcq import (
+from rolevec.data.mcq import (
     DOMAINS,
     MCQSet,
     Split,
@@ -23,6 +21,8 @@ from rolevec.mcq import (
     make_split,
     parse_domains,
 )
+from rolevec.data.sources import role_domain
+from rolevec.errors import RolevecError
 
 
 def _item(i: int, subject: str = "college_mathematics", **kw: Any) -> dict[str, Any]:
@@ -65,7 +65,7 @@ def test_default_dir_prefers_env_then_shared_then_builtin(tmp_path: Path) -> Non
 
 
 def test_default_dir_falls_back_to_builtin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import rolevec.mcq as mcq_module
+    import rolevec.data.mcq as mcq_module
 
     monkeypatch.setattr(mcq_module, "SHARED_RELATIVE", Path("no-such-folder-anywhere"))
     path, kind = default_mcq_dir(tmp_path, env={})
@@ -147,7 +147,7 @@ def test_hf_loader_maps_subjects_to_domains(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def _mcq(n_per_subject: dict[str, int], domain: str = "math") -> MCQSet:
-    from rolevec.mcq import MCQItem
+    from rolevec.data.mcq import MCQItem
 
     items = []
     for subject, n in n_per_subject.items():
@@ -290,7 +290,7 @@ def test_split_without_repeats_is_exactly_the_old_split() -> None:
 
 def _with_repeats() -> MCQSet:
     """40 questions, 11 of them with copies (one copy under another subject), 60 items in all."""
-    from rolevec.mcq import MCQItem
+    from rolevec.data.mcq import MCQItem
 
     items: list[MCQItem] = []
 
@@ -367,7 +367,7 @@ def test_load_warns_once_about_repeats(tmp_path: Path) -> None:
 
 
 def test_paper_data_repeats_are_kept_together(paper_data: Path) -> None:
-    from rolevec.mcq import repeated_questions
+    from rolevec.data.mcq import repeated_questions
 
     with pytest.warns(UserWarning, match="repeats questions"):
         mcq = load_mcq(paper_data / "mmlu_domains")
@@ -433,7 +433,7 @@ def test_old_split_with_straddling_copies_is_kept_as_stored(tmp_path: Path) -> N
 
 
 def test_too_few_distinct_questions_for_a_split() -> None:
-    from rolevec.mcq import MCQItem
+    from rolevec.data.mcq import MCQItem
 
     same = [MCQItem(f"law/{i}", "law", "same?", ("a", "b", "c", "d"), "A", "x") for i in range(6)]
     with pytest.raises(RolevecError, match=r"domain law has 6 question\(s\) \(1 distinct\): too few"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rolevec.errors import RolevecError
-from rolevec.model import (
+from rolevec.model.loading import (
     ModelAdapter,
     check_gguf,
     load_model,
@@ -18,7 +18,7 @@ from rolevec.model import (
     resolve_device,
     resolve_dtype,
 )
-from rolevec.testing import make_adapter, make_model, make_tokenizer
+from rolevec.model.testing import make_adapter, make_model, make_tokenizer
 
 EXPECTED_WRITERS = {
     "llama": ("self_attn.o_proj", "mlp.down_proj"),

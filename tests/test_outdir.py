@@ -1,7 +1,7 @@
 """The one ``--force`` rule, as a user meets it: every command that writes a folder, on a folder of every
 kind, with a user's file inside; typos and broken inputs under ``--force``; interrupts and kills midway.
 
-Each test here failed before :mod:`rolevec.outdir` (fold replaced a run folder, run/evaluate deleted
+Each test here failed before :mod:`rolevec.core.outdir` (fold replaced a run folder, run/evaluate deleted
 results before checking their inputs, a failed run pinned its settings, nothing was set aside).
 """
 
@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from rolevec.cli import main
-from rolevec.outdir import OWNERS_NAME, TRASH_NAME
-from rolevec.records import RecordStore
+from rolevec.core.outdir import OWNERS_NAME, TRASH_NAME
+from rolevec.core.records import RecordStore
 from snapshots import changes, snapshot
 
 NOTE = b"my notes: do not lose these\n"
@@ -40,7 +40,7 @@ QUESTIONS = [
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model, role/base/question files, a finished ``rolevec run`` folder and a folded checkpoint."""
-    from rolevec.testing import make_model, make_tokenizer
+    from rolevec.model.testing import make_model, make_tokenizer
 
     root = tmp_path_factory.mktemp("outdir")
     tokenizer = make_tokenizer()
@@ -270,7 +270,7 @@ def slow_child(made: Path, tmp_path: Path) -> Iterator[tuple[Path, subprocess.Po
     argv = _argv("evaluate", made, target, "--force")
     code = (
         "import sys, time\n"
-        "from rolevec.records import RecordStore\n"
+        "from rolevec.core.records import RecordStore\n"
         "RecordStore.append = lambda self, records: time.sleep(600)\n"
         "from rolevec.cli import main\n"
         f"sys.exit(main({argv!r}))\n"

@@ -6,11 +6,11 @@ from xml.etree import ElementTree
 
 import pytest
 
+from rolevec.core.records import read_records
+from rolevec.data.mcq import builtin_mcq_dir
 from rolevec.errors import RolevecError
-from rolevec.mcq import builtin_mcq_dir
-from rolevec.pipeline import PRESETS, StudyConfig, config_from, read_config_file, run_study
-from rolevec.records import read_records
-from rolevec.testing import make_adapter
+from rolevec.model.testing import make_adapter
+from rolevec.study.pipeline import PRESETS, StudyConfig, config_from, read_config_file, run_study
 
 ARTEFACTS = (
     "prompts.json",

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from rolevec.errors import RolevecError
-from rolevec.hooks import count_hooks
-from rolevec.model import ModelAdapter
-from rolevec.prefix import (
+from rolevec.evaluation.scoring import LetterScorer, _batch, iter_scores, prepare
+from rolevec.model.hooks import count_hooks
+from rolevec.model.loading import ModelAdapter
+from rolevec.model.prefix import (
     PrefixKV,
     PrefixMemo,
     PrefixSplit,
@@ -15,7 +16,6 @@ from rolevec.prefix import (
     prefix_kv,
     split_prefix,
 )
-from rolevec.scoring import LetterScorer, _batch, iter_scores, prepare
 from test_evaluation import items
 
 
@@ -52,7 +52,7 @@ def test_probe_drops_prefix_sharing_when_it_changes_logits(
 ) -> None:
     """A cache that does not reproduce the prefix (simulated: its keys perturbed) is caught by the probe;
     the scorer goes on with full rows and the fast path."""
-    import rolevec.scoring as scoring
+    import rolevec.evaluation.scoring as scoring
 
     real = scoring.prefix_kv
 
@@ -111,7 +111,7 @@ def test_split_cuts_at_the_run_head(tiny_llama: ModelAdapter) -> None:
 
 def test_memo_runs_the_head_once_per_run(tiny_llama: ModelAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every batch of a scoring run reuses the head computed for the first; the logits match full rows."""
-    import rolevec.scoring as scoring
+    import rolevec.evaluation.scoring as scoring
 
     calls: list[int] = []
     real = scoring.prefix_kv

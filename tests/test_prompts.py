@@ -14,10 +14,7 @@ import pytest
 import torch
 
 from rolevec.cli import main
-from rolevec.data import load_prompts
-from rolevec.errors import RolevecError
-from rolevec.model import ModelAdapter
-from rolevec.prompts import (
+from rolevec.data.prompts import (
     TASK_TYPES,
     LocalGenerator,
     OpenAIGenerator,
@@ -26,6 +23,9 @@ from rolevec.prompts import (
     load_personas,
     select_personas,
 )
+from rolevec.data.sources import load_prompts
+from rolevec.errors import RolevecError
+from rolevec.model.loading import ModelAdapter
 
 PERSONAS = [
     "A retired mathematician who loves number theory puzzles.",
@@ -312,7 +312,7 @@ def test_prompts_cli_with_the_embedded_model(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr("rolevec.model.load_model", lambda *args, **kwargs: embedded)
+    monkeypatch.setattr("rolevec.model.loading.load_model", lambda *args, **kwargs: embedded)
     out = tmp_path / "m.json"
     argv = ["prompts", "--role", "mathematician", "--personas", str(_personas_file(tmp_path)), "--n", "1"]
     assert (

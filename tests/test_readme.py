@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import rolevec
-from rolevec.model import ModelAdapter
+from rolevec.model.loading import ModelAdapter
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

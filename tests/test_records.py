@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from rolevec.errors import RolevecError
-from rolevec.records import (
+from rolevec.core.records import (
     FIELDS,
     RecordStore,
     check_settings,
@@ -21,6 +20,7 @@ from rolevec.records import (
     read_records,
     record_identity,
 )
+from rolevec.errors import RolevecError
 
 
 def _record(qid: str, alpha: float | None = 1.0, condition: str = "add") -> dict[str, Any]:
@@ -90,7 +90,7 @@ def test_second_writer_is_refused(tmp_path: Path) -> None:
 WRITER = textwrap.dedent(
     """
     import sys
-    from rolevec.records import RecordStore
+    from rolevec.core.records import RecordStore
     path, start = sys.argv[1], int(sys.argv[2])
     store = RecordStore(path)
     for batch in range(start, 100000):

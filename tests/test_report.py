@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from rolevec.analysis import analyse, load_records
+from rolevec.analysis.interpret import interpret_roles, save_interpret
+from rolevec.analysis.report import write_report
+from rolevec.analysis.tables import analyse, load_records
 from rolevec.cli import main
 from rolevec.errors import RolevecError
-from rolevec.interpret import interpret_roles, save_interpret
-from rolevec.report import write_report
-from rolevec.testing import make_adapter
+from rolevec.model.testing import make_adapter
 from synthetic_run import make_run_dir, make_selection, make_vectors
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}

@@ -4,11 +4,18 @@ from typing import Any
 
 import torch
 
-from rolevec.evaluation import Condition, score
-from rolevec.hooks import count_hooks
-from rolevec.interventions import Steering
-from rolevec.scoring import ItemResult, LetterScorer, cache_batches, cache_groups, prepare, score_additions
-from rolevec.testing import make_adapter
+from rolevec.evaluation.conditions import Condition, score
+from rolevec.evaluation.scoring import (
+    ItemResult,
+    LetterScorer,
+    cache_batches,
+    cache_groups,
+    prepare,
+    score_additions,
+)
+from rolevec.model.hooks import count_hooks
+from rolevec.model.testing import make_adapter
+from rolevec.steering.interventions import Steering
 from test_evaluation import items, vectors_for
 
 

@@ -1,4 +1,5 @@
-"""The one grammar for layers, positions and α (rolevec.spec), as the config, the CLI and Python read it."""
+"""The one grammar for layers, positions and α (rolevec.core.spec), as the config, the CLI and Python read
+it."""
 
 from __future__ import annotations
 
@@ -6,8 +7,7 @@ import math
 
 import pytest
 
-from rolevec.errors import RolevecError
-from rolevec.spec import (
+from rolevec.core.spec import (
     check_alpha,
     default_layers,
     parse_alphas,
@@ -15,6 +15,7 @@ from rolevec.spec import (
     parse_layers,
     parse_positions,
 )
+from rolevec.errors import RolevecError
 
 
 def test_layer_ranges_are_half_open_with_open_ends_closed_by_the_model() -> None:

@@ -6,11 +6,11 @@ import json
 import warnings
 from pathlib import Path
 
-from rolevec.evaluation import Condition, EvaluationReport, evaluate_conditions
-from rolevec.mcq import MCQItem, MCQSet, make_split
-from rolevec.model import ModelAdapter
-from rolevec.records import read_records
-from rolevec.stages import open_records, select_sites
+from rolevec.core.records import read_records
+from rolevec.data.mcq import MCQItem, MCQSet, make_split
+from rolevec.evaluation.conditions import Condition, EvaluationReport, evaluate_conditions
+from rolevec.model.loading import ModelAdapter
+from rolevec.study.stages import open_records, select_sites
 from test_evaluation import vectors_for
 
 

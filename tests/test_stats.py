@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from rolevec.stats import format_table, mcnemar, per_subject, relative_change, summarize, wilson
+from rolevec.analysis.stats import format_table, mcnemar, per_subject, relative_change, summarize, wilson
 
 
 def test_wilson_known_values() -> None:

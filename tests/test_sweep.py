@@ -9,24 +9,38 @@ from typing import Any
 import pytest
 import torch
 
-import rolevec.scoring as resume_module
-import rolevec.sweep as sweep_module
+import rolevec.evaluation.scoring as resume_module
+import rolevec.evaluation.sweep as sweep_module
+from rolevec.core.records import RecordStore, read_records
+from rolevec.data.mcq import MCQItem, MCQSet, make_split
 from rolevec.errors import RolevecError
-from rolevec.evaluation import Condition, applied, score
-from rolevec.hooks import count_hooks
-from rolevec.interventions import Steering
-from rolevec.mcq import MCQItem, MCQSet, make_split
-from rolevec.model import ModelAdapter
-from rolevec.records import RecordStore, read_records
-from rolevec.scoring import LetterScorer, Work, _batch, cache_batches, prepare, residual_at, stack_rows
-from rolevec.selection import check_held_out, load_selection, select, selected_site, write_selection
-from rolevec.sweep import (
+from rolevec.evaluation.conditions import Condition, applied, score
+from rolevec.evaluation.scoring import (
+    LetterScorer,
+    Work,
+    _batch,
+    cache_batches,
+    prepare,
+    residual_at,
+    stack_rows,
+)
+from rolevec.evaluation.selection import (
+    check_held_out,
+    load_selection,
+    select,
+    selected_site,
+    write_selection,
+)
+from rolevec.evaluation.sweep import (
     GridRow,
     grid_rows,
     run_sweep,
     write_sweep_file,
 )
-from rolevec.testing import make_adapter
+from rolevec.model.hooks import count_hooks
+from rolevec.model.loading import ModelAdapter
+from rolevec.model.testing import make_adapter
+from rolevec.steering.interventions import Steering
 from test_evaluation import break_resume, items, vectors_for
 
 
@@ -317,7 +331,7 @@ def test_layer_step_and_zero_vectors_are_skipped(tmp_path: Path) -> None:
 def test_mid_stack_check_passes_in_bfloat16_on_embedded_model() -> None:
     """Half precision moves single large activations of SmolLM2 by several units when the batch shape
     changes; the check must still accept a correct resume there, or the sweep silently loses its reuse."""
-    from rolevec.model import load_model
+    from rolevec.model.loading import load_model
 
     adapter = load_model(None, dtype="bfloat16")
     prepared, _ = prepare(adapter, items(4))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from rolevec.errors import RolevecError
-from rolevec.testing import make_adapter
-from rolevec.vectors import RoleVectors
+from rolevec.model.testing import make_adapter
+from rolevec.vectors.role_vectors import RoleVectors
 
 
 def _vectors(n_layers: int = 3, hidden: int = 32) -> RoleVectors:

@@ -13,54 +13,57 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import _moved
 from ._version import __version__
 from .errors import RolevecError
+
+_moved.install()
 
 #: Public name -> module that defines it (relative to the package).
 _EXPORTS: dict[str, str] = {
     # the model and its hooks
-    "ModelAdapter": "model",
-    "load_model": "model",
+    "ModelAdapter": "model.loading",
+    "load_model": "model.loading",
     # prompt data and vectors
-    "PromptSet": "data",
-    "load_prompts": "data",
-    "load_role_prompts": "data",
-    "load_base": "data",
-    "sample": "data",
-    "available_roles": "data",
-    "mean_activations": "activations",
-    "extract_role_vectors": "activations",
-    "RoleVectors": "vectors",
+    "PromptSet": "data.sources",
+    "load_prompts": "data.sources",
+    "load_role_prompts": "data.sources",
+    "load_base": "data.sources",
+    "sample": "data.sources",
+    "available_roles": "data.sources",
+    "mean_activations": "vectors.extraction",
+    "extract_role_vectors": "vectors.extraction",
+    "RoleVectors": "vectors.role_vectors",
     # steering
-    "Steering": "interventions",
-    "resolve_steering": "interventions",
-    "generate": "generation",
-    "fold": "folding",
-    "save_folded": "folding",
-    "export_control_vector": "export",
-    "export_lm_eval": "export",
-    "steering_from_control_vector": "export",
+    "Steering": "steering.interventions",
+    "resolve_steering": "steering.interventions",
+    "generate": "steering.generation",
+    "fold": "steering.folding",
+    "save_folded": "steering.folding",
+    "export_control_vector": "steering.export",
+    "export_lm_eval": "steering.export",
+    "steering_from_control_vector": "steering.export",
     # questions, scoring and evaluation
-    "MCQItem": "mcq",
-    "MCQSet": "mcq",
-    "Split": "mcq",
-    "load_mcq": "mcq",
-    "make_split": "mcq",
-    "PromptFormat": "scoring",
-    "Condition": "evaluation",
-    "LetterScorer": "scoring",
-    "score": "evaluation",
-    "evaluate_conditions": "evaluation",
-    "RecordStore": "records",
-    "read_records": "records",
+    "MCQItem": "data.mcq",
+    "MCQSet": "data.mcq",
+    "Split": "data.mcq",
+    "load_mcq": "data.mcq",
+    "make_split": "data.mcq",
+    "PromptFormat": "evaluation.scoring",
+    "Condition": "evaluation.conditions",
+    "LetterScorer": "evaluation.scoring",
+    "score": "evaluation.conditions",
+    "evaluate_conditions": "evaluation.conditions",
+    "RecordStore": "core.records",
+    "read_records": "core.records",
     # the study and its report
-    "StudyConfig": "pipeline",
-    "config_from": "pipeline",
-    "run_study": "pipeline",
-    "select_sites": "stages",
-    "open_records": "stages",
-    "write_report": "report",
-    "analyse": "analysis",
+    "StudyConfig": "study.pipeline",
+    "config_from": "study.pipeline",
+    "run_study": "study.pipeline",
+    "select_sites": "study.stages",
+    "open_records": "study.stages",
+    "write_report": "analysis.report",
+    "analyse": "analysis.tables",
 }
 
 __all__ = [
@@ -107,22 +110,22 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .activations import extract_role_vectors, mean_activations
-    from .analysis import analyse
-    from .data import PromptSet, available_roles, load_base, load_prompts, load_role_prompts, sample
-    from .evaluation import Condition, evaluate_conditions, score
-    from .export import export_control_vector, export_lm_eval, steering_from_control_vector
-    from .folding import fold, save_folded
-    from .generation import generate
-    from .interventions import Steering, resolve_steering
-    from .mcq import MCQItem, MCQSet, Split, load_mcq, make_split
-    from .model import ModelAdapter, load_model
-    from .pipeline import StudyConfig, config_from, run_study
-    from .records import RecordStore, read_records
-    from .report import write_report
-    from .scoring import LetterScorer, PromptFormat
-    from .stages import open_records, select_sites
-    from .vectors import RoleVectors
+    from .analysis.report import write_report
+    from .analysis.tables import analyse
+    from .core.records import RecordStore, read_records
+    from .data.mcq import MCQItem, MCQSet, Split, load_mcq, make_split
+    from .data.sources import PromptSet, available_roles, load_base, load_prompts, load_role_prompts, sample
+    from .evaluation.conditions import Condition, evaluate_conditions, score
+    from .evaluation.scoring import LetterScorer, PromptFormat
+    from .model.loading import ModelAdapter, load_model
+    from .steering.export import export_control_vector, export_lm_eval, steering_from_control_vector
+    from .steering.folding import fold, save_folded
+    from .steering.generation import generate
+    from .steering.interventions import Steering, resolve_steering
+    from .study.pipeline import StudyConfig, config_from, run_study
+    from .study.stages import open_records, select_sites
+    from .vectors.extraction import extract_role_vectors, mean_activations
+    from .vectors.role_vectors import RoleVectors
 
 
 def __getattr__(name: str) -> Any:

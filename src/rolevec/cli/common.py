@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from ..model import ModelAdapter
+    from ..model.loading import ModelAdapter
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +40,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def load_from_args(args: argparse.Namespace, *, dtype: str | None = None) -> ModelAdapter:
     """The model the flags name; ``dtype`` overrides ``--dtype`` (a config file's choice, say)."""
-    from ..model import load_model
+    from ..model.loading import load_model
 
     return load_model(
         args.model,
@@ -95,8 +95,8 @@ def fraction(value: str) -> float:
 
 def check_out(path: str, force: bool, example: str | None = None) -> Path:
     """A file --out, before any work: not a folder, not an existing file without --force, writable."""
+    from ..core.files import check_writable
     from ..errors import RolevecError
-    from ..files import check_writable
 
     out = Path(path).expanduser()
     if out.is_dir():

@@ -17,7 +17,7 @@ from ..errors import RolevecError
 from .common import add_model_args, fraction, load_from_args, plain_warnings, positive_int
 
 if TYPE_CHECKING:
-    from ..mcq import MCQSet
+    from ..data.mcq import MCQSet
 
 CONDITION_NAMES = ("baseline", "persona", "add", "ablate", "random")
 
@@ -121,8 +121,8 @@ def planned_split(run_dir: Path, mcq: Any, *, command: str, force: bool, **split
     about to be set aside), so every check runs before anything in the folder changes."""
     import tempfile
 
-    from ..mcq import ensure_split
-    from ..outdir import stored_path
+    from ..core.outdir import stored_path
+    from ..data.mcq import ensure_split
 
     if not force:
         stored = stored_path(run_dir, "split.json", command, force=False)
@@ -132,7 +132,7 @@ def planned_split(run_dir: Path, mcq: Any, *, command: str, force: bool, **split
 
 
 def load_questions(args: argparse.Namespace, domains: Sequence[str] | None) -> MCQSet:
-    from ..mcq import load_mcq
+    from ..data.mcq import load_mcq
 
     mcq = load_mcq(args.mcq_dir, domains, skip_bad=args.skip_bad)
     kind = {
@@ -150,11 +150,11 @@ def load_questions(args: argparse.Namespace, domains: Sequence[str] | None) -> M
 
 
 def prompt_format_from_args(args: argparse.Namespace) -> Any:
-    from ..scoring import PAPER_TEMPLATE, PromptFormat
+    from ..evaluation.scoring import PAPER_TEMPLATE, PromptFormat
 
     template = PAPER_TEMPLATE
     if args.prompt_file:
-        from ..files import read_text
+        from ..core.files import read_text
 
         template = read_text(args.prompt_file, what="--prompt-file").rstrip("\n")
         try:
@@ -167,7 +167,7 @@ def prompt_format_from_args(args: argparse.Namespace) -> Any:
 def write_command_manifest(
     run_dir: Path, command: str, args: argparse.Namespace, adapter: Any, extra: dict[str, Any]
 ) -> None:
-    from ..manifest import build_manifest, write_manifest
+    from ..model.manifest import build_manifest, write_manifest
 
     manifest = build_manifest(
         {k: v for k, v in vars(args).items() if k != "func"}, adapter, {"command": command, **extra}
@@ -183,9 +183,9 @@ def split_list(text: str | None) -> list[str]:
 
 
 def _conditions(args: argparse.Namespace, adapter: Any, vectors: Any) -> list[Any]:
-    from ..evaluation import Condition
-    from ..interventions import ablation_problem
-    from ..selection import load_selection, selected_site
+    from ..evaluation.conditions import Condition
+    from ..evaluation.selection import load_selection, selected_site
+    from ..steering.interventions import ablation_problem
 
     kinds = split_list(args.conditions)
     unknown = [k for k in kinds if k not in CONDITION_NAMES]
@@ -245,7 +245,7 @@ def _conditions(args: argparse.Namespace, adapter: Any, vectors: Any) -> list[An
 
 
 def _base_split(args: argparse.Namespace, run_dir: Path) -> Any:
-    from ..mcq import Split
+    from ..data.mcq import Split
 
     if args.split_file:
         return Split.load(args.split_file)
@@ -262,12 +262,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..evaluation import run_settings
-    from ..mcq import ensure_split, parse_domains
-    from ..outdir import check_run_folder, prepare, stored_path
-    from ..records import SETTINGS_NAME, check_settings, compare_settings
-    from ..selection import check_held_out, load_selection
-    from ..vectors import RoleVectors
+    from ..core.outdir import check_run_folder, prepare, stored_path
+    from ..core.records import SETTINGS_NAME, check_settings, compare_settings
+    from ..data.mcq import ensure_split, parse_domains
+    from ..evaluation.conditions import run_settings
+    from ..evaluation.selection import check_held_out, load_selection
+    from ..vectors.role_vectors import RoleVectors
 
     # Every input is checked before the folder changes: flags and files first, before the model loads.
     run_dir = check_run_folder(args.out, "evaluate", force=args.force)
@@ -317,12 +317,12 @@ def _evaluate(
     prompt_format: Any,
     domains: list[str] | None,
 ) -> None:
-    from ..evaluation import evaluate_conditions
-    from ..files import atomic_write
-    from ..records import read_records, record_identity
-    from ..scoring import LetterScorer
-    from ..stages import open_records
-    from ..stats import format_table, per_subject, summarize
+    from ..analysis.stats import format_table, per_subject, summarize
+    from ..core.files import atomic_write
+    from ..core.records import read_records, record_identity
+    from ..evaluation.conditions import evaluate_conditions
+    from ..evaluation.scoring import LetterScorer
+    from ..study.stages import open_records
 
     doms = domains if domains is not None else mcq.domains
     scorer = LetterScorer(adapter)

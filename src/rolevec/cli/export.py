@@ -48,10 +48,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..core.spec import parse_layers
     from ..errors import RolevecError
-    from ..export import PT_DTYPES, export_control_vector, export_lm_eval, llama_cpp_index
-    from ..interventions import resolve_steering
-    from ..spec import parse_layers
+    from ..steering.export import PT_DTYPES, export_control_vector, export_lm_eval, llama_cpp_index
+    from ..steering.interventions import resolve_steering
 
     out = check_out(args.out, args.force)
     check_alpha_arg(args.alpha)

@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def parse_roles(spec: str, roles_dir: str | None) -> list[str]:
-    from ..data import available_roles, normalise_role
+    from ..data.sources import available_roles, normalise_role
 
     if spec.strip().lower() == "all":
         roles = available_roles(roles_dir)
@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..activations import extract_role_vectors
-    from ..data import PromptSet, load_base, load_role_prompts, sample
+    from ..data.sources import PromptSet, load_base, load_role_prompts, sample
+    from ..vectors.extraction import extract_role_vectors
 
     out = check_out(args.out, args.force, example="vectors.safetensors")
     roles = parse_roles(args.roles, args.roles_dir)

@@ -38,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..errors import RolevecError
-    from ..folding import check_folder_out, fold, fold_problem, save_folded
-    from ..interventions import resolve_steering
-    from ..manifest import build_manifest, vector_provenance
+    from ..model.manifest import build_manifest, vector_provenance
+    from ..steering.folding import check_folder_out, fold, fold_problem, save_folded
+    from ..steering.interventions import resolve_steering
 
     out = check_folder_out(args.out, force=args.force)
     check_alpha_arg(args.alpha)

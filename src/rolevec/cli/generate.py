@@ -68,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..errors import RolevecError
-    from ..export import steering_from_control_vector
-    from ..generation import generate
-    from ..interventions import Steering, resolve_steering
+    from ..steering.export import steering_from_control_vector
+    from ..steering.generation import generate
+    from ..steering.interventions import Steering, resolve_steering
 
     check_alpha_arg(args.alpha)
     if args.max_new_tokens < 1:

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def describe(adapter: object) -> dict[str, object]:
-    from ..model import ModelAdapter
+    from ..model.loading import ModelAdapter
 
     assert isinstance(adapter, ModelAdapter)
     chat = adapter.chat

@@ -59,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..data import normalise_role
-    from ..prompts import (
+    from ..data.prompts import (
         Generator,
         LocalGenerator,
         OpenAIGenerator,
@@ -69,6 +68,7 @@ def _run(args: argparse.Namespace) -> int:
         load_personas,
         write_prompts,
     )
+    from ..data.sources import normalise_role
 
     role = normalise_role(args.role)
     if not role:
@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
             max_tokens=args.max_new_tokens,
         )
     else:
-        from ..model import load_model
+        from ..model.loading import load_model
 
         adapter = load_model(
             args.generator, device=args.device, dtype=args.dtype, progress=not args.no_progress

@@ -22,9 +22,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..analysis.report import load_run, summary_lines, write_report
+    from ..core.outdir import check_run_folder, prepare
     from ..errors import RolevecError
-    from ..outdir import check_run_folder, prepare
-    from ..report import load_run, summary_lines, write_report
     from .common import plain_warnings
 
     with plain_warnings():

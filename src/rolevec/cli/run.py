@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..outdir import check_run_folder
-    from ..pipeline import check_inputs, config_from, describe_sampling, read_config_file, run_study
+    from ..core.outdir import check_run_folder
+    from ..study.pipeline import check_inputs, config_from, describe_sampling, read_config_file, run_study
 
     file_cfg = read_config_file(args.config) if args.config else None
     overrides: dict[str, Any] = {k: getattr(args, k) for k in OVERRIDES}
@@ -121,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
         log=log,
         force=args.force,
     )
-    from ..report import console_summary
+    from ..analysis.report import console_summary
 
     print()
     print(f"Sampled: {describe_sampling(study.state.sampled, study.roles, study.domains)}")

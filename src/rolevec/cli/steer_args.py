@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core.files import read_text
 from ..errors import RolevecError, path_problem
-from ..files import read_text
 
 if TYPE_CHECKING:
-    from ..model import ModelAdapter
-    from ..vectors import RoleVectors
+    from ..model.loading import ModelAdapter
+    from ..vectors.role_vectors import RoleVectors
 
 #: Layer used when neither --layer nor a selection gives one: 40% of the way up the stack.
 DEFAULT_LAYER_FRACTION = 0.4
@@ -51,14 +51,14 @@ def add_strength_args(parser: argparse.ArgumentParser, *, required: bool) -> Non
 
 
 def check_alpha_arg(alpha: float | None) -> None:
-    from ..spec import check_alpha
+    from ..core.spec import check_alpha
 
     if alpha is not None:
         check_alpha(alpha, field="--alpha")
 
 
 def load_vectors(path: str) -> RoleVectors:
-    from ..vectors import RoleVectors
+    from ..vectors.role_vectors import RoleVectors
 
     return RoleVectors.load(path)
 
@@ -110,7 +110,9 @@ def choose(
         given = {"layer": args.layer, "position": args.position, "alpha": args.alpha}
         no_alpha = args.ablate or not need_alpha
         needed = [k for k, v in given.items() if v is None and not (k == "alpha" and no_alpha)]
-        from ..selection import entry_problem  # not at the top: `rolevec --help` must not import torch
+        from ..evaluation.selection import (
+            entry_problem,  # not at the top: `rolevec --help` must not import torch
+        )
 
         problem = entry_problem(entry, needed)
         if problem:

@@ -89,13 +89,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..data import role_domain
-    from ..evaluation import run_settings
-    from ..mcq import ensure_split
-    from ..outdir import check_run_folder, prepare, stored_path
-    from ..records import SETTINGS_NAME, check_settings, compare_settings
-    from ..spec import parse_alphas, parse_layer_range, parse_positions
-    from ..vectors import RoleVectors
+    from ..core.outdir import check_run_folder, prepare, stored_path
+    from ..core.records import SETTINGS_NAME, check_settings, compare_settings
+    from ..core.spec import parse_alphas, parse_layer_range, parse_positions
+    from ..data.mcq import ensure_split
+    from ..data.sources import role_domain
+    from ..evaluation.conditions import run_settings
+    from ..vectors.role_vectors import RoleVectors
 
     # Every input is checked before the folder changes: flags and files first, before the model loads.
     run_dir = check_run_folder(args.out, "sweep", force=args.force)
@@ -159,11 +159,11 @@ def _sweep(
     mcq: Any,
     split: Any,
 ) -> None:
-    from ..records import read_records
-    from ..scoring import LetterScorer
-    from ..selection import Choice
-    from ..stages import select_sites
-    from ..stats import format_table, summarize
+    from ..analysis.stats import format_table, summarize
+    from ..core.records import read_records
+    from ..evaluation.scoring import LetterScorer
+    from ..evaluation.selection import Choice
+    from ..study.stages import select_sites
 
     scorer = LetterScorer(adapter)
 

@@ -1,0 +1,30 @@
+"""Reading results: role × domain tables and paired tests (:mod:`.tables`, with :mod:`.stats`), the
+geometry of the vectors (:mod:`.geometry`), what a vector means (:mod:`.interpret`: patch-scoping and the
+logit lens), the figures (:mod:`.figures`) and the report of a run folder (:mod:`.report`).
+
+It may import :mod:`rolevec.steering` (interpretation steers the model) and everything below it, not the
+scorer. The names of the former ``rolevec.analysis`` module (``analyse``, ``load_records``, ...) still
+import from here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .tables import (
+        Analysis as Analysis,
+    )
+    from .tables import (
+        analyse as analyse,
+    )
+    from .tables import (
+        load_records as load_records,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return getattr(importlib.import_module(".tables", __name__), name)

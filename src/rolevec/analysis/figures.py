@@ -1,0 +1,220 @@
+"""The report's figures as PNG bytes, drawn with matplotlib's object API.
+
+Each function builds a ``Figure`` with its own Agg canvas — no pyplot, no global backend switch, no
+figure left registered anywhere — so importing or calling this never changes the host's matplotlib state.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from .geometry import Geometry
+from .tables import Analysis, SweepPanel, star
+
+DPI = 110
+
+
+def png_bytes(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _figure(width: float, height: float) -> Any:
+    # Figure with its own Agg canvas: no pyplot, no global backend switch, nothing left open.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _domain_colours(domains: Sequence[str | None]) -> dict[str | None, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    unique = list(dict.fromkeys(domains))
+    return {d: cmap(i % 10) for i, d in enumerate(unique)}
+
+
+def sweep_figure(panels: Sequence[SweepPanel]) -> bytes:
+    from matplotlib.ticker import MaxNLocator
+
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = _figure(3.4 * cols, 2.5 * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, p in zip(axes.flat, panels, strict=False):
+        for curve in p.curves:
+            style = "--" if curve.label.startswith("ablate") else "-"
+            ax.plot(curve.layers, curve.accuracy, style, marker=".", markersize=3, label=curve.label)
+        if not math.isnan(p.baseline):
+            ax.axhline(p.baseline, color="grey", linewidth=1, label="baseline")
+        if p.chosen is not None:
+            ax.plot([p.chosen[0]], [p.chosen[1]], "k*", markersize=9, label="chosen")
+        ax.set_title(f"{p.role} ({p.domain}, n={p.n})", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("layer", fontsize=7)
+        ax.set_ylabel("val. accuracy", fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(5, len(labels)), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.5 * rows + 0.4)))
+    return png_bytes(fig)
+
+
+def heatmap_figure(a: Analysis, label: str) -> bytes:
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.patches import Rectangle
+
+    roles = [r for r in a.roles if any(a.cell(r, label, d) for d in a.domains)]
+    values = [[math.nan] * len(a.domains) for _ in roles]
+    marks = [[""] * len(a.domains) for _ in roles]
+    for i, role in enumerate(roles):
+        for j, d in enumerate(a.domains):
+            c = a.cell(role, label, d)
+            if c is not None and not math.isnan(c.stats.rel_change):
+                values[i][j] = c.stats.rel_change
+                marks[i][j] = f"{c.stats.rel_change:+.0f}{star(c.stats.p_value)}"
+    finite = [abs(v) for row in values for v in row if not math.isnan(v)]
+    limit = max([1.0, *finite])
+    fig = _figure(1.0 * len(a.domains) + 2.6, 0.34 * len(roles) + 1.6)
+    ax = fig.add_subplot()
+    import numpy as np
+
+    grid = np.ma.masked_invalid(np.array(values, dtype=float))
+    from matplotlib import colormaps
+
+    cmap = colormaps["RdBu"].with_extremes(bad="#dddddd")
+    image = ax.imshow(grid, cmap=cmap, norm=TwoSlopeNorm(0.0, -limit, limit), aspect="auto")
+    for i, role in enumerate(roles):
+        for j, d in enumerate(a.domains):
+            if marks[i][j]:
+                strong = abs(values[i][j]) > 0.6 * limit
+                ax.text(
+                    j, i, marks[i][j], ha="center", va="center", fontsize=7, color="white" if strong else "k"
+                )
+            if a.role_domain.get(role) == d:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="k", linewidth=1.5))
+    ax.set_xticks(range(len(a.domains)), [f"{d}\n{a.column_n(label, d)}" for d in a.domains], fontsize=7)
+    ax.set_yticks(range(len(roles)), roles, fontsize=7)
+    ax.set_title(f"Relative change of accuracy (%): {label}  (* p<0.05, box = own domain)", fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8).ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def persona_bars_figure(a: Analysis) -> bytes:
+    """Horizontal grouped bars (one group per role, top to bottom), so many roles stay readable."""
+    labels = list(a.labels)
+    roles = list(a.roles)
+    height = 0.8 / max(1, len(labels))
+    fig = _figure(7.5, max(3.2, 0.12 * len(roles) * max(1, len(labels)) + 1.4))
+    ax = fig.add_subplot()
+    for k, label in enumerate(labels):
+        ys, xs, lows, highs = [], [], [], []
+        for i, role in enumerate(roles):
+            s = a.summary(role, label)
+            if s is None or s.in_domain is None or math.isnan(s.in_domain.rel_change):
+                continue
+            low, high = s.in_domain.rel_ci
+            ys.append(i - 0.4 + height * (k + 0.5))
+            xs.append(s.in_domain.rel_change)
+            lows.append(max(0.0, s.in_domain.rel_change - low))
+            highs.append(max(0.0, high - s.in_domain.rel_change))
+        if ys:
+            ax.barh(ys, xs, height, label=label, xerr=[lows, highs], capsize=2, error_kw={"linewidth": 0.7})
+    ax.axvline(0, color="k", linewidth=0.8)
+    ax.set_yticks(range(len(roles)), [f"{r} ({a.role_domain.get(r)})" for r in roles], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("relative change of accuracy on the role's own domain (%)", fontsize=8)
+    ax.set_title("Persona prompt vs role vector, own domain (error bars: 95% CI)", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:  # no bars where every baseline was 0 (no relative change)
+        ax.legend(fontsize=7, loc="best")
+    else:
+        note = "no relative change to show (baseline accuracy 0)"
+        ax.text(0.5, 0.5, note, ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def similarity_figure(g: Geometry) -> bytes:
+    import numpy as np
+
+    n = len(g.roles)
+    fig = _figure(0.32 * n + 2.8, 0.32 * n + 1.8)
+    ax = fig.add_subplot()
+    matrix = np.ma.masked_invalid(np.array(g.similarity.matrix, dtype=float))
+    from matplotlib import colormaps
+
+    cmap = colormaps["RdBu_r"].with_extremes(bad="#dddddd")
+    image = ax.imshow(matrix, cmap=cmap, vmin=-1, vmax=1)
+    if n <= 16:
+        for i in range(n):
+            for j in range(n):
+                value = g.similarity.matrix[i][j]
+                if not math.isnan(value):
+                    colour = "white" if abs(value) > 0.6 else "k"
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color=colour)
+    domains = [g.domains.get(r) for r in g.roles]
+    for i in range(1, n):
+        if domains[i] != domains[i - 1]:
+            ax.axhline(i - 0.5, color="k", linewidth=0.8)
+            ax.axvline(i - 0.5, color="k", linewidth=0.8)
+    ax.set_xticks(range(n), g.roles, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), g.roles, fontsize=7)
+    site = g.similarity.site
+    ax.set_title(f"Cosine similarity (layer {site.layer}, position {site.position})", fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8).ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def pca_figure(g: Geometry) -> bytes:
+    proj = g.projection
+    if proj is None:
+        raise ValueError("a PCA figure needs a projection (two roles or more)")
+    colours = _domain_colours([g.domains.get(r) for r in proj.roles])
+    fig = _figure(6.4, 5.0)
+    ax = fig.add_subplot()
+    seen: set[str | None] = set()
+    for role, (x, y) in zip(proj.roles, proj.coords, strict=True):
+        domain = g.domains.get(role)
+        ax.scatter([x], [y], color=colours[domain], label=None if domain in seen else str(domain), s=30)
+        seen.add(domain)
+        ax.annotate(role, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ex = proj.explained
+    ax.set_xlabel(f"PC1 ({100 * ex[0]:.0f}% of variance)", fontsize=8)
+    ax.set_ylabel(f"PC2 ({100 * ex[1]:.0f}% of variance)", fontsize=8)
+    ax.set_title(f"Role vectors, layer {proj.site.layer}, position {proj.site.position}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def norms_figure(g: Geometry) -> bytes:
+    colours = _domain_colours([g.domains.get(r) for r in g.roles])
+    fig = _figure(7.5, 4.4)
+    ax = fig.add_subplot()
+    styles = ["-", "--", ":", "-."]
+    count: dict[str | None, int] = defaultdict(int)
+    for role, values in g.norms.items():
+        domain = g.domains.get(role)
+        ax.plot(range(len(values)), values, styles[count[domain] % 4], color=colours[domain], label=role)
+        count[domain] += 1
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer (input of block L)", fontsize=8)
+    ax.set_ylabel("‖d‖", fontsize=8)
+    ax.set_title("Role-vector norm by layer (colour = domain)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2 if len(g.norms) > 12 else 1, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return png_bytes(fig)

@@ -1,0 +1,1044 @@
+"""The report of one run: report.html (self-contained), report.md, tables/*.csv and figures/*.png.
+
+It reads only the run folder's files, never the model, so it can be rebuilt at any time. Sample sizes and
+95% intervals sit next to every accuracy, and a banner warns when cells are small, so a difference that
+is noise never reads as a finding. Optional inputs that are absent (sweep, vectors, interpretation) turn
+their section into a note saying the stage was not run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.files import atomic_write, read_text
+from ..core.records import read_records
+from ..errors import RolevecError, path_problem
+from ..vectors.role_vectors import RoleVectors
+from . import figures
+from .geometry import Geometry, role_geometry
+from .tables import SMALL_N, Analysis, SweepPanel, analyse, load_records, star, sweep_panels
+
+
+# --- tables -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Column:
+    """A table column; ``kind`` says how to print it: str, int, acc, ci, rel, relci, p, float, bool."""
+
+    name: str
+    kind: str = "str"
+
+
+@dataclass
+class Table:
+    name: str  # file stem of the CSV
+    title: str
+    columns: list[Column]
+    rows: list[list[Any]] = field(default_factory=list)
+    note: str = ""
+
+
+def _nan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def fmt(value: Any, kind: str) -> str:
+    """Human-readable cell text."""
+    if kind in ("ci", "relci"):
+        low, high = value if value is not None else (math.nan, math.nan)
+        if _nan(low) or _nan(high):
+            return "n/a"
+        if kind == "ci":
+            return f"[{100 * low:.1f}, {100 * high:.1f}]"
+        return f"[{low:+.1f}, {high:+.1f}]"
+    if _nan(value):
+        return "n/a"
+    if kind == "acc":
+        return f"{100 * value:.1f}%"
+    if kind == "rel":
+        return f"{value:+.1f}%"
+    if kind == "p":
+        return "<0.001" if value < 0.001 else f"{value:.3f}"
+    if kind == "float":
+        return f"{value:.3g}"
+    if kind == "bool":
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _csv_cells(value: Any, kind: str) -> list[str]:
+    if kind in ("ci", "relci"):
+        low, high = value if value is not None else (math.nan, math.nan)
+        return [_csv_cells(low, "float")[0], _csv_cells(high, "float")[0]]
+    if _nan(value):
+        return [""]
+    if isinstance(value, float):
+        return [repr(value)]
+    if isinstance(value, bool):
+        return ["true" if value else "false"]
+    return [str(value)]
+
+
+def table_csv(table: Table) -> str:
+    import csv
+
+    header: list[str] = []
+    for col in table.columns:
+        if col.kind in ("ci", "relci"):
+            header += [f"{col.name} low", f"{col.name} high"]
+        else:
+            header.append(col.name)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in table.rows:
+        cells: list[str] = []
+        for value, col in zip(row, table.columns, strict=True):
+            cells += _csv_cells(value, col.kind)
+        writer.writerow(cells)
+    return buf.getvalue()
+
+
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+
+
+def printable(text: str) -> str:
+    """Control characters (which generated text can hold) shown as escapes: XML and HTML forbid them."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _md_escape(text: str) -> str:
+    """Cell text that a Markdown renderer shows literally (no inline HTML, no column breaks)."""
+    text = html.escape(printable(text), quote=False)
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+
+
+def table_markdown(table: Table) -> str:
+    lines = [f"**{_md_escape(table.title)}**", ""]
+    if not table.rows:
+        return "\n".join([*lines, "_(no rows)_", ""])
+    lines.append("| " + " | ".join(_md_escape(c.name) for c in table.columns) + " |")
+    aligns = ["---" if c.kind in ("str", "bool") else "---:" for c in table.columns]
+    lines.append("| " + " | ".join(aligns) + " |")
+    for row in table.rows:
+        cells = [_md_escape(fmt(v, c.kind)) for v, c in zip(row, table.columns, strict=True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if table.note:
+        lines += ["", _md_escape(table.note)]
+    return "\n".join([*lines, ""])
+
+
+def _e(text: Any) -> str:
+    return html.escape(printable(str(text)), quote=True)
+
+
+def table_html(table: Table, *, collapsed: bool = False) -> str:
+    head = "".join(f"<th>{_e(c.name)}</th>" for c in table.columns)
+    body = []
+    for row in table.rows:
+        cells = []
+        for value, col in zip(row, table.columns, strict=True):
+            cls = ' class="num"' if col.kind not in ("str", "bool") else ""
+            cells.append(f"<td{cls}>{_e(fmt(value, col.kind))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    table_text = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    inner = f'<div class="scroll">{table_text}</div>' if table.rows else "<p><em>(no rows)</em></p>"
+    note = f'<p class="note">{_e(table.note)}</p>' if table.note else ""
+    csv_link = f'<p class="note">CSV: <code>tables/{_e(table.name)}.csv</code></p>'
+    if collapsed:
+        return f"<details><summary>{_e(table.title)}</summary>{inner}{note}{csv_link}</details>"
+    return f"<h3>{_e(table.title)}</h3>{inner}{note}{csv_link}"
+
+
+# --- run inputs ---------------------------------------------------------------------------------------
+@dataclass
+class Input:
+    """An optional input: its content, or why there is none."""
+
+    value: Any = None
+    missing: str = ""
+
+
+@dataclass
+class RunData:
+    run_dir: Path
+    manifest: dict[str, Any]
+    selection: dict[str, Any]
+    analysis: Analysis
+    sweep: Input
+    vectors: Input
+    interpret: Input
+
+
+def _read_json(path: Path) -> Input:
+    if not path.is_file():
+        return Input(missing=f"no {path.name}")
+    try:
+        data = json.loads(read_text(path, what=path.name))
+    except RolevecError as exc:  # undecodable bytes or no permission: said once, the report goes on
+        return Input(missing=str(exc))
+    except ValueError as exc:
+        return Input(missing=f"{path.name} is not readable JSON ({exc})")
+    if not isinstance(data, dict):
+        return Input(missing=f"{path.name} is not a JSON object")
+    return Input(data)
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Everything the report shows, from the run folder only; records.jsonl is the one required file."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise RolevecError(
+            f"run folder {root} {path_problem(root, folder=True)}: pass the --out folder of `rolevec run`"
+        )
+    records = load_records(root)
+    optional = {name: _read_json(root / name) for name in ("manifest.json", "selection.json")}
+    for name, got in optional.items():
+        if got.missing and got.missing != f"no {name}":  # there, but damaged: say so, report without it
+            warnings.warn(f"{got.missing}; the report leaves out what it would have given", stacklevel=2)
+    manifest = optional["manifest.json"].value or {}
+    selection = optional["selection.json"].value or {}
+    sweep = Input(missing="no sweep.jsonl (the validation sweep was not run)")
+    sweep_path = root / "sweep.jsonl"
+    if sweep_path.is_file():
+        sweep = Input([row for row in read_records(sweep_path) if isinstance(row, dict)])
+    vectors = Input(missing="no vectors.safetensors")
+    if (root / "vectors.safetensors").is_file():
+        try:
+            vectors = Input(RoleVectors.load(root / "vectors.safetensors"))
+        except RolevecError as exc:
+            vectors = Input(missing=str(exc))
+    interpret = _read_json(root / "interpret.json")
+    if interpret.missing == "no interpret.json":
+        interpret.missing = "no interpret.json (interpretation was not run)"
+    elif interpret.value is not None and not isinstance(interpret.value.get("roles"), dict):
+        interpret = Input(missing="interpret.json has no 'roles' entry")
+    return RunData(
+        run_dir=root,
+        manifest=manifest,
+        selection=selection,
+        analysis=analyse(records, selection=selection),
+        sweep=sweep,
+        vectors=vectors,
+        interpret=interpret,
+    )
+
+
+# --- tables of a run ----------------------------------------------------------------------------------
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", label.replace("α=", "a")).strip("_")
+
+
+def _position_tokens(data: RunData) -> dict[int, str]:
+    vectors = data.vectors.value
+    if isinstance(vectors, RoleVectors):
+        return dict(zip(vectors.positions, vectors.position_tokens, strict=True))
+    return {}
+
+
+def baseline_table(a: Analysis) -> Table:
+    t = Table(
+        "baseline",
+        "Baseline accuracy per domain (test split)",
+        [Column("domain"), Column("n", "int"), Column("accuracy", "acc"), Column("95% CI (%)", "ci")],
+    )
+    for b in a.baseline:
+        t.rows.append([b.domain, b.n, b.accuracy, b.ci])
+    return t
+
+
+def selection_table(data: RunData) -> Table:
+    tokens = _position_tokens(data)
+    t = Table(
+        "selection",
+        "Chosen (layer, position, α) per role, on the validation split",
+        [
+            Column("role"),
+            Column("domain"),
+            Column("layer", "int"),
+            Column("position", "int"),
+            Column("position token"),
+            Column("α", "float"),
+            Column("val accuracy", "acc"),
+            Column("val baseline", "acc"),
+            Column("val ablate", "acc"),
+            Column("criterion met", "bool"),
+            Column("candidates passing", "int"),
+        ],
+        note="Layers are the input of decoder block L; positions count from the end of the prompt.",
+    )
+    for role, info in (data.selection.get("roles") or {}).items():
+        position = info.get("position")
+        t.rows.append(
+            [
+                role,
+                info.get("domain"),
+                info.get("layer"),
+                position,
+                repr(tokens[position]) if position in tokens else None,
+                info.get("alpha"),
+                info.get("val_accuracy"),
+                info.get("val_baseline"),
+                info.get("val_ablate_accuracy"),
+                info.get("criterion_met"),
+                info.get("n_candidates_passing"),
+            ]
+        )
+    return t
+
+
+def summary_table(a: Analysis) -> Table:
+    t = Table(
+        "summary",
+        "In-domain vs out-of-domain relative change of accuracy (test split, paired with the baseline)",
+        [
+            Column("role"),
+            Column("domain"),
+            Column("condition"),
+            Column("in-domain n", "int"),
+            Column("accuracy", "acc"),
+            Column("95% CI (%)", "ci"),
+            Column("baseline", "acc"),
+            Column("rel. change", "rel"),
+            Column("rel. 95% CI", "relci"),
+            Column("McNemar p", "p"),
+            Column("out-of-domain mean rel.", "rel"),
+            Column("out-of-domain domains", "int"),
+            Column("out-of-domain pooled n", "int"),
+            Column("pooled rel.", "rel"),
+            Column("pooled p", "p"),
+        ],
+        note="rel. change = 100·(acc − acc_base)/acc_base on the same questions; out-of-domain mean = "
+        "unweighted mean over the other domains; pooled = all out-of-domain questions together.",
+    )
+    for s in a.summaries:
+        inside = s.in_domain
+        t.rows.append(
+            [
+                s.role,
+                s.role_domain,
+                s.condition.label,
+                inside.n if inside else None,
+                inside.accuracy if inside else None,
+                inside.ci if inside else None,
+                inside.base_accuracy if inside else None,
+                inside.rel_change if inside else None,
+                inside.rel_ci if inside else None,
+                inside.p_value if inside else None,
+                s.ood_mean_rel,
+                s.ood_domains,
+                s.ood_pooled.n,
+                s.ood_pooled.rel_change,
+                s.ood_pooled.p_value if s.ood_pooled.n else None,
+            ]
+        )
+    return t
+
+
+def by_domain_table(a: Analysis) -> Table:
+    t = Table(
+        "by_domain",
+        "Mean relative change over the roles of each domain",
+        [
+            Column("domain"),
+            Column("condition"),
+            Column("roles", "int"),
+            Column("in-domain mean rel.", "rel"),
+            Column("out-of-domain mean rel.", "rel"),
+        ],
+        note="Unweighted means of the per-role values in the summary table.",
+    )
+    groups: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    for s in a.summaries:
+        if s.role_domain is None:
+            continue
+        inside = s.in_domain.rel_change if s.in_domain else math.nan
+        groups[(s.role_domain, s.condition.label)].append((inside, s.ood_mean_rel))
+    for domain in a.domains:
+        for label in a.labels:
+            values = groups.get((domain, label))
+            if not values:
+                continue
+            ins = [v for v, _ in values if not math.isnan(v)]
+            outs = [v for _, v in values if not math.isnan(v)]
+            t.rows.append(
+                [
+                    domain,
+                    label,
+                    len(values),
+                    sum(ins) / len(ins) if ins else math.nan,
+                    sum(outs) / len(outs) if outs else math.nan,
+                ]
+            )
+    return t
+
+
+def relative_table(a: Analysis, label: str) -> Table:
+    """Role × domain relative change for one condition (what the heatmap shows)."""
+    cols = [Column("role"), Column("domain")]
+    cols += [Column(f"{d} ({a.column_n(label, d)})") for d in a.domains]
+    t = Table(
+        f"rel_{slug(label)}",
+        f"Relative change (%) of accuracy vs baseline: {label}",
+        cols,
+        note="Cells: relative change in %; * McNemar p < 0.05; [brackets] = the role's own domain. "
+        "CIs and n of every cell are in the full cell table.",
+    )
+    for role in a.roles:
+        row: list[Any] = [role, a.role_domain.get(role)]
+        present = False
+        for d in a.domains:
+            c = a.cell(role, label, d)
+            if c is None:
+                row.append(None)
+                continue
+            present = True
+            text = fmt(c.stats.rel_change, "rel") + star(c.stats.p_value)
+            row.append(f"[{text}]" if c.in_domain else text)
+        if present:
+            t.rows.append(row)
+    return t
+
+
+def relative_csv_table(a: Analysis, label: str) -> Table:
+    """The same matrix with plain numbers, for the CSV."""
+    t = Table(
+        f"rel_{slug(label)}",
+        f"Relative change (%) of accuracy vs baseline: {label}",
+        [Column("role"), Column("domain")] + [Column(d, "float") for d in a.domains],
+    )
+    for role in a.roles:
+        cells = [a.cell(role, label, d) for d in a.domains]
+        if any(c is not None for c in cells):
+            t.rows.append(
+                [role, a.role_domain.get(role)] + [c.stats.rel_change if c else None for c in cells]
+            )
+    return t
+
+
+def cells_table(a: Analysis) -> Table:
+    t = Table(
+        "cells",
+        "Every role × condition × domain cell (test split)",
+        [
+            Column("role"),
+            Column("role domain"),
+            Column("condition"),
+            Column("layer", "int"),
+            Column("position", "int"),
+            Column("domain"),
+            Column("in-domain", "bool"),
+            Column("n", "int"),
+            Column("accuracy", "acc"),
+            Column("95% CI (%)", "ci"),
+            Column("baseline", "acc"),
+            Column("baseline 95% CI (%)", "ci"),
+            Column("rel. change", "rel"),
+            Column("rel. 95% CI", "relci"),
+            Column("gained", "int"),
+            Column("lost", "int"),
+            Column("McNemar p", "p"),
+        ],
+        note="gained = baseline wrong and condition right; lost = the reverse (McNemar's discordant pairs).",
+    )
+    for c in a.cells:
+        s = c.stats
+        key = c.condition
+        t.rows.append(
+            [
+                c.role,
+                c.role_domain,
+                key.label,
+                key.layer if key.layer >= 0 else None,
+                key.position if key.kind in ("add", "ablate", "random") else None,
+                c.domain,
+                c.in_domain,
+                s.n,
+                s.accuracy,
+                s.ci,
+                s.base_accuracy,
+                s.base_ci,
+                s.rel_change,
+                s.rel_ci,
+                s.gained,
+                s.lost,
+                s.p_value,
+            ]
+        )
+    return t
+
+
+def persona_vs_vector_table(a: Analysis) -> Table:
+    labels = list(a.labels)
+    t = Table(
+        "persona_vs_vector",
+        "In-domain relative change: persona prompt vs role vector",
+        [Column("role"), Column("domain")] + [Column(label, "rel") for label in labels],
+        note="Each value is paired with the baseline on the role's own domain; see the summary for n and p.",
+    )
+    for role in a.roles:
+        row: list[Any] = [role, a.role_domain.get(role)]
+        for label in labels:
+            s = a.summary(role, label)
+            row.append(s.in_domain.rel_change if s and s.in_domain else None)
+        t.rows.append(row)
+    return t
+
+
+def sweep_table(panels: Sequence[SweepPanel]) -> Table:
+    t = Table(
+        "sweep_curves",
+        "Validation sweep: accuracy per layer (what the sweep figure shows)",
+        [
+            Column("role"),
+            Column("domain"),
+            Column("curve"),
+            Column("layer", "int"),
+            Column("accuracy", "acc"),
+            Column("baseline", "acc"),
+            Column("n", "int"),
+        ],
+    )
+    for p in panels:
+        for curve in p.curves:
+            for layer, acc in zip(curve.layers, curve.accuracy, strict=True):
+                t.rows.append([p.role, p.domain, curve.label, layer, acc, p.baseline, p.n])
+    return t
+
+
+# --- interpretation tables ----------------------------------------------------------------------------
+def _tokens(entries: Sequence[Mapping[str, Any]]) -> str:
+    return " ".join(repr(str(e.get("token", ""))) for e in entries)
+
+
+def _verdict(judge: Any, source: str) -> str | None:
+    if not isinstance(judge, Mapping) or not isinstance(judge.get(source), Mapping):
+        return None
+    related = judge[source].get("related")
+    return "related" if related is True else "unrelated" if related is False else "unclear"
+
+
+def patchscope_table(interp: Mapping[str, Any]) -> Table:
+    t = Table(
+        "patchscope",
+        f"Patch-scoping: answers to {interp.get('prompt', '?')!r} with α={interp.get('alpha')}·d added "
+        f"({interp.get('where')}) and without",
+        [
+            Column("role"),
+            Column("domain"),
+            Column("layer", "int"),
+            Column("position", "int"),
+            Column("‖d‖", "float"),
+            Column("steered answer"),
+            Column("unsteered answer"),
+            Column("judge"),
+        ],
+    )
+    for role, e in interp["roles"].items():
+        if "skipped" in e:
+            t.rows.append([role, e.get("domain"), None, None, None, f"(skipped: {e['skipped']})", "", None])
+            continue
+        scope = e.get("patchscope") or {}
+        t.rows.append(
+            [
+                role,
+                e.get("domain"),
+                e.get("layer"),
+                e.get("position"),
+                e.get("vector_norm"),
+                scope.get("steered", ""),
+                scope.get("unsteered", ""),
+                _verdict(e.get("judge"), "patchscope"),
+            ]
+        )
+    return t
+
+
+def logit_lens_table(interp: Mapping[str, Any]) -> Table:
+    t = Table(
+        "logit_lens",
+        f"Logit lens: top and bottom {interp.get('top_k')} tokens of each direction",
+        [Column("role"), Column("variant"), Column("top tokens"), Column("bottom tokens"), Column("judge")],
+        note="normed = through the final norm and the unembedding; raw = W_U·d.",
+    )
+    for role, e in interp["roles"].items():
+        lens = e.get("logit_lens") or {}
+        for variant in ("normed", "raw"):
+            if variant in lens:
+                judged = _verdict(e.get("judge"), "logit_lens") if variant == "normed" else None
+                t.rows.append(
+                    [role, variant, _tokens(lens[variant]["top"]), _tokens(lens[variant]["bottom"]), judged]
+                )
+    return t
+
+
+def improving_roles(data: RunData) -> dict[str, bool]:
+    """Whether each role's selected addition improves its own domain on the test split (rel. change > 0)."""
+    out: dict[str, bool] = {}
+    chosen = data.selection.get("roles") or {}
+    for role in data.analysis.roles:
+        alpha = (chosen.get(role) or {}).get("alpha")
+        candidates = [
+            s
+            for s in data.analysis.summaries
+            if s.role == role
+            and s.condition.kind == "add"
+            and s.in_domain is not None
+            and (alpha is None or math.isclose(s.condition.alpha, float(alpha)))
+        ]
+        if candidates:
+            s = candidates[-1]
+            assert s.in_domain is not None
+            out[role] = s.in_domain.rel_change > 0
+    return out
+
+
+def judge_table(data: RunData) -> Table | None:
+    """The paper's Table 4 statistic: the share of improving directions the judge calls role-related."""
+    interp = data.interpret.value
+    if not interp or not interp.get("judge"):
+        return None
+    improving = improving_roles(data)
+    t = Table(
+        "judge",
+        "LLM judge: share of directions judged related to their role",
+        [
+            Column("source"),
+            Column("improving directions judged", "int"),
+            Column("related", "int"),
+            Column("share", "acc"),
+            Column("all directions judged", "int"),
+            Column("related (all)", "int"),
+            Column("share (all)", "acc"),
+        ],
+        note="Improving = the selected addition raises in-domain test accuracy (rel. change > 0). "
+        "Unclear answers are left out of the shares.",
+    )
+    for source in ("patchscope", "logit_lens"):
+        verdicts = {
+            role: e["judge"][source].get("related")
+            for role, e in interp["roles"].items()
+            if isinstance(e.get("judge"), Mapping) and isinstance(e["judge"].get(source), Mapping)
+        }
+        judged_all = [v for v in verdicts.values() if v is not None]
+        judged_imp = [v for r, v in verdicts.items() if v is not None and improving.get(r)]
+        t.rows.append(
+            [
+                source,
+                len(judged_imp),
+                sum(judged_imp),
+                sum(judged_imp) / len(judged_imp) if judged_imp else None,
+                len(judged_all),
+                sum(judged_all),
+                sum(judged_all) / len(judged_all) if judged_all else None,
+            ]
+        )
+    return t
+
+
+def geometry_tables(g: Geometry) -> list[Table]:
+    sim = Table(
+        "similarity",
+        "Cosine similarity between role vectors",
+        [Column("role")] + [Column(r, "float") for r in g.roles],
+        note=g.note,
+    )
+    for role, row in zip(g.roles, g.similarity.matrix, strict=True):
+        sim.rows.append([role, *row])
+    out = [sim]
+    if g.projection is not None:
+        ex = g.projection.explained
+        pca = Table(
+            "pca",
+            f"PCA of role vectors (PC1 {100 * ex[0]:.0f}%, PC2 {100 * ex[1]:.0f}% of variance)",
+            [Column("role"), Column("domain"), Column("PC1", "float"), Column("PC2", "float")],
+        )
+        for role, (x, y) in zip(g.projection.roles, g.projection.coords, strict=True):
+            pca.rows.append([role, g.domains.get(role), x, y])
+        out.append(pca)
+    n_layers = max((len(v) for v in g.norms.values()), default=0)
+    norms = Table(
+        "norms",
+        "‖d‖ per layer",
+        [Column("role")] + [Column(f"L{i}", "float") for i in range(n_layers)],
+    )
+    for role, values in g.norms.items():
+        norms.rows.append([role, *values])
+    out.append(norms)
+    return out
+
+
+@dataclass(frozen=True)
+class FigurePNG:
+    name: str  # file stem
+    title: str
+    png: bytes
+
+
+# --- assembling the report ----------------------------------------------------------------------------
+@dataclass
+class Section:
+    title: str
+    text: list[str] = field(default_factory=list)  # paragraphs (plain text)
+    figures: list[FigurePNG] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    collapsed: list[Table] = field(default_factory=list)  # long tables, folded away in HTML
+    preformatted: str = ""
+
+
+@dataclass
+class Report:
+    title: str
+    banner: list[str]
+    sections: list[Section]
+    csv_tables: list[Table]  # what goes to tables/*.csv (numeric variants where they differ)
+
+    @property
+    def figures(self) -> list[FigurePNG]:
+        return [f for s in self.sections for f in s.figures]
+
+
+def _compact(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _manifest_lines(data: RunData) -> tuple[list[str], str]:
+    """The header: model, seed and what was sampled (``preset``/``sampled``, else the arguments)."""
+    m = data.manifest
+    lines = []
+    model = m.get("model") or data.selection.get("model")
+    fingerprint = m.get("model_fingerprint") or data.selection.get("model_fingerprint")
+    if isinstance(model, Mapping):
+        fingerprint = fingerprint or model.get("fingerprint")
+        model = model.get("name", model)
+    if model is not None:
+        lines.append(f"Model: {_compact(model)}")
+    if fingerprint:
+        lines.append(f"Model fingerprint: {fingerprint}")
+    args = m.get("arguments", m.get("args"))
+    args = args if isinstance(args, Mapping) else {}
+    for key in ("seed", "split_seed"):
+        value = m.get(key, args.get(key, data.selection.get(key)))
+        if value is not None:
+            lines.append(f"{key.replace('_', ' ').capitalize()}: {value}")
+    shown = False
+    for key in ("preset", "sampled"):
+        if key in m:
+            shown = True
+            lines.append(f"{key.capitalize()}: {_compact(m[key])}")
+    if not shown and args:
+        lines.append(f"Arguments: {_compact(args)}")
+    if "layers" in data.selection:
+        lines.append(f"Layers searched on validation: {data.selection['layers']}")
+    if isinstance(m.get("versions"), Mapping):
+        lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    if m.get("time"):
+        lines.append(f"Run time (UTC): {m['time']}")
+    if not m:
+        lines.append("No manifest.json in the run folder.")
+    full = json.dumps(m, indent=2, ensure_ascii=False, default=str) if m else ""
+    return lines, full
+
+
+def build(data: RunData) -> Report:
+    """All sections, tables and figures of the report, in memory."""
+    a = data.analysis
+    banner = [
+        "How to read: accuracies are on the test split with n questions and a 95% Wilson interval; "
+        "every condition is paired with the baseline on the same questions; p is McNemar's test "
+        "(exact below 25 discordant pairs)."
+    ]
+    if a.min_n < SMALL_N:
+        banner.append(
+            f"Small sample: the smallest cell has n = {a.min_n} questions (< {SMALL_N}). Differences "
+            "are not significant unless McNemar p < 0.05 — most are noise at this size."
+        )
+    if a.unpaired:
+        banner.append(f"{a.unpaired} condition rows had no baseline row for their question and are left out.")
+    csv_tables: list[Table] = []
+    sections: list[Section] = []
+
+    lines, full = _manifest_lines(data)
+    sections.append(Section("Run", text=lines, preformatted=full))
+
+    base = Section("Baseline and chosen sites")
+    base.tables.append(baseline_table(a))
+    if data.selection.get("roles"):
+        base.tables.append(selection_table(data))
+    else:
+        base.text.append("No selection.json: the validation sweep's choices are not available.")
+    sections.append(base)
+    csv_tables += base.tables
+
+    if not a.cells:
+        sections.append(
+            Section(
+                "Role × domain results",
+                text=["No test-split condition records to compare with the baseline yet."],
+            )
+        )
+    else:
+        summary = Section("In-domain vs out-of-domain (paper Table 3 form)")
+        summary.tables += [summary_table(a), by_domain_table(a)]
+        sections.append(summary)
+        csv_tables += summary.tables
+
+        grid = Section(
+            "Role × domain relative change",
+            text=[
+                "Relative change of accuracy against the baseline, per role (rows) and MMLU domain "
+                "(columns); boxed/bracketed = the role's own domain; * = McNemar p < 0.05."
+            ],
+        )
+        for label in a.labels:
+            grid.figures.append(FigurePNG(f"heatmap_{slug(label)}", label, figures.heatmap_figure(a, label)))
+            grid.tables.append(relative_table(a, label))
+            csv_tables.append(relative_csv_table(a, label))
+        grid.collapsed.append(cells_table(a))
+        csv_tables.append(grid.collapsed[-1])
+        sections.append(grid)
+
+        bars = Section("Persona prompt vs role vector")
+        bars.figures.append(
+            FigurePNG("persona_vs_vector", "persona vs vector", figures.persona_bars_figure(a))
+        )
+        bars.tables.append(persona_vs_vector_table(a))
+        csv_tables += bars.tables
+        sections.append(bars)
+
+    sweep = Section("Layer sweep (validation split)")
+    if data.sweep.value:
+        panels = sweep_panels(data.sweep.value, data.selection, a.roles)
+        if panels:
+            sweep.text.append(
+                "Accuracy on the validation split by layer: for addition the best position at each layer, "
+                "for ablation the mean over positions; grey line = baseline, star = chosen site."
+            )
+            sweep.figures.append(FigurePNG("sweep", "layer sweep", figures.sweep_figure(panels)))
+            sweep.collapsed.append(sweep_table(panels))
+            csv_tables.append(sweep.collapsed[-1])
+        else:
+            sweep.text.append("sweep.jsonl holds no per-role rows.")
+    else:
+        sweep.text.append(f"Not run: {data.sweep.missing}.")
+    sections.append(sweep)
+
+    interp = Section("Interpretation")
+    value = data.interpret.value
+    if value:
+        interp.text.append(
+            f"Unsteered answer to {value.get('prompt', '?')!r}: {value.get('unsteered', '')!r}. The steered "
+            f"answers add α={value.get('alpha')}·d at the role's chosen layer, "
+            + (
+                "only at the token positions of the placeholder in the prompt."
+                if value.get("where") == "placeholder"
+                else "at every position."
+            )
+        )
+        interp.tables += [patchscope_table(value), logit_lens_table(value)]
+        judged = judge_table(data)
+        if judged is None:
+            interp.text.append("No LLM judge was used.")
+        else:
+            judge = value.get("judge") or {}
+            interp.text.append(f"Judge: {judge.get('model')} at {judge.get('url')}.")
+            interp.tables.append(judged)
+        csv_tables += interp.tables
+    else:
+        interp.text.append(f"Not run: {data.interpret.missing}.")
+    sections.append(interp)
+
+    geo = Section("Geometry of the role vectors")
+    vectors = data.vectors.value
+    if not isinstance(vectors, RoleVectors) or not vectors.roles:
+        geo.text.append(f"Not run: {data.vectors.missing or 'the vector file holds no roles'}.")
+    else:
+        geometry = role_geometry(vectors, data.selection)
+        geo.text.append(geometry.note)
+        geo.figures.append(FigurePNG("similarity", "cosine similarity", figures.similarity_figure(geometry)))
+        if geometry.projection is not None:
+            geo.figures.append(FigurePNG("pca", "PCA", figures.pca_figure(geometry)))
+        else:
+            geo.text.append("PCA needs at least two roles.")
+        geo.figures.append(FigurePNG("norms", "norm by layer", figures.norms_figure(geometry)))
+        geo.collapsed += geometry_tables(geometry)
+        csv_tables += geo.collapsed
+    sections.append(geo)
+    title = f"rolevec report: {data.run_dir.name}"
+    return Report(title, banner, sections, csv_tables)
+
+
+CSS = """
+body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:12px;margin:.5em 0}
+th,td{border:1px solid #ccc;padding:2px 6px;vertical-align:top}
+th{background:#f3f3f3;position:sticky;top:0}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.scroll{overflow-x:auto;max-height:40em}
+.banner{background:#fff4d6;border:1px solid #e0b84a;padding:.6em 1em;margin:1em 0}
+.note{color:#555;font-size:12px}
+img{max-width:100%;height:auto;display:block;margin:.5em 0}
+pre{background:#f6f6f6;padding:.5em;overflow-x:auto;font-size:11px}
+"""
+
+
+def render_html(report: Report) -> str:
+    """One self-contained XHTML-compatible page; figures are embedded as base64 PNG."""
+    parts = [
+        "<!DOCTYPE html>",
+        '<html xmlns="http://www.w3.org/1999/xhtml" lang="en">',
+        '<head><meta charset="utf-8" />',
+        f"<title>{_e(report.title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{_e(report.title)}</h1>",
+    ]
+    parts += [f'<div class="banner">{_e(line)}</div>' for line in report.banner]
+    for section in report.sections:
+        parts.append(f"<h2>{_e(section.title)}</h2>")
+        parts += [f"<p>{_e(line)}</p>" for line in section.text]
+        if section.preformatted:
+            parts.append(
+                f"<details><summary>manifest.json</summary><pre>{_e(section.preformatted)}</pre></details>"
+            )
+        for fig in section.figures:
+            data = base64.b64encode(fig.png).decode("ascii")
+            parts.append(f'<img src="data:image/png;base64,{data}" alt="{_e(fig.title)}" />')
+        parts += [table_html(t) for t in section.tables]
+        parts += [table_html(t, collapsed=True) for t in section.collapsed]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def render_markdown(report: Report) -> str:
+    parts = [f"# {report.title}", ""]
+    parts += [f"> {line}\n" for line in report.banner]
+    for section in report.sections:
+        parts += [f"## {section.title}", ""]
+        for line in section.text:
+            parts += [html.escape(printable(line), quote=False), ""]
+        if section.preformatted:
+            parts += [
+                "<details><summary>manifest.json</summary>",
+                "",
+                "```json",
+                section.preformatted,
+                "```",
+                "",
+                "</details>",
+                "",
+            ]
+        for fig in section.figures:
+            parts += [f"![{fig.title}](figures/{fig.name}.png)", ""]
+        parts += [table_markdown(t) for t in (*section.tables, *section.collapsed)]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    html: Path
+    markdown: Path
+    tables: tuple[Path, ...]
+    figures: tuple[Path, ...]
+
+
+def write_report(run_dir: str | Path, *, force: bool = False, data: RunData | None = None) -> ReportFiles:
+    """Build the report of RUN_DIR and write report.html, report.md, tables/*.csv and figures/*.png.
+
+    Refuses to overwrite an existing report unless ``force``; everything is computed before the first
+    file is written, and each file is written atomically. ``data`` is the run as :func:`load_run` read it
+    (read here when not given).
+
+    Args:
+        run_dir: The run folder (``rolevec run --out``); it needs a ``records.jsonl``.
+        force: Overwrite an existing report (default ``False``).
+        data: The run already read with :func:`load_run` (default: read from ``run_dir``).
+
+    Returns:
+        The ``ReportFiles``: paths of the HTML and Markdown reports, tables and figures written.
+
+    Example:
+        ```python
+        files = write_report("runs/quick", force=True)
+        print(files.html, len(files.figures))
+        ```
+    """
+    data = load_run(run_dir) if data is None else data
+    root = data.run_dir
+    html_path, md_path = root / "report.html", root / "report.md"
+    if not force:
+        for path in (html_path, md_path):
+            if path.exists():
+                raise RolevecError(f"{path} already exists: pass --force to rebuild the report")
+    report = build(data)
+    html_text = render_html(report)
+    md_text = render_markdown(report)
+    outputs: list[tuple[Path, Callable[[Path], Any]]] = []
+    for table in report.csv_tables:
+        text = table_csv(table)
+        outputs.append((root / "tables" / f"{table.name}.csv", _writer_text(text)))
+    for fig in report.figures:
+        outputs.append((root / "figures" / f"{fig.name}.png", _writer_bytes(fig.png)))
+    for path, write in outputs:
+        atomic_write(path, write, force=True)
+    atomic_write(md_path, _writer_text(md_text), force=True)
+    atomic_write(html_path, _writer_text(html_text), force=True)
+    return ReportFiles(
+        html=html_path,
+        markdown=md_path,
+        tables=tuple(p for p, _ in outputs if p.suffix == ".csv"),
+        figures=tuple(p for p, _ in outputs if p.suffix == ".png"),
+    )
+
+
+def _writer_text(text: str) -> Callable[[Path], Any]:
+    return _writer_bytes(text.encode("utf-8"))
+
+
+def _writer_bytes(blob: bytes) -> Callable[[Path], Any]:
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(blob)
+        tmp.chmod(0o644)  # a report is for sharing; the temporary file starts private
+
+    return write
+
+
+def summary_lines(files: ReportFiles) -> list[str]:
+    return [
+        f"wrote {files.html}",
+        f"wrote {files.markdown}",
+        f"wrote {len(files.tables)} tables to {files.html.parent / 'tables'}",
+        f"wrote {len(files.figures)} figures to {files.html.parent / 'figures'}",
+    ]
+
+
+def console_summary(run_dir: str | Path) -> list[str]:
+    """The headline table for a terminal: per role and condition, in-domain change and out-of-domain mean."""
+    a = load_run(run_dir).analysis
+    lines = [
+        f"{'role':<22}{'condition':<14}{'in-domain acc (base)':<24}{'rel. change':>12}{'p':>8}{'n':>6}"
+        f"{'OOD mean rel.':>15}"
+    ]
+    for role in a.roles:
+        for label in a.labels:
+            s = a.summary(role, label)
+            if s is None or s.in_domain is None:
+                continue
+            d = s.in_domain
+            acc = f"{d.accuracy:.3f} ({d.base_accuracy:.3f})"
+            rel = "n/a" if math.isnan(d.rel_change) else f"{d.rel_change:.1f}%"  # a baseline of 0
+            ood = "n/a" if math.isnan(s.ood_mean_rel) else f"{s.ood_mean_rel:.1f}%"
+            lines.append(f"{role:<22}{label:<14}{acc:<24}{rel:>12}{d.p_value:>8.3f}{d.n:>6}{ood:>15}")
+    if a.min_n < SMALL_N:
+        lines.append(
+            f"(small sample: n = {a.min_n} in the smallest cell; differences are noise unless p < 0.05)"
+        )
+    return lines

@@ -1,0 +1,25 @@
+"""Role vectors: the vector file and its checks (:mod:`.role_vectors`) and their extraction from mean
+activations over prompt sets (:mod:`.extraction`).
+
+It may import :mod:`rolevec.data`, :mod:`rolevec.model` and :mod:`rolevec.core`. The names of the former
+``rolevec.vectors`` module (``RoleVectors``, ``check_fingerprint``) still import from here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .role_vectors import (
+        RoleVectors as RoleVectors,
+    )
+    from .role_vectors import (
+        check_fingerprint as check_fingerprint,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return getattr(importlib.import_module(".role_vectors", __name__), name)
