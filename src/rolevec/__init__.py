@@ -60,7 +60,14 @@ _EXPORTS: dict[str, str] = {
     "StudyConfig": "study.pipeline",
     "config_from": "study.pipeline",
     "run_study": "study.pipeline",
+    "StudyPrompts": "study.stages",
+    "StudyQuestions": "study.stages",
+    "sample_prompts": "study.stages",
+    "extract_vectors": "study.stages",
+    "load_questions": "study.stages",
     "select_sites": "study.stages",
+    "study_conditions": "study.stages",
+    "interpret_vectors": "study.stages",
     "open_records": "study.stages",
     "write_report": "analysis.report",
     "analyse": "analysis.tables",
@@ -80,6 +87,8 @@ __all__ = [
     "Split",
     "Steering",
     "StudyConfig",
+    "StudyPrompts",
+    "StudyQuestions",
     "__version__",
     "analyse",
     "available_roles",
@@ -88,12 +97,15 @@ __all__ = [
     "export_control_vector",
     "export_lm_eval",
     "extract_role_vectors",
+    "extract_vectors",
     "fold",
     "generate",
+    "interpret_vectors",
     "load_base",
     "load_mcq",
     "load_model",
     "load_prompts",
+    "load_questions",
     "load_role_prompts",
     "make_split",
     "mean_activations",
@@ -102,10 +114,12 @@ __all__ = [
     "resolve_steering",
     "run_study",
     "sample",
+    "sample_prompts",
     "save_folded",
     "score",
     "select_sites",
     "steering_from_control_vector",
+    "study_conditions",
     "write_report",
 ]
 
@@ -123,7 +137,17 @@ if TYPE_CHECKING:
     from .steering.generation import generate
     from .steering.interventions import Steering, resolve_steering
     from .study.pipeline import StudyConfig, config_from, run_study
-    from .study.stages import open_records, select_sites
+    from .study.stages import (
+        StudyPrompts,
+        StudyQuestions,
+        extract_vectors,
+        interpret_vectors,
+        load_questions,
+        open_records,
+        sample_prompts,
+        select_sites,
+        study_conditions,
+    )
     from .vectors.extraction import extract_role_vectors, mean_activations
     from .vectors.role_vectors import RoleVectors
 

@@ -346,25 +346,6 @@ def check_inputs(config: StudyConfig) -> tuple[list[str], list[str]]:
     return roles, domains
 
 
-def _read_stored(path: Path) -> dict[str, Any]:
-    """A JSON object an earlier stage wrote; a damaged one is one line, not a traceback."""
-    try:
-        data = json.loads(read_text(path, what="run file"))
-        reason = "not a JSON object"
-    except ValueError as exc:
-        data, reason = None, f"not valid JSON: {exc}"
-    if not isinstance(data, dict):
-        raise RolevecError(f"{path} is damaged ({reason}): delete it to redo its stage, or use --force")
-    return data
-
-
-def _write_json(path: Path, data: Any) -> None:
-    from ..core.files import atomic_write
-
-    text = json.dumps(data, indent=1, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), force=True)
-
-
 class Study:
     """One run folder's pipeline; call :meth:`run` (or the stages one by one)."""
 
@@ -452,83 +433,59 @@ class Study:
             self.state.timings["total"] = time.perf_counter() - started
             self._manifest()
 
-    # --- stages ----------------------------------------------------------------------------------
+    # --- stages: each is a function of rolevec.study.stages -----------------------------------------
     def stage_prompts(self) -> None:
         """Sample each role's prompts and the base prompts; the exact lists go to prompts.json."""
-        from ..data.sources import load_base, load_role_prompts, sample
+        from .stages import sample_prompts
 
-        path = self.run_dir / "prompts.json"
-        if path.exists():
-            stored = _read_stored(path)
-            missing = [r for r in self.roles if r not in stored.get("roles", {})]
-            if not missing:
-                self._prompts = stored
-                self._record_prompt_sampling()
-                return
         c = self.config
-        roles = {r: sample(load_role_prompts(r, c.roles_dir), c.n_prompts, c.prompt_seed) for r in self.roles}
-        base = sample(load_base(c.base, column=c.base_column), c.n_base, c.prompt_seed)
-        self._prompts = {
-            "seed": c.prompt_seed,
-            "base": {"source": base.source, "prompts": list(base.prompts)},
-            "roles": {r: {"source": ps.source, "prompts": list(ps.prompts)} for r, ps in roles.items()},
-        }
-        _write_json(path, self._prompts)
-        self._record_prompt_sampling()
-
-    def _record_prompt_sampling(self) -> None:
-        p = self._prompts
-        counts = {r: len(v["prompts"]) for r, v in p["roles"].items() if r in self.roles}
+        self.prompts = sample_prompts(
+            self.run_dir,
+            self.roles,
+            n_prompts=c.n_prompts,
+            n_base=c.n_base,
+            seed=c.prompt_seed,
+            roles_dir=c.roles_dir,
+            base=c.base,
+            base_column=c.base_column,
+        )
+        p = self.prompts
         self.state.sampled["prompts"] = {
-            "per_role": counts,
-            "base": len(p["base"]["prompts"]),
-            "seed": p["seed"],
-            "role_source": next(iter(p["roles"].values()))["source"] if p["roles"] else "",
-            "base_source": p["base"]["source"],
+            "per_role": {r: len(v.prompts) for r, v in p.roles.items() if r in self.roles},
+            "base": len(p.base.prompts),
+            "seed": p.seed,
+            "role_source": next(iter(p.roles.values())).source if p.roles else "",
+            "base_source": p.base.source,
         }
 
     def stage_vectors(self) -> None:
-        from ..data.sources import PromptSet
-        from ..vectors.extraction import extract_role_vectors
-        from ..vectors.role_vectors import RoleVectors
+        from .stages import extract_vectors
 
-        path = self.run_dir / "vectors.safetensors"
-        if path.exists():
-            vectors = RoleVectors.load(path)
-            vectors.check_compatible(self.adapter)
-            if vectors.metadata.get("model_fingerprint") != self.adapter.fingerprint():
-                raise RolevecError(f"{path} was extracted from another model: use another --out")
-            if set(self.roles) <= set(vectors.roles):
-                self.vectors = vectors
-                return
-        p = self._prompts
-        role_sets = {
-            r: PromptSet(r, tuple(p["roles"][r]["prompts"]), p["roles"][r]["source"]) for r in self.roles
-        }
-        base = PromptSet("base", tuple(p["base"]["prompts"]), p["base"]["source"])
-        self.vectors = extract_role_vectors(
+        self.vectors = extract_vectors(
             self.adapter,
-            role_sets,
-            base,
+            self.prompts,
+            self.run_dir,
+            self.roles,
             batch_size=self.config.batch_size,
-            seed=self.config.prompt_seed,
             progress=self.progress,
         )
-        self.vectors.save(path, force=True)
 
     def stage_questions(self) -> None:
-        from ..data.mcq import ensure_split, load_mcq
         from ..data.sources import role_domain
+        from .stages import load_questions
 
-        wanted = sorted(set(self.domains) | {str(role_domain(r)) for r in self.roles})
-        self.mcq = load_mcq(self.config.mcq, wanted)
-        self.split = ensure_split(
-            self.run_dir / "split.json",
-            self.mcq,
-            seed=self.config.split_seed,
-            val_fraction=self.config.val_fraction,
-        )
         c = self.config
+        wanted = sorted(set(self.domains) | {str(role_domain(r)) for r in self.roles})
+        questions = load_questions(
+            self.adapter,
+            self.run_dir,
+            wanted,
+            source=c.mcq,
+            split_seed=c.split_seed,
+            val_fraction=c.val_fraction,
+            random_seed=c.random_seed,
+        )
+        self.mcq, self.split, self.prompt_format = questions.mcq, questions.split, questions.prompt_format
         sizes = {
             d: {
                 "val": len(self.split.select(self.mcq, d, "val", c.val_limit)),
@@ -548,13 +505,6 @@ class Study:
             self.state.notes.append(
                 "questions come from rolevec's built-in sample (24 per domain), not MMLU: pass --mcq-dir"
             )
-        from ..core.records import check_settings
-        from ..evaluation.conditions import run_settings
-        from ..evaluation.scoring import PromptFormat
-
-        self.prompt_format = PromptFormat()
-        settings = run_settings(self.adapter, self.prompt_format, self.split, self.config.random_seed)
-        check_settings(self.run_dir, settings)
 
     def _grid(self) -> tuple[tuple[int, int], tuple[int, ...]]:
         from ..core.spec import parse_layer_range, parse_positions
@@ -608,37 +558,22 @@ class Study:
             "sweep_mode": {r.role: r.reuse for r in chosen.sweeps},
         }
 
-    def conditions(self) -> list[Any]:
-        from ..evaluation.conditions import Condition
-
-        out = [Condition.make("baseline")]
-        for role in self.roles:
-            ch = self.choices[role]
-            out += [
-                Condition.make("persona", role=role, persona_template=t)
-                for t in self.config.persona_templates
-            ]
-            out += [
-                Condition.make("add", role=role, layer=ch.layer, position=ch.position, alpha=a)
-                for a in self.config.alphas
-            ]
-            out.append(Condition.make("ablate", role=role, layer=ch.layer, position=ch.position))
-            if self.config.random_control:
-                out.append(
-                    Condition.make("random", role=role, layer=ch.layer, position=ch.position, alpha=ch.alpha)
-                )
-        return out
-
     def stage_test(self) -> None:
         from ..evaluation.conditions import evaluate_conditions
-        from .stages import open_records
+        from .stages import open_records, study_conditions
 
+        conditions = study_conditions(
+            {role: self.choices[role] for role in self.roles},
+            alphas=self.config.alphas,
+            persona_templates=self.config.persona_templates,
+            random_control=self.config.random_control,
+        )
         with open_records(self.run_dir) as store:
             report = evaluate_conditions(
                 self.adapter,
                 self.mcq,
                 self.split,
-                self.conditions(),
+                conditions,
                 store,
                 vectors=self.vectors,
                 domains=self.domains,
@@ -659,25 +594,20 @@ class Study:
     def stage_interpret(self) -> None:
         import os
 
-        from ..analysis.interpret import JUDGE_KEY_ENV, interpret_roles, save_interpret
+        from ..analysis.interpret import JUDGE_KEY_ENV
+        from .stages import interpret_vectors
 
-        path = self.run_dir / "interpret.json"
-        if path.exists():
-            stored = _read_stored(path)
-            if set(self.roles) <= set(stored.get("roles", {})):
-                return
-        result = interpret_roles(
+        interpret_vectors(
             self.adapter,
             self.vectors,
-            self.run_dir / "selection.json",
-            roles=self.roles,
+            self.run_dir,
+            self.roles,
             alpha=self.config.interpret_alpha,
             judge_url=self.config.judge_url,
             judge_model=self.config.judge_model,
             judge_api_key=os.environ.get(JUDGE_KEY_ENV),
             progress=self.progress,
         )
-        save_interpret(result, path, force=True)
 
     def stage_report(self) -> None:
         from ..analysis.report import write_report

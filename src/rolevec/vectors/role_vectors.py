@@ -131,6 +131,48 @@ class RoleVectors:
             allow_other_model=allow_other_model,
         )
 
+    def merged(self, other: RoleVectors) -> RoleVectors:
+        """These vectors plus the roles only ``other`` has, all relative to this file's base mean ν.
+
+        Extraction split over calls (a scheduler's shards, or roles added to a run later) merges here.
+        ``other`` must come from the same model, base prompts, seed and positions; its own ν (the same
+        prompts, batched differently) is dropped, so the vectors already stored stay byte for byte.
+
+        Args:
+            other: Vectors extracted in another call.
+
+        Returns:
+            The merged ``RoleVectors``; roles in both keep this file's means.
+
+        Example:
+            ```python
+            both = RoleVectors.load("doctor.safetensors").merged(RoleVectors.load("lawyer.safetensors"))
+            print(both.roles)
+            ```
+        """
+        mine, theirs = self.metadata, other.metadata
+        for key in ("model_fingerprint", "base", "seed", "dtype"):
+            if mine.get(key) != theirs.get(key):
+                raise RolevecError(
+                    f"cannot merge role vectors with another {key} ({mine.get(key)!r} vs "
+                    f"{theirs.get(key)!r}): extract all roles with the same model, base prompts and seed"
+                )
+        if (other.positions, other.position_tokens) != (self.positions, self.position_tokens) or tuple(
+            other.base_mean.shape
+        ) != tuple(self.base_mean.shape):
+            raise RolevecError("cannot merge role vectors of other positions or another shape")
+        added = {r: m for r, m in other.role_means.items() if r not in self.role_means}
+        metadata = dict(mine)
+        metadata["prompts"] = {
+            **dict(mine.get("prompts") or {}),
+            **{r: (theirs.get("prompts") or {}).get(r) for r in added},
+        }
+        metadata["n_shortened"] = int(mine.get("n_shortened") or 0) + int(theirs.get("n_shortened") or 0)
+        metadata["merged_from"] = [*mine.get("merged_from", [mine.get("created")]), theirs.get("created")]
+        return RoleVectors(
+            {**self.role_means, **added}, self.base_mean, self.positions, self.position_tokens, metadata
+        )
+
     # --- storage ---------------------------------------------------------------------------------
     def save(self, path: str | Path, *, force: bool = False) -> Path:
         from safetensors.torch import save_file
