@@ -104,7 +104,7 @@ def test_long_prompts_are_shortened_keeping_the_template(tiny_llama: ModelAdapte
     assert torch.isfinite(means).all()
     # the model's own context (256 positions for tiny models) is the default limit
     assert encode_prompts(tiny_llama, [long]).n_shortened == 1
-    with pytest.raises(RolevecError, match="--max-tokens"):
+    with pytest.raises(RolevecError, match="`max_tokens`"):
         encode_prompts(tiny_llama, [long], max_tokens=5)
 
 
@@ -175,7 +175,7 @@ def test_shortening_without_offsets_and_a_template_that_fills_the_limit(
     assert len(ids) <= 60 and long.startswith(_kept_user_text(tiny_llama, ids))
     monkeypatch.undo()
     template = len(encode_prompts(tiny_llama, [""]).ids[0])
-    with pytest.raises(RolevecError, match=rf"takes {template} of max_tokens={template} .*--max-tokens"):
+    with pytest.raises(RolevecError, match=rf"takes {template} of max_tokens={template} .*`max_tokens`"):
         encode_prompts(tiny_llama, [long], max_tokens=template)
 
 

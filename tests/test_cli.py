@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rolevec.cli import main
+from rolevec.cli import _command_parser, build_parser, main
+from rolevec.cli.common import to_flags
 from rolevec.errors import RolevecError
 from rolevec.model.testing import make_adapter
 from test_interventions import role_vectors, zero_at
@@ -50,12 +51,14 @@ def _flags(command: str) -> set[str]:
 
 
 def _check_advice(message: str, where: dict[str, list[str]]) -> None:
-    """``message`` names exactly the flags of ``where`` (command → flags), and each command has them."""
-    named = set(_FLAG.findall(re.sub(r"`(?!rolevec )[^`]*`", "", message)))  # not `pip install --no-deps`
-    assert named == {f for flags in where.values() for f in flags}, message
+    """``message``, as each command of ``where`` (command → flags) prints it, suggests that command's
+    flags of ``where``, and every flag it suggests is one the command has."""
     for command, flags in where.items():
-        missing = set(flags) - _flags(command)
-        assert not missing, f"`rolevec {command}` has no {', '.join(sorted(missing))}, yet: {message}"
+        shown = to_flags(message, _command_parser(build_parser(), command))
+        named = set(_FLAG.findall(re.sub(r"`(?!rolevec )[^`]*`", "", shown)))  # not `pip install --no-deps`
+        assert set(flags) <= named, f"rolevec {command}: {shown}"
+        missing = named - _flags(command)
+        assert not missing, f"`rolevec {command}` has no {', '.join(sorted(missing))}, yet: {shown}"
 
 
 def _cli_lines(capsys: pytest.CaptureFixture[str], argv: list[str]) -> list[str]:
@@ -161,7 +164,7 @@ def test_cli_messages_suggest_flags_the_command_has(
     for argv in (["info"], prompts):  # the embedded default is what both load without a model option
         lines = [line for line in _cli_lines(capsys, argv) if "not installed" in line]
         assert len(lines) == 1, argv
-        _check_advice(lines[0], {"info": ["--model"], "prompts": ["--generator"]})
+        _check_advice(lines[0], {argv[0]: ["--model"] if argv[0] == "info" else ["--generator"]})
 
 
 def test_library_messages_suggest_flags_the_commands_have() -> None:
@@ -197,8 +200,10 @@ def test_library_messages_suggest_flags_the_commands_have() -> None:
         with pytest.raises(RolevecError) as info:
             trigger()
         _check_advice(str(info.value), where)
-        if "--answer-prefix" in str(info.value):  # info and run reach it too, and have no such option
-            assert "(`rolevec sweep`/`evaluate`: --answer-prefix)" in str(info.value)
+        if "`answer_prefix`" in str(info.value):  # info and run reach it too, and have no such option
+            for command in ("info", "run"):
+                shown = to_flags(str(info.value), _command_parser(build_parser(), command))
+                assert "`answer_prefix`" in shown and "--answer-prefix" not in shown
 
 
 @pytest.mark.parametrize(
@@ -230,3 +235,53 @@ def test_every_model_command_names_a_truncated_gguf(
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rolevec: error")]
     message = f"{cut} is not a complete GGUF file (it ends at byte 8, inside its header): re-download it"
     assert err == [f"rolevec: error: {message}"]
+
+
+# --- the library names fields; the command line shows its flags ----------------------------------------
+
+
+def test_fields_in_library_messages_read_as_the_commands_flags() -> None:
+    parser = build_parser()
+    run, report, fold = (_command_parser(parser, c) for c in ("run", "report", "fold"))
+    text = "`run_dir` /x is a file: pass `force=True`, `device=cpu` or another `mcq`"
+    assert to_flags(text, run) == "--out /x is a file: pass --force, --device cpu or another --mcq-dir"
+    assert to_flags("`run_dir` /x is a file", report) == "RUN_DIR /x is a file"
+    assert to_flags("choose another `out`", fold) == "choose another --out"
+    # quoted text that is no option of the command stays as it is (a model type, a field of another command)
+    quoted = "model type `llamma`; pass a different `answer_prefix`"
+    assert to_flags(quoted, run) == quoted
+    assert to_flags("pass a different `answer_prefix`", _command_parser(parser, "sweep")).endswith(
+        "--answer-prefix"
+    )
+    assert to_flags("a larger `val_fraction`") == "a larger `val_fraction`"  # no command, no flags
+
+
+def test_library_messages_name_fields_not_flags() -> None:
+    """No string of the library (below rolevec.cli) spells a flag outside a quoted shell command."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "src" / "rolevec"
+    flag = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
+    allowed = ("pip install", "--control-vector", "lm_eval --model", "--help", "`rolevec ")  # shell commands
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if "cli" in path.relative_to(root).parts:
+            continue
+        tree = ast.parse(path.read_text())
+        docs = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+                docs.add(id(node.value))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                bare = re.sub(r"`[^`]*`", "", node.value)
+                if flag.search(bare) and not any(a in node.value for a in allowed):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {node.value[:80]}")
+    assert found == []

@@ -80,7 +80,7 @@ def test_malformed_json_names_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(RolevecError, match=r"wrong\.json:3 \(item 1\).*found int"):
         load_prompts(wrong)
     nofield = _write(tmp_path / "nofield.json", '[\n {"instruction": "a b c"},\n {"question": "x"}\n]')
-    with pytest.raises(RolevecError, match=r"nofield\.json:3 \(item 1\).*fields: question\).*--base-column"):
+    with pytest.raises(RolevecError, match=r"nofield\.json:3 \(item 1\).*fields: question\).*`base_column`"):
         load_prompts(nofield)
     lines = _write(tmp_path / "bad.jsonl", '{"instruction": "a"}\n{"instruction": \n')
     with pytest.raises(RolevecError, match=r"bad\.jsonl:2: malformed JSON line"):
@@ -96,7 +96,7 @@ def test_malformed_csv_names_file_and_line(tmp_path: Path) -> None:
         load_prompts(quote)
     ambiguous = _write(tmp_path / "a.csv", "x,y\n1,2\n")
     with pytest.raises(
-        RolevecError, match=r"a\.csv:1: .*columns: x, y\).*--base-column NAME \(config key base_column\)"
+        RolevecError, match=r"a\.csv:1: .*columns: x, y\).*`base_column` NAME \(config key base_column\)"
     ):
         load_prompts(ambiguous)
     with pytest.raises(RolevecError, match="no column 'z'"):
@@ -167,11 +167,11 @@ def test_role_folder_files_bom_bad_bytes_and_field_advice(tmp_path: Path) -> Non
 
 def test_a_wrong_base_column_lists_what_is_there(tmp_path: Path) -> None:
     csv_file = _write(tmp_path / "base.csv", "question,id\nWhy?,1\n")
-    with pytest.raises(RolevecError, match=r"no column 'q' \(columns: question, id\).*--base-column"):
+    with pytest.raises(RolevecError, match=r"no column 'q' \(columns: question, id\).*`base_column`"):
         load_base(csv_file, column="q")
     jsonl = _write(tmp_path / "base.jsonl", json.dumps({"question": "Why?"}) + "\n")
     with pytest.raises(
-        RolevecError, match=r"base\.jsonl:1: no field 'q' \(fields: question\).*--base-column"
+        RolevecError, match=r"base\.jsonl:1: no field 'q' \(fields: question\).*`base_column`"
     ):
         load_base(jsonl, column="q")
     assert load_base(jsonl, column="question").prompts == ("Why?",)
@@ -255,10 +255,10 @@ def test_hf_datasets_loading_with_a_stand_in(monkeypatch: pytest.MonkeyPatch) ->
     assert ps.prompts == ("Say hi.", "Count to 3.") and ps.n_duplicates_dropped == 1
     assert ps.source == "hf:tatsu-lab/alpaca:train#instruction" and ps.name == "tatsu-lab/alpaca"
     assert load_base("hf:x/y:test").source == "hf:x/y:test#instruction"
-    with pytest.raises(RolevecError, match=r"no column 'text'.*--base-column"):
+    with pytest.raises(RolevecError, match=r"no column 'text'.*`base_column`"):
         load_prompts("hf:x/y", column="text")
     FakeDataset.column_names = ("question", "output")
-    with pytest.raises(RolevecError, match=r"columns: question, output\).*--base-column NAME"):
+    with pytest.raises(RolevecError, match=r"columns: question, output\).*`base_column` NAME"):
         load_prompts("hf:x/y")
 
 

@@ -184,9 +184,9 @@ def test_random_control_has_the_role_vector_norm() -> None:
 def test_conditions_validate() -> None:
     with pytest.raises(RolevecError, match="needs a role"):
         Condition("persona")
-    with pytest.raises(RolevecError, match="--layer and --position"):
+    with pytest.raises(RolevecError, match="`layer` and `position`"):
         Condition("add", "lawyer")
-    with pytest.raises(RolevecError, match="--alpha"):
+    with pytest.raises(RolevecError, match="`alpha`"):
         Condition("random", "lawyer", None, 1, -1)
     with pytest.raises(RolevecError, match="unknown condition"):
         Condition("steer")

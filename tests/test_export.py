@@ -118,7 +118,7 @@ def test_control_vector_errors(tmp_path: Path) -> None:
         )
     assert not list(tmp_path.iterdir())
     path = export_control_vector(_steering(32), tmp_path / "x.gguf", model_hint="llama")
-    with pytest.raises(RolevecError, match="--force"):
+    with pytest.raises(RolevecError, match="`force=True`"):
         export_control_vector(_steering(32), path, model_hint="llama")
     with pytest.raises(RolevecError, match="does not exist"):
         read_control_vector(tmp_path / "missing.gguf")

@@ -149,7 +149,7 @@ def test_write_folder_is_all_or_nothing(tmp_path: Path) -> None:
         write_folder(tmp_path / "out", fail)
     assert list(tmp_path.iterdir()) == []
     write_folder(tmp_path / "out", lambda tmp: (tmp / "a.txt").write_text("1"))
-    with pytest.raises(RolevecError, match="--force"):
+    with pytest.raises(RolevecError, match="`force=True`"):
         write_folder(tmp_path / "out", lambda tmp: (tmp / "b.txt").write_text("2"))
     with pytest.raises(RolevecError, match="boom"):
         write_folder(tmp_path / "out", fail, force=True)

@@ -278,7 +278,7 @@ def test_interpret_roles_writes_the_documented_format(
         assert any(a.startswith(f"Profession: {name}\nWord list: {words}\n") for a in asked)
     path = save_interpret(out, tmp_path / "interpret.json")
     assert load_interpret(path) == json.loads(json.dumps(out))
-    with pytest.raises(RolevecError, match="--force"):
+    with pytest.raises(RolevecError, match="`force=True`"):
         save_interpret(out, path)
     save_interpret(out, path, force=True)
 

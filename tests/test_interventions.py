@@ -153,7 +153,7 @@ def test_resolve_steering_checks_everything(tiny_llama: ModelAdapter) -> None:
         ({"layers": 1, "alpha": 1.0, "position": -99}, "position -99"),
         ({"layers": 1, "alpha": math.nan}, "finite"),
         ({"layers": 1, "alpha": math.inf}, "finite"),
-        ({"layers": 1}, "--alpha"),
+        ({"layers": 1}, "`alpha`"),
         ({"layers": 1, "alpha": 1.0, "ablate": True}, "either"),
         ({"layers": [1, 2], "ablate": True}, "single"),
     ]
@@ -165,7 +165,7 @@ def test_resolve_steering_checks_everything(tiny_llama: ModelAdapter) -> None:
 
 def test_resolve_refuses_another_model(tiny_llama: ModelAdapter) -> None:
     other = role_vectors(tiny_llama, fingerprint="0123456789abcdef")
-    with pytest.raises(RolevecError, match=r"fingerprint 0123456789abcdef.*--allow-other-model"):
+    with pytest.raises(RolevecError, match=r"fingerprint 0123456789abcdef.*`allow_other_model`"):
         resolve_steering(other, "doctor", layers=1, alpha=1.0, adapter=tiny_llama)
     with pytest.warns(UserWarning, match="fingerprint 0123456789abcdef.*meaningless"):  # allowed, not silent
         steering = resolve_steering(
@@ -246,7 +246,7 @@ def test_ablating_a_zero_vector_is_refused_before_any_model(tiny_llama: ModelAda
     assert str(info.value) == (
         "the vector of role 'doctor' at layer 0, position -2 is zero: layer 0 is the input of block 0, "
         "where the template tokens' embeddings are the same for every prompt, so the role vector there is "
-        "zero, and a zero vector has no direction to ablate: pass another --layer (1..3)"
+        "zero, and a zero vector has no direction to ablate: pass another `layer` (1..3)"
     )
     other = zero_at(role_vectors(tiny_llama), 2)
     with pytest.raises(RolevecError, match=r"at layer 2, position -1 is zero: its role and base prompts"):

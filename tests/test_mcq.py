@@ -99,7 +99,7 @@ def test_jsonl_csv_and_single_file_sources(tmp_path: Path) -> None:
 def test_malformed_items_name_file_and_index(tmp_path: Path) -> None:
     rows = [_item(0), _item(1, choices=["a", "b", "c"]), _item(2, answer="E"), _item(3)]
     path = _write(tmp_path / "math.json", rows)
-    with pytest.raises(RolevecError, match=r"math\.json item 1 has 3 choices.*--skip-bad"):
+    with pytest.raises(RolevecError, match=r"math\.json item 1 has 3 choices.*`skip_bad`"):
         load_mcq(tmp_path)
     mcq = load_mcq(tmp_path, skip_bad=True)
     assert mcq.n_skipped == 2
@@ -198,7 +198,7 @@ def test_parse_domains_and_role_domain() -> None:
     assert parse_domains("all") is None and parse_domains("math, law") == ["math", "law"]
     assert role_domain("lawyer", strict=True) == "law"
     assert role_domain("teacher", strict=True) == "natural_science"
-    with pytest.raises(RolevecError, match="--domain"):
+    with pytest.raises(RolevecError, match="`domain`"):
         role_domain("astronaut", strict=True)
 
 
@@ -419,7 +419,7 @@ def test_old_split_with_straddling_copies_is_kept_as_stored(tmp_path: Path) -> N
     assert len(caught) == 1
     message = str(caught[0].message)
     assert message.startswith(f"{path} has copies of a repeated question in both validation and test (math ")
-    assert "used as stored" in message and "--force" in message
+    assert "used as stored" in message and "`force=True`" in message
     assert kept.domains == old.domains and path.read_bytes() == before
     with pytest.warns(UserWarning, match="the selection's split has copies .* selection was made on it"):
         ensure_split(tmp_path / "new" / "split.json", mcq, base=old)
@@ -542,7 +542,7 @@ def test_refused_answers_are_one_error_naming_file_and_item(tmp_path: Path, answ
         load_mcq(tmp_path)
     assert str(caught.value) == (
         f"{path} item 1 answer {answer!r} is not one of A, B, C, D (or 0-3): fix the file (rolevec sweep "
-        "and rolevec evaluate can skip such items with --skip-bad)"
+        "and rolevec evaluate can skip such items with `skip_bad`)"
     )
 
 

@@ -128,7 +128,7 @@ def test_bad_inputs_give_clear_errors(tmp_path: object) -> None:
     with pytest.raises(RolevecError, match="pass cpu"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RolevecError, match="--device cpu"):
+        with pytest.raises(RolevecError, match="`device=cpu`"):
             resolve_device("cuda")
     with pytest.raises(RolevecError, match="float32"):
         resolve_dtype("int3")

@@ -265,7 +265,7 @@ def test_openai_compatible_endpoint(endpoint: Endpoint) -> None:
     assert endpoint.seen[0]["model"] == "fake-model" and endpoint.seen[0]["auth"] == "Bearer k"
     with pytest.raises(RolevecError, match="HTTP 500"):
         OpenAIGenerator(endpoint.url, model="broken").complete(["x"])
-    with pytest.raises(RolevecError, match=r"did not answer UTF-8 JSON.*--generator"):
+    with pytest.raises(RolevecError, match=r"did not answer UTF-8 JSON.*`generator`"):
         OpenAIGenerator(endpoint.url, model="latin1").complete(["x"])
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -144,7 +144,7 @@ def test_settings_must_match(tmp_path: Path) -> None:
     check_settings(tmp_path, {"model_fingerprint": "abc", "random_seed": 1})  # new keys are added
     with pytest.raises(RolevecError, match="random_seed"):
         check_settings(tmp_path, {"random_seed": 2})
-    with pytest.raises(RolevecError, match="--force"):
+    with pytest.raises(RolevecError, match="`force=True`"):
         check_settings(tmp_path, {"model_fingerprint": "xyz"})
     (tmp_path / "settings.json").unlink()
     check_settings(tmp_path, {"model_fingerprint": "xyz"})

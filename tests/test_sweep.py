@@ -247,7 +247,7 @@ def test_selection_file_round_trip_and_fingerprint(tmp_path: Path) -> None:
     assert selected_site(load_selection(path, llama), "lawyer") == (2, -1, 3.0)
     with pytest.raises(RolevecError, match="fingerprint"):
         load_selection(path, qwen)
-    with pytest.raises(RolevecError, match="--force"):
+    with pytest.raises(RolevecError, match="`force=True`"):
         write_selection(path, qwen, split_seed=0, layers=(0, 2), choices=[choice])
     # a merge keeps the questions of earlier choices
     write_selection(path, llama, split_seed=0, layers=(0, 2), choices=[], validation={"law": ["law/2"]})

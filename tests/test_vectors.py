@@ -50,7 +50,7 @@ def test_file_is_plain_safetensors_with_json_header(tmp_path: Path) -> None:
 def test_refuses_overwrite_and_leaves_nothing_partial(tmp_path: Path) -> None:
     out = tmp_path / "v.safetensors"
     _vectors().save(out)
-    with pytest.raises(RolevecError, match="--force"):
+    with pytest.raises(RolevecError, match="`force=True`"):
         _vectors().save(out)
     _vectors().save(out, force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]

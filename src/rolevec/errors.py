@@ -6,7 +6,11 @@ from pathlib import Path
 
 
 class RolevecError(Exception):
-    """Bad input or an unmet requirement, with a message that says what to do instead."""
+    """Bad input or an unmet requirement, with a message that says what to do instead.
+
+    A message names an option the way a Python caller passes it, in backticks (`run_dir`, `force=True`);
+    the command line prints the same message with its flags (``rolevec.cli.common.to_flags``).
+    """
 
 
 def path_problem(path: str | Path, *, folder: bool = False) -> str:

@@ -199,7 +199,7 @@ def load_run(run_dir: str | Path) -> RunData:
     root = Path(run_dir)
     if not root.is_dir():
         raise RolevecError(
-            f"run folder {root} {path_problem(root, folder=True)}: pass the --out folder of `rolevec run`"
+            f"run folder {root} {path_problem(root, folder=True)}: pass the run folder of `rolevec run`"
         )
     records = load_records(root)
     optional = {name: _read_json(root / name) for name in ("manifest.json", "selection.json")}
@@ -977,7 +977,7 @@ def write_report(run_dir: str | Path, *, force: bool = False, data: RunData | No
     if not force:
         for path in (html_path, md_path):
             if path.exists():
-                raise RolevecError(f"{path} already exists: pass --force to rebuild the report")
+                raise RolevecError(f"{path} already exists: pass `force=True` to rebuild the report")
     report = build(data)
     html_text = render_html(report)
     md_text = render_markdown(report)

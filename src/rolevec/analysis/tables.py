@@ -90,8 +90,7 @@ def load_records(run_dir: str | Path) -> list[Record]:
     path = Path(run_dir) / "records.jsonl"
     if not path.is_file():
         raise RolevecError(
-            f"{path} does not exist: run `rolevec evaluate` (or `rolevec run`) with --out {Path(run_dir)} "
-            "first"
+            f"{path} does not exist: run `rolevec evaluate` (or `rolevec run`) into {Path(run_dir)} first"
         )
     records: list[Record] = []
     for number, row in enumerate(read_records(path), 1):
@@ -103,7 +102,7 @@ def load_records(run_dir: str | Path) -> list[Record]:
             raise RolevecError(f"{path} record {number} is not a rolevec record ({exc})") from exc
     if not records:
         raise RolevecError(
-            f"{path} holds no records yet: run `rolevec evaluate` (or `rolevec run`) with --out "
+            f"{path} holds no records yet: run `rolevec evaluate` (or `rolevec run`) with `run_dir` "
             f"{Path(run_dir)}"
         )
     return records

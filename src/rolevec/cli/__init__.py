@@ -56,6 +56,15 @@ def interrupted_note(args: argparse.Namespace) -> str:
     return note
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser | None:
+    """The subcommand's own parser, whose flags a library message is spelled in."""
+    for action in parser._actions:  # argparse keeps its subparsers only here
+        if isinstance(action, argparse._SubParsersAction):
+            found = action.choices.get(command)
+            return found if isinstance(found, argparse.ArgumentParser) else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -63,10 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from .common import plain_warnings, to_flags
+
+    command = _command_parser(parser, args.command)
     try:
-        result = args.func(args)
+        with plain_warnings(command):
+            result = args.func(args)
     except RolevecError as exc:
-        print(f"rolevec: error: {exc}", file=sys.stderr)
+        print(f"rolevec: error: {to_flags(str(exc), command)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file system refusal the checks up front could not foresee
         where = f" {exc.filename}" if exc.filename else ""

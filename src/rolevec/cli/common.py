@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -53,8 +54,9 @@ def load_from_args(args: argparse.Namespace, *, dtype: str | None = None) -> Mod
 
 
 @contextmanager
-def plain_warnings() -> Iterator[None]:
-    """Show library warnings as one ``rolevec: warning: ...`` line each, for the duration of a command."""
+def plain_warnings(parser: argparse.ArgumentParser | None = None) -> Iterator[None]:
+    """Show library warnings as one ``rolevec: warning: ...`` line each, for the duration of a command,
+    with the fields they name spelled as the flags of ``parser`` (the command's)."""
 
     def show(
         message: Warning | str,
@@ -64,7 +66,7 @@ def plain_warnings() -> Iterator[None]:
         file: TextIO | None = None,
         line: str | None = None,
     ) -> None:
-        print(f"rolevec: warning: {message}", file=sys.stderr)
+        print(f"rolevec: warning: {to_flags(str(message), parser)}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
@@ -125,3 +127,45 @@ def as_flags(**flags: str) -> Iterator[None]:
             if text == field or text.startswith(f"{field} "):
                 raise RolevecError(flag + text[len(field) :]) from exc
         raise
+
+
+#: Library fields whose flag is not the field's name with dashes (``mcq`` is ``--mcq-dir``).
+FIELD_FLAGS = {"mcq": "--mcq-dir", "run_dir": "--out"}
+
+_FIELD = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
+
+
+def field_flags(parser: argparse.ArgumentParser | None) -> dict[str, str]:
+    """Field -> how this command spells it: a flag, or a positional argument's metavar (none without
+    a parser)."""
+    if parser is None:
+        return {}
+    spelled: dict[str, str] = {}
+    for action in parser._actions:  # argparse has no public list of its actions
+        if action.option_strings:
+            long = [o for o in action.option_strings if o.startswith("--")] or action.option_strings
+            spelled[action.dest] = long[0]
+        elif isinstance(action.metavar, str):
+            spelled[action.dest] = action.metavar
+    flags = set(spelled.values())
+    return {**{f: flag for f, flag in FIELD_FLAGS.items() if flag in flags}, **spelled}
+
+
+def to_flags(text: str, parser: argparse.ArgumentParser | None = None) -> str:
+    """A library message as the command line says it: a field in backticks becomes the flag.
+
+    The library names an option the way a Python caller passes it, in backticks: run_dir, force=True,
+    device=cpu. ``parser`` (the command's own) supplies the spelling, so run_dir reads ``--out`` in
+    ``rolevec run`` and ``RUN_DIR`` in ``rolevec report``; force=True reads ``--force`` and device=cpu
+    ``--device cpu``. A name the command has no option for is left as it is.
+    """
+    spelled = field_flags(parser)
+
+    def flag(match: re.Match[str]) -> str:
+        field, value = match[1], match[2]
+        name = spelled.get(field)
+        if name is None:  # not an option of this command, or quoted text such as a model type
+            return match[0]
+        return name if value in (None, "True") else f"{name} {value}"
+
+    return _FIELD.sub(flag, text)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RolevecError
-from .common import add_model_args, fraction, load_from_args, plain_warnings, positive_int
+from .common import add_model_args, fraction, load_from_args, positive_int
 
 if TYPE_CHECKING:
     from ..data.mcq import MCQSet
@@ -257,8 +257,7 @@ def _base_split(args: argparse.Namespace, run_dir: Path) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    with plain_warnings():
-        return _run(args)
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

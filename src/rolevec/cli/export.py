@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_args, as_flags, check_out, load_from_args, plain_warnings
+from .common import add_model_args, as_flags, check_out, load_from_args
 from .steer_args import add_vector_args, check_alpha_arg, load_vectors
 
 
@@ -43,8 +43,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with plain_warnings():
-        return _run(args)
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import RolevecError
-from .common import add_model_args, check_out, load_from_args, plain_warnings, positive_int
+from .common import add_model_args, check_out, load_from_args, positive_int
 
 
 def count_arg(value: str) -> int | None:
@@ -88,8 +88,7 @@ def parse_roles(spec: str, roles_dir: str | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    with plain_warnings():
-        return _run(args)
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

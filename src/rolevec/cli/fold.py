@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_args, load_from_args, plain_warnings
+from .common import add_model_args, load_from_args
 from .steer_args import add_strength_args, add_vector_args, check_alpha_arg, load_vectors
 
 
@@ -32,8 +32,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with plain_warnings():
-        return _run(args)
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

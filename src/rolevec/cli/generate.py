@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_args, load_from_args, plain_warnings
+from .common import add_model_args, load_from_args
 from .steer_args import (
     DEFAULT_LAYER_FRACTION,
     add_strength_args,
@@ -62,8 +62,7 @@ def _emit(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with plain_warnings():
-        return _run(args)
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

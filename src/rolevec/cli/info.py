@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import add_model_args, load_from_args, plain_warnings
+from .common import add_model_args, load_from_args
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,8 +48,7 @@ def describe(adapter: object) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    with plain_warnings():
-        return _run(args)
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

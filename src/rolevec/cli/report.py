@@ -25,17 +25,15 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.report import load_run, summary_lines, write_report
     from ..core.outdir import check_run_folder, prepare
     from ..errors import RolevecError
-    from .common import plain_warnings
 
-    with plain_warnings():
-        data = load_run(args.run_dir)  # the run's files are checked before the old report goes aside
-        root = check_run_folder(data.run_dir, "report", force=args.force)
-        if not args.force:
-            for name in ("report.html", "report.md"):
-                if (root / name).exists():
-                    raise RolevecError(f"{root / name} already exists: pass --force to rebuild the report")
-        with prepare(root, "report", force=args.force):
-            files = write_report(root, force=True, data=data)
+    data = load_run(args.run_dir)  # the run's files are checked before the old report goes aside
+    root = check_run_folder(data.run_dir, "report", force=args.force)
+    if not args.force:
+        for name in ("report.html", "report.md"):
+            if (root / name).exists():
+                raise RolevecError(f"{root / name} already exists: pass --force to rebuild the report")
+    with prepare(root, "report", force=args.force):
+        files = write_report(root, force=True, data=data)
     for line in summary_lines(files):
         print(line)
     return 0

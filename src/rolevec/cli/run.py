@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from .common import add_model_args, fraction, load_from_args, plain_warnings, positive_int
+from .common import add_model_args, fraction, load_from_args, positive_int
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -83,8 +83,7 @@ OVERRIDES = (
 
 
 def run(args: argparse.Namespace) -> int:
-    with plain_warnings():
-        return _run(args)
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

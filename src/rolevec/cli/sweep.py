@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from ..errors import RolevecError
-from .common import add_model_args, as_flags, load_from_args, plain_warnings, positive_int
+from .common import add_model_args, as_flags, load_from_args, positive_int
 from .evaluate import (
     add_data_args,
     load_questions,
@@ -84,8 +84,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with plain_warnings():
-        return _run(args)
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -18,7 +18,9 @@ def atomic_write(path: Path, write: Callable[[Path], object], *, force: bool = F
     """Write through a temporary file in the same folder, so no partial file ever has the final name."""
     path = Path(path)
     if path.exists() and not force:
-        raise RolevecError(f"{path} already exists: pass --force to overwrite it, or choose another --out")
+        raise RolevecError(
+            f"{path} already exists: pass `force=True` to overwrite it, or choose another `out`"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
@@ -39,13 +41,13 @@ def check_writable(path: str | Path) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise RolevecError(f"cannot write {target}: {probe} is a file, not a folder; pass another --out")
+        raise RolevecError(f"cannot write {target}: {probe} is a file, not a folder; pass another `out`")
     try:
         fd, tmp = tempfile.mkstemp(prefix=".rolevec-write-check.", dir=probe)
     except OSError as exc:
         raise RolevecError(
             f"cannot write {target}: {probe} takes no new files ({exc.strerror or exc}); "
-            "pass a writable --out"
+            "pass a writable `out`"
         ) from None
     os.close(fd)
     os.unlink(tmp)

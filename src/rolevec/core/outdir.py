@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -167,8 +167,8 @@ def check_run_folder(folder: str | Path, command: str, *, force: bool) -> Path:
     Creates and changes nothing: the model may still fail to load, and the inputs to be checked.
     """
     root = Path(folder).expanduser()
-    named = "the run folder" if command == "report" else "--out"  # report takes the folder as its argument
-    other = "another run folder" if command == "report" else "another --out"
+    named = "`run_dir`"
+    other = "another `run_dir`"
     if root.exists() and not root.is_dir():
         raise RolevecError(f"{named} {root} is a file: pass a folder")
     check_writable(root)
@@ -184,7 +184,7 @@ def check_run_folder(folder: str | Path, command: str, *, force: bool) -> Path:
         foreign = [n for n in _replaced(command) if (root / n).exists() and n not in owners.files]
         if foreign:
             raise RolevecError(
-                f"--force would replace {', '.join(foreign)} in {root}, which rolevec did not write "
+                f"`force=True` would replace {', '.join(foreign)} in {root}, which rolevec did not write "
                 f"(not listed in {OWNERS_NAME}): move them away or choose {other}"
             )
     return root
@@ -198,9 +198,11 @@ def check_checkpoint_out(out: str | Path, *, force: bool) -> Path:
     if not target.exists():
         return target
     if not force:
-        raise RolevecError(f"{target} already exists: pass --force to overwrite it, or choose another --out")
+        raise RolevecError(
+            f"{target} already exists: pass `force=True` to overwrite it, or choose another `out`"
+        )
     if not target.is_dir():
-        raise RolevecError(f"{target} exists and is not a folder: choose another --out")
+        raise RolevecError(f"{target} exists and is not a folder: choose another `out`")
     present = sorted(p.name for p in target.iterdir())
     if not present:
         return target
@@ -208,14 +210,14 @@ def check_checkpoint_out(out: str | Path, *, force: bool) -> Path:
     if owners.kind != "checkpoint":
         what = _KIND_WORDS.get(owners.kind or "", "a folder rolevec did not write")
         raise RolevecError(
-            f"{target} is {what}; --force replaces only an earlier `rolevec fold` output: "
-            "choose another --out"
+            f"{target} is {what}; `force=True` replaces only an earlier `rolevec fold` output: "
+            "choose another `out`"
         )
     foreign = [n for n in present if n not in owners.files and n != OWNERS_NAME]
     if foreign:
         raise RolevecError(
-            f"{target} holds files rolevec did not write ({', '.join(foreign[:5])}); --force would lose "
-            "them with the old checkpoint: move them out first, or choose another --out"
+            f"{target} holds files rolevec did not write ({', '.join(foreign[:5])}); `force=True` would lose "
+            "them with the old checkpoint: move them out first, or choose another `out`"
         )
     return target
 
@@ -255,7 +257,8 @@ def _remove(path: Path) -> None:
 
 
 def _note(line: str) -> None:
-    print(f"rolevec: {line}", file=sys.stderr)
+    """Tell the user what was done with an interrupted run's files (the CLI prints it as one line)."""
+    warnings.warn(line, UserWarning, stacklevel=3)
 
 
 def _trash_state(trash: Path) -> dict[str, Any]:
@@ -362,13 +365,14 @@ def prepare(folder: str | Path, command: str, *, force: bool) -> Iterator[Path]:
             if force and old == trash:
                 names = _finish_moving(root, trash, owners)
                 _note(
-                    f"finishing an interrupted --force in {root}: the earlier results "
+                    f"finishing an interrupted `force=True` in {root}: the earlier results "
                     f"({', '.join(names) or 'none'}) stay in {trash} until this run succeeds"
                 )
             else:
                 n = _restore(root, old, owners)
                 _note(
-                    f"restored {n} earlier result file(s) that an interrupted --force had set aside in {root}"
+                    f"restored {n} earlier result file(s) that an interrupted `force=True` had set aside "
+                    f"in {root}"
                 )
         if force and not trash.exists():
             names = [n for n in _replaced(command) if (root / n).exists() and n in owners.files]

@@ -182,7 +182,7 @@ class RecordStore:
         except OSError as exc:
             handle.close()
             raise RolevecError(
-                f"{self.path} is in use by another rolevec process: wait for it or choose another --out"
+                f"{self.path} is in use by another rolevec process: wait for it or choose another `run_dir`"
             ) from exc
         return handle
 
@@ -265,8 +265,8 @@ def compare_settings(
     if diff:
         raise RolevecError(
             f"{run_dir} holds records made with other settings ({'; '.join(diff[:4])}"
-            f"{'; …' if len(diff) > 4 else ''}): use the same options, --force to discard that run's "
-            "results, or another --out"
+            f"{'; …' if len(diff) > 4 else ''}): use the same options, `force=True` to discard that run's "
+            "results, or another `run_dir`"
         )
     merged = {**stored, **wanted}
     return None if merged == stored else merged

@@ -254,7 +254,7 @@ def _parse_rows(
             if not skip_bad:
                 raise RolevecError(
                     f"{path} item {index} {exc}: fix the file (rolevec sweep and rolevec evaluate can "
-                    "skip such items with --skip-bad)"
+                    "skip such items with `skip_bad`)"
                 ) from None
             bad += 1
     return out, bad
@@ -356,7 +356,7 @@ def load_mcq(
     if path.is_dir():
         files = _domain_files(path)
         if not files:
-            raise RolevecError(f"{path} holds no .json/.jsonl/.csv question files: pass --mcq-dir DIR")
+            raise RolevecError(f"{path} holds no .json/.jsonl/.csv question files: pass `mcq` DIR")
         wanted = list(domains) if domains is not None else list(files)
         missing = [d for d in wanted if d not in files]
         if missing:
@@ -445,7 +445,7 @@ def parse_domains(text: str | None, available: Iterable[str] = DOMAINS) -> list[
         return None
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
-        raise RolevecError("--domains is empty: pass e.g. math,law or all")
+        raise RolevecError("`domains` is empty: pass e.g. math,law or all")
     return names
 
 
@@ -533,7 +533,7 @@ class Split:
             )
         if limit is not None:
             if limit < 1:
-                raise RolevecError(f"--limit must be at least 1, not {limit}")
+                raise RolevecError(f"`limit` must be at least 1, not {limit}")
             qids = qids[:limit]
         return [by_qid[q] for q in qids]
 
@@ -546,7 +546,7 @@ class Split:
             if new:
                 raise RolevecError(
                     f"the saved split of {domain} lacks {len(new)} question(s) of the data (e.g. {new[0]}): "
-                    "the questions changed since the split was made; use a new run folder or --force"
+                    "the questions changed since the split was made; use a new run folder or `force=True`"
                 )
 
 
@@ -627,7 +627,7 @@ def _split_domains(mcq: MCQSet, seed: int, val_fraction: float) -> dict[str, dic
             distinct = "" if len(groups) == len(items) else f" ({len(groups)} distinct)"
             raise RolevecError(
                 f"domain {domain} has {len(items)} question(s){distinct}: too few for a validation/test "
-                f"split with val_fraction {val_fraction}; pass more data or another --val-fraction"
+                f"split with val_fraction {val_fraction}; pass more data or another `val_fraction`"
             )
         domains[domain] = {"val": val, "test": test}
     return domains
@@ -664,7 +664,7 @@ def ensure_split(
             ):
                 raise RolevecError(
                     f"{p} differs from the split the selection was made on: use the sweep's run folder as "
-                    "--out, or another --out"
+                    "`run_dir`, or another `run_dir`"
                 )
     elif base is not None:
         current = Split(base.seed, base.val_fraction, base.source, dict(base.domains))
@@ -675,16 +675,16 @@ def ensure_split(
     if (seed is not None and seed != current.seed) or (
         val_fraction is not None and val_fraction != current.val_fraction
     ):
-        made = p if p.exists() else "the selection's split (--split-file, or split.json beside --selection)"
+        made = p if p.exists() else "the selection's split (`split_file`, or split.json beside `selection`)"
         raise RolevecError(
             f"{made} was made with seed {current.seed} and val fraction {current.val_fraction}, not "
-            f"{seed} and {val_fraction}: pass those (or neither), --force to start the run over, "
-            "or another --out"
+            f"{seed} and {val_fraction}: pass those (or neither), `force=True` to start the run over, "
+            "or another `run_dir`"
         )
     if current.source != mcq.source:
         raise RolevecError(
             f"the split covers questions from {current.source}, but this call reads {mcq.source}: pass the "
-            "same --mcq-dir, --force to start the run over, or another --out"
+            "same `mcq`, `force=True` to start the run over, or another `run_dir`"
         )
     current.check_covers(mcq)
     if save and (p.exists() or base is not None):  # the saving call; its save=False check stays quiet
@@ -712,7 +712,7 @@ def _warn_straddling(path: Path | None, split: Split, mcq: MCQSet) -> None:
         where = path or "the selection's split"
         listed = ", ".join(f"{d} {n}" for d, n in counts.items())
         fix = (
-            "a new run folder or --force makes a split that keeps copies together"
+            "a new run folder or `force=True` makes a split that keeps copies together"
             if path
             else "the selection was made on it; a new sweep makes a split that keeps copies together"
         )

@@ -236,17 +236,17 @@ class OpenAIGenerator:
             detail = exc.read().decode("utf-8", "replace")[:200]
             raise RolevecError(
                 f"generator endpoint {self.base}{path} answered HTTP {exc.code} ({detail.strip()}); check "
-                "--generator, --generator-model and the API key"
+                "`generator`, `generator_model` and the API key"
             ) from exc
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise RolevecError(
                 f"could not reach generator endpoint {self.base}{path} ({reason}); pass a reachable "
-                "--generator URL, or a local model"
+                "`generator` URL, or a local model"
             ) from exc
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RolevecError(
-                f"generator endpoint {self.base}{path} did not answer UTF-8 JSON: check that --generator "
+                f"generator endpoint {self.base}{path} did not answer UTF-8 JSON: check that `generator` "
                 "is an OpenAI-compatible server"
             ) from exc
 
@@ -256,7 +256,7 @@ class OpenAIGenerator:
             return str(listing["data"][0]["id"])
         except (RolevecError, KeyError, IndexError, TypeError) as exc:
             raise RolevecError(
-                f"could not list the models at {self.base} ({exc}); pass --generator-model NAME"
+                f"could not list the models at {self.base} ({exc}); pass `generator_model` NAME"
             ) from exc
 
     def complete(self, requests: Sequence[str]) -> list[str]:
@@ -306,12 +306,12 @@ def generate_prompts(
 ) -> Generated:
     """Up to ``n`` unique instructions for ``role``: one per (matching persona, task type), persona-major."""
     if n < 1:
-        raise RolevecError(f"--n must be at least 1, not {n}")
+        raise RolevecError(f"`n` must be at least 1, not {n}")
     chosen = select_personas(personas, role, seed=seed)
     if not chosen:
         raise RolevecError(
             f"no persona in {source} mentions {role_display(role)!r}: pass a persona file that does, or "
-            "another --role"
+            "another `role`"
         )
     pairs = [(p, t) for p in chosen for t in task_types]
     kept: dict[str, str] = {}
@@ -340,7 +340,7 @@ def generate_prompts(
     if not kept:
         raise RolevecError(
             f"the generator {generator.name!r} gave no usable instruction in {requested} replies; pass a "
-            "stronger --generator"
+            "stronger `generator`"
         )
     if len(kept) < n:
         warnings.warn(

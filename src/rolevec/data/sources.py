@@ -44,9 +44,9 @@ PROMPT_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")
 DEFAULT_FIELDS = ("instruction", "prompt", "text")
 HF_PREFIX = "hf:"
 #: How to name the prompt field of a --base file: the flag of `rolevec extract`/`run` and the config key.
-BASE_COLUMN_ADVICE = "pass --base-column NAME (config key base_column) with the one that holds the prompt"
+BASE_COLUMN_ADVICE = "pass `base_column` NAME (config key base_column) with the one that holds the prompt"
 #: What to do when the field named by --base-column (``column=``) is not there.
-WRONG_COLUMN_ADVICE = "pass one of them as --base-column (config key base_column)"
+WRONG_COLUMN_ADVICE = "pass one of them as `base_column` (config key base_column)"
 #: Role files take no column option: their field must be one of DEFAULT_FIELDS.
 ROLE_COLUMN_ADVICE = f"rename the field that holds the prompt to {DEFAULT_FIELDS[0]!r} in the role file"
 
@@ -313,7 +313,7 @@ def _load(path: str | Path, column: str | None, name: str | None, advice: str) -
         p = Path(path).expanduser()
         if p.is_dir():
             raise RolevecError(
-                f"{p} is a folder: pass a prompt file, or use it as a roles folder (--roles-dir) holding "
+                f"{p} is a folder: pass a prompt file, or use it as a roles folder (`roles_dir`) holding "
                 "<role>.json files"
             )
         if not p.is_file():
@@ -411,7 +411,7 @@ def load_role_prompts(role: str, roles_dir: str | Path | None = None) -> PromptS
     where = "the built-in roles" if roles_dir is None else str(folder)
     raise RolevecError(
         f"no prompt file for role {role!r} in {where}: pass one of {', '.join(known) or '(none found)'}, "
-        "or --roles-dir with a folder holding <role>.json"
+        "or `roles_dir` with a folder holding <role>.json"
     )
 
 
@@ -459,7 +459,7 @@ def sample(ps: PromptSet, n: int | None, seed: int) -> PromptSet:
     if n is None:
         return ps
     if n < 1:
-        raise RolevecError(f"--n must be at least 1, not {n}")
+        raise RolevecError(f"`n` must be at least 1, not {n}")
     if len(ps.prompts) < n:
         warnings.warn(
             f"{ps.name}: only {len(ps.prompts)} prompts (after dropping {ps.n_duplicates_dropped} "
@@ -491,7 +491,7 @@ def role_domain(role: str, *, strict: bool = False) -> str | None:
             return domain
     if strict:
         raise RolevecError(
-            f"role {role!r} has no domain in the paper's table: pass --domain (one of "
+            f"role {role!r} has no domain in the paper's table: pass `domain` (one of "
             f"{', '.join(PAPER_DOMAINS)})"
         )
     return None

@@ -107,14 +107,14 @@ class Condition:
         if self.kind not in CONDITIONS:
             raise RolevecError(f"unknown condition {self.kind!r}: pass one of {', '.join(CONDITIONS)}")
         if self.kind != "baseline" and not self.role:
-            raise RolevecError(f"condition {self.kind} needs a role (--role)")
+            raise RolevecError(f"condition {self.kind} needs a role (`role`)")
         if self.kind in STEERED and (self.layer is None or self.position is None):
             raise RolevecError(
-                f"condition {self.kind} needs a site: pass --layer and --position, or --selection FILE"
+                f"condition {self.kind} needs a site: pass `layer` and `position`, or `selection` FILE"
             )
         if self.kind in ("add", "random"):
             if self.alpha is None:
-                raise RolevecError(f"condition {self.kind} needs --alpha (or --selection FILE)")
+                raise RolevecError(f"condition {self.kind} needs `alpha` (or `selection` FILE)")
             check_alpha(self.alpha)
 
     @classmethod
@@ -167,7 +167,7 @@ class Condition:
         if self.kind not in STEERED:
             return None
         if vectors is None:
-            raise RolevecError(f"condition {self.kind} needs role vectors: pass --vectors FILE")
+            raise RolevecError(f"condition {self.kind} needs role vectors: pass `vectors` FILE")
         assert self.role is not None and self.layer is not None and self.position is not None
         vec = vectors.vector(self.role, self.layer, self.position)
         if self.kind == "random":

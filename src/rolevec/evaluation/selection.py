@@ -127,8 +127,8 @@ def write_selection(
         )
         if not same:
             raise RolevecError(
-                f"{p} holds a selection for another model, split seed or layer range: pass --force to "
-                "replace it, or choose another --out"
+                f"{p} holds a selection for another model, split seed or layer range: pass `force=True` to "
+                "replace it, or choose another `run_dir`"
             )
         roles.update(old["roles"])
         used.update({d: set(q) for d, q in (old.get("validation_qids") or {}).items()})
@@ -165,7 +165,7 @@ def load_selection(path: str | Path, adapter: ModelAdapter | None = None) -> dic
         raise RolevecError(
             f"{p} was made on model {doc.get('model')!r} (fingerprint {doc.get('model_fingerprint')}), "
             f"not on {adapter.name!r} ({adapter.fingerprint()}): sweep this model first, or pass "
-            "--layer/--position/--alpha"
+            "`layer`/`position`/`alpha`"
         )
     return dict(doc)
 
@@ -178,7 +178,7 @@ def check_held_out(selection: Mapping[str, Any], split: Split, domains: Sequence
             raise RolevecError(
                 f"the selection was made on split seed {selection['split_seed']} but this run's split has "
                 f"seed {split.seed}: its test questions may include the validation questions used to "
-                "select; evaluate in the sweep's run folder or pass --split-file with the sweep's split.json"
+                "select; evaluate in the sweep's run folder or pass `split_file` with the sweep's split.json"
             )
         return
     for domain in domains:
@@ -188,7 +188,7 @@ def check_held_out(selection: Mapping[str, Any], split: Split, domains: Sequence
         if leaked:
             raise RolevecError(
                 f"{len(leaked)} {domain} question(s) of this run's test split were used to select the site "
-                f"(e.g. {sorted(leaked)[0]}): evaluate in the sweep's run folder, or pass --split-file with "
+                f"(e.g. {sorted(leaked)[0]}): evaluate in the sweep's run folder, or pass `split_file` with "
                 "the sweep's split.json"
             )
 
@@ -206,7 +206,7 @@ def selected_site(selection: Mapping[str, Any], role: str) -> tuple[int, int, fl
     if problem:
         raise RolevecError(
             f"the selection's entry for {role!r} has {problem}: pass a selection.json written by "
-            "`rolevec sweep`, or --layer/--position/--alpha"
+            "`rolevec sweep`, or `layer`/`position`/`alpha`"
         )
     return int(entry["layer"]), int(entry["position"]), float(entry["alpha"])
 

@@ -117,7 +117,7 @@ def write_sweep_file(path: str | Path, rows: Sequence[GridRow]) -> Path:
                 except (ValueError, KeyError, TypeError) as exc:
                     raise RolevecError(
                         f"{p} line {number} is not a sweep row ({exc}): fix or remove that line, "
-                        "or rerun with --force"
+                        "or rerun with `force=True`"
                     ) from None
                 if key not in replaced:
                     kept.append(old)
@@ -274,7 +274,7 @@ def run_sweep(
     from tqdm.auto import tqdm
 
     if not items:
-        raise RolevecError(f"no validation questions for {domain}: pass more data or a larger --val-fraction")
+        raise RolevecError(f"no validation questions for {domain}: pass more data or a larger `val_fraction`")
     if ablate_scope not in ABLATE_SCOPES:
         raise RolevecError(f"ablate scope must be one of {', '.join(ABLATE_SCOPES)}, not {ablate_scope!r}")
     vectors.check_compatible(adapter)
@@ -303,7 +303,7 @@ def run_sweep(
         )
     layer_list = [layer for layer in range(a, b, layer_step) if any((layer, p) not in zero for p in pos)]
     if not layer_list:
-        raise RolevecError(f"every vector of {role} in layers {a}:{b} is zero: pass a higher --layers range")
+        raise RolevecError(f"every vector of {role} in layers {a}:{b} is zero: pass a higher `layers` range")
     cands: list[Candidate] = [
         (layer, p, al) for layer in layer_list for p in pos for al in alpha_list if (layer, p) not in zero
     ]

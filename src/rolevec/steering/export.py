@@ -35,7 +35,7 @@ def llama_cpp_index(layer: int) -> int:
     if layer < 2:
         raise RolevecError(
             f"layer {layer} cannot be exported as a llama.cpp control vector: llama.cpp adds direction.N "
-            "to the output of block N ≥ 1, which is rolevec layer N+1 ≥ 2; pass --layer 2 or higher"
+            "to the output of block N ≥ 1, which is rolevec layer N+1 ≥ 2; pass `layer` 2 or higher"
         )
     return layer - 1
 
@@ -56,7 +56,7 @@ def write_control_vector(
     import numpy as np
 
     if not directions:
-        raise RolevecError("no layers to export: pass --layer L or --layers a:b")
+        raise RolevecError("no layers to export: pass `layer` L or `layers` a:b")
     sizes = {int(v.numel()) for v in directions.values()}
     if len(sizes) != 1 or any(v.ndim != 1 for v in directions.values()):
         raise RolevecError("control-vector directions must all be 1-D of the same (hidden) size")

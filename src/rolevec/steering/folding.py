@@ -122,7 +122,7 @@ def fold_problem(adapter: ModelAdapter, steering: Steering) -> str | None:
     if not _plain_weights(adapter) or quantization not in (None, "gguf"):
         return (
             f"the model is quantized ({quantization or 'packed weights'}), so its weights cannot be edited "
-            "exactly: load it unquantized (--dtype float32) to fold, or steer with hooks"
+            "exactly: load it unquantized (`dtype=float32`) to fold, or steer with hooks"
         )
     if steering.mode == "ablate":
         if adapter.arch.writer_kind != "linear":

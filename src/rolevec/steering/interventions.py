@@ -91,7 +91,7 @@ class Steering:
         if not self.vectors:
             raise RolevecError("steering needs at least one layer")
         if self.mode == "ablate" and len(self.vectors) != 1:
-            raise RolevecError("ablation removes one direction: pass a single --layer, not a range")
+            raise RolevecError("ablation removes one direction: pass a single `layer`, not a range")
         object.__setattr__(self, "alpha", check_alpha(self.alpha))
         for vector in self.vectors.values():
             if vector.ndim != 1:
@@ -213,7 +213,7 @@ class Steering:
                     stack.enter_context(self._add_hooks(adapter, layer, where))
             else:
                 if where != "all":
-                    raise RolevecError("ablation acts on every position: pass where='all' (CLI: --where all)")
+                    raise RolevecError("ablation acts on every position: pass `where=all`")
                 stack.enter_context(self._ablate_hooks(adapter))
             yield
 
@@ -324,7 +324,7 @@ def ablation_problem(vectors: RoleVectors, role: str, layers: Sequence[int], pos
         return None
     return (
         f"{_why_zero(role, zero, position)}, and a zero vector has no direction to ablate: pass another "
-        f"--layer (1..{vectors.n_layers})"
+        f"`layer` (1..{vectors.n_layers})"
     )
 
 
@@ -370,16 +370,16 @@ def resolve_steering(
     """
     layer_list = [layers] if isinstance(layers, int) else list(layers)
     if ablate and alpha is not None:
-        raise RolevecError("ablation takes no alpha: pass either --alpha A or --ablate")
+        raise RolevecError("ablation takes no alpha: pass either `alpha` A or `ablate`")
     if not ablate and alpha is None:
-        raise RolevecError("addition needs a strength: pass --alpha A (the paper uses 1 or 3)")
+        raise RolevecError("addition needs a strength: pass `alpha` A (the paper uses 1 or 3)")
     picked = {layer: vectors.vector(role, layer, position).float() for layer in layer_list}
     zero = zero_layers(vectors, role, layer_list, position)
     if zero and ablate:
         raise RolevecError(ablation_problem(vectors, role, zero, position))
     if zero and warn_zero:
         warnings.warn(
-            f"{_why_zero(role, zero, position)}, so adding it changes nothing: pass another --layer "
+            f"{_why_zero(role, zero, position)}, so adding it changes nothing: pass another `layer` "
             f"(1..{vectors.n_layers}) to steer",
             stacklevel=2,
         )

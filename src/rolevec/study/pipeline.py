@@ -291,7 +291,7 @@ def resolve_roles(config: StudyConfig) -> list[str]:
         have = set(available_roles(config.roles_dir))
         return [r for r in paper if r in have]
     if not config.roles:
-        raise RolevecError("no roles given: pass --roles mathematician,doctor or --roles all")
+        raise RolevecError("no roles given: pass `roles=mathematician,doctor` or `roles=all`")
     return list(config.roles)
 
 
@@ -317,7 +317,7 @@ def check_roles(config: StudyConfig) -> tuple[list[str], list[str]]:
     if orphans:
         raise RolevecError(
             f"role(s) {', '.join(orphans)} have no MMLU domain in the paper's table, so they cannot be "
-            "selected on a validation split: drop them from --roles"
+            "selected on a validation split: drop them from `roles`"
         )
     return roles, domains
 
@@ -503,7 +503,7 @@ class Study:
         }
         if self.mcq.kind == "builtin":
             self.state.notes.append(
-                "questions come from rolevec's built-in sample (24 per domain), not MMLU: pass --mcq-dir"
+                "questions come from rolevec's built-in sample (24 per domain), not MMLU: pass `mcq`"
             )
 
     def _grid(self) -> tuple[tuple[int, int], tuple[int, ...]]:

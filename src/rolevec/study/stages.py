@@ -204,7 +204,7 @@ def read_stored(path: Path) -> dict[str, Any]:
     except ValueError as exc:
         data, reason = None, f"not valid JSON: {exc}"
     if not isinstance(data, dict):
-        raise RolevecError(f"{path} is damaged ({reason}): delete it to redo its stage, or use --force")
+        raise RolevecError(f"{path} is damaged ({reason}): delete it to redo its stage, or use `force=True`")
     return data
 
 

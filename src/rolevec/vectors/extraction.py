@@ -107,7 +107,7 @@ def _shorten(adapter: ModelAdapter, user: str, ids: list[int], max_tokens: int) 
     if best is None:
         raise RolevecError(
             f"the chat template takes {len(ids) - len(user_ids)} of max_tokens={max_tokens} tokens and "
-            "leaves no room for the prompt: pass a larger --max-tokens to rolevec extract (max_tokens=)"
+            "leaves no room for the prompt: pass a larger `max_tokens`"
         )
     return best
 
@@ -194,7 +194,7 @@ def _accumulate(
         except StopForward:
             pass
         else:
-            raise RolevecError("the forward pass never reached the final norm; check --block-pattern")
+            raise RolevecError("the forward pass never reached the final norm; check `block_pattern`")
         finally:
             state.clear()
 

@@ -267,7 +267,7 @@ def check_fingerprint(
     origin = f"{what} come from {model!r} (fingerprint {theirs}), not from {ours}"
     if not allow_other_model:
         raise RolevecError(
-            f"{origin}: pass the model they were extracted from, or --allow-other-model to use them anyway"
+            f"{origin}: pass the model they were extracted from, or `allow_other_model` to use them anyway"
         )
     if warn_other_model:
         warnings.warn(f"{origin}: results may be meaningless", stacklevel=3)
