@@ -13,6 +13,7 @@ import importlib.abc
 import importlib.machinery
 import sys
 import warnings
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -84,6 +85,18 @@ class MovedFinder(importlib.abc.MetaPathFinder):
         if new is None:
             return None
         return importlib.machinery.ModuleSpec(fullname, _Forward(f"rolevec.{new}"))
+
+
+def forwarder(package: str, module: str) -> Callable[[str], Any]:
+    """A package's ``__getattr__`` that serves the names of the module it replaced (``module``, relative
+    to ``package``), imported on first use so the package itself stays light."""
+
+    def forward(name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(importlib.import_module(module, package), name)
+
+    return forward
 
 
 def install() -> None:

@@ -9,22 +9,13 @@ import from here.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._moved import forwarder
 
 if TYPE_CHECKING:
-    from .tables import (
-        Analysis as Analysis,
-    )
-    from .tables import (
-        analyse as analyse,
-    )
-    from .tables import (
-        load_records as load_records,
-    )
+    from .tables import Analysis as Analysis
+    from .tables import analyse as analyse
+    from .tables import load_records as load_records
 
-
-def __getattr__(name: str) -> Any:
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return getattr(importlib.import_module(".tables", __name__), name)
+__getattr__ = forwarder(__name__, ".tables")

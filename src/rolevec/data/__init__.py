@@ -8,31 +8,16 @@ module (``load_prompts``, ``PromptSet``, ...) still import from here.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._moved import forwarder
 
 if TYPE_CHECKING:
-    from .sources import (
-        PromptSet as PromptSet,
-    )
-    from .sources import (
-        available_roles as available_roles,
-    )
-    from .sources import (
-        load_base as load_base,
-    )
-    from .sources import (
-        load_prompts as load_prompts,
-    )
-    from .sources import (
-        load_role_prompts as load_role_prompts,
-    )
-    from .sources import (
-        sample as sample,
-    )
+    from .sources import PromptSet as PromptSet
+    from .sources import available_roles as available_roles
+    from .sources import load_base as load_base
+    from .sources import load_prompts as load_prompts
+    from .sources import load_role_prompts as load_role_prompts
+    from .sources import sample as sample
 
-
-def __getattr__(name: str) -> Any:
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return getattr(importlib.import_module(".sources", __name__), name)
+__getattr__ = forwarder(__name__, ".sources")

@@ -15,18 +15,10 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .conditions import (
-        Condition as Condition,
-    )
-    from .conditions import (
-        evaluate_conditions as evaluate_conditions,
-    )
-    from .conditions import (
-        persona_system as persona_system,
-    )
-    from .conditions import (
-        score as score,
-    )
+    from .conditions import Condition as Condition
+    from .conditions import evaluate_conditions as evaluate_conditions
+    from .conditions import persona_system as persona_system
+    from .conditions import score as score
 
 #: Names the 0.1 ``rolevec.evaluation`` module re-exported from the scorer -> where they are now.
 _MOVED = {

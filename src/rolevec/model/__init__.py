@@ -9,28 +9,15 @@ former ``rolevec.model`` module (``load_model``, ``ModelAdapter``, ...) still im
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._moved import forwarder
 
 if TYPE_CHECKING:
-    from .loading import (
-        ArchitectureMap as ArchitectureMap,
-    )
-    from .loading import (
-        Batch as Batch,
-    )
-    from .loading import (
-        ChatFormat as ChatFormat,
-    )
-    from .loading import (
-        ModelAdapter as ModelAdapter,
-    )
-    from .loading import (
-        load_model as load_model,
-    )
+    from .loading import ArchitectureMap as ArchitectureMap
+    from .loading import Batch as Batch
+    from .loading import ChatFormat as ChatFormat
+    from .loading import ModelAdapter as ModelAdapter
+    from .loading import load_model as load_model
 
-
-def __getattr__(name: str) -> Any:
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return getattr(importlib.import_module(".loading", __name__), name)
+__getattr__ = forwarder(__name__, ".loading")

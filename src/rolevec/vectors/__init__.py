@@ -7,19 +7,12 @@ It may import :mod:`rolevec.data`, :mod:`rolevec.model` and :mod:`rolevec.core`.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._moved import forwarder
 
 if TYPE_CHECKING:
-    from .role_vectors import (
-        RoleVectors as RoleVectors,
-    )
-    from .role_vectors import (
-        check_fingerprint as check_fingerprint,
-    )
+    from .role_vectors import RoleVectors as RoleVectors
+    from .role_vectors import check_fingerprint as check_fingerprint
 
-
-def __getattr__(name: str) -> Any:
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return getattr(importlib.import_module(".role_vectors", __name__), name)
+__getattr__ = forwarder(__name__, ".role_vectors")
