@@ -14,6 +14,8 @@ import importlib
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from .._moved import forwarder
+
 if TYPE_CHECKING:
     from .conditions import Condition as Condition
     from .conditions import evaluate_conditions as evaluate_conditions
@@ -52,9 +54,10 @@ _MOVED = {
 }
 
 
+_conditions = forwarder(__name__, ".conditions")
+
+
 def __getattr__(name: str) -> Any:
-    if name.startswith("__"):
-        raise AttributeError(name)
     moved = _MOVED.get(name)
     if moved is not None:
         warnings.warn(
@@ -65,4 +68,4 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(moved), name)
         globals()[name] = value  # warn once: ``from ... import`` reads the name twice
         return value
-    return getattr(importlib.import_module(".conditions", __name__), name)
+    return _conditions(name)
