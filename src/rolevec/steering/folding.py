@@ -398,7 +398,14 @@ def verify_fold(
     return err
 
 
-def fold(adapter: ModelAdapter, steering: Steering, *, verify: bool = True) -> ModelAdapter:
+def fold(
+    adapter: ModelAdapter,
+    steering: Steering,
+    *,
+    verify: bool = True,
+    target: str = "transformers",
+    allow_partial: bool = False,
+) -> ModelAdapter:
     """A new adapter around a deep copy of the model with ``steering`` folded in; the original is untouched.
 
     With ``verify`` the copy is compared against hooked steering on two probe prompts and checked to
@@ -408,9 +415,13 @@ def fold(adapter: ModelAdapter, steering: Steering, *, verify: bool = True) -> M
         adapter: The model to fold into (it is copied, not changed).
         steering: The intervention to make part of the weights.
         verify: Check the folded copy against hooked steering (default ``True``).
+        target: The engine that will serve the checkpoint: ``transformers`` (default), ``llama.cpp`` or
+            ``vllm``; a fold that engine's loader would drop is refused (see :mod:`.targets`).
+        allow_partial: Fold although ``target`` keeps only part of the edit, with a warning.
 
     Returns:
-        The folded :class:`ModelAdapter`; it steers with no hooks.
+        The folded :class:`ModelAdapter`; it steers with no hooks. ``source["fold_target"]`` holds the
+        target's verdict.
 
     Example:
         ```python
@@ -419,9 +430,12 @@ def fold(adapter: ModelAdapter, steering: Steering, *, verify: bool = True) -> M
         print(generate(folded, "What causes a fever?").text)
         ```
     """
+    from .targets import check_target
+
     problem = fold_problem(adapter, steering)
     if problem:
         raise RolevecError(problem)
+    verdict = check_target(adapter, steering, target, allow_partial=allow_partial)
     steering.check_model(adapter, allow_other_model=True, warn_other_model=False)
     model = copy.deepcopy(adapter.model)
     source = {**adapter.source, "folded": steering.describe()}
@@ -432,6 +446,7 @@ def fold(adapter: ModelAdapter, steering: Steering, *, verify: bool = True) -> M
     if drop_gguf_quantizer_(folded):
         edits.append("GGUF quantizer marker dropped (the weights were dequantized at load)")
     folded.source["fold_edits"] = "; ".join(edits)
+    folded.source["fold_target"] = f"{verdict.level}: {verdict.message()}"
     if verify:
         check_reloadable(folded)
         verify_fold(adapter, folded, steering)
