@@ -37,12 +37,33 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--trust-remote-code", action="store_true", help="allow custom model code from the hub"
     )
+    group.add_argument(
+        "--device-map",
+        default=None,
+        metavar="MAP",
+        help="spread a model over several devices: auto, balanced, balanced_low_0, sequential, or a JSON "
+        'file of module -> device ({"model.layers.0": 0, "lm_head": "cpu", ...}; cuda:N, cpu, disk); '
+        "leave --device at auto (docs/large-models.md)",
+    )
+    group.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="DEV=SIZE,...",
+        help="memory per device for an automatic --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB",
+    )
+    group.add_argument(
+        "--offload-folder",
+        default=None,
+        metavar="DIR",
+        help="where --device-map writes weights it puts on disk (not needed for safetensors checkpoints)",
+    )
 
 
 def load_from_args(args: argparse.Namespace, *, dtype: str | None = None) -> ModelAdapter:
     """The model the flags name; ``dtype`` overrides ``--dtype`` (a config file's choice, say)."""
-    from ..model.loading import load_model
+    from ..model.loading import load_model, parse_max_memory
 
+    max_memory = getattr(args, "max_memory", None)
     return load_model(
         args.model,
         device=args.device,
@@ -50,6 +71,9 @@ def load_from_args(args: argparse.Namespace, *, dtype: str | None = None) -> Mod
         block_pattern=args.block_pattern,
         trust_remote_code=args.trust_remote_code,
         progress=not getattr(args, "no_progress", False),
+        device_map=getattr(args, "device_map", None),
+        max_memory=None if max_memory is None else parse_max_memory(max_memory),
+        offload_folder=getattr(args, "offload_folder", None),
     )
 
 

@@ -50,7 +50,7 @@ from ..model.batching import (
     shares_prefix,
     state_tolerance,
 )
-from ..model.hooks import StopForward, hooked, input_hook, output_hook, skipped
+from ..model.hooks import StopForward, hooked, input_hook, onloaded, output_hook, skipped
 from ..model.loading import Batch, ModelAdapter
 from ..model.prefix import PrefixKV, PrefixMemo, PrefixSplit, forward_kwargs, prefix_kv, split_prefix
 from ..steering.interventions import Steering
@@ -236,7 +236,9 @@ class LetterScorer:
     ) -> None:
         self.adapter = adapter
         self.mode = "fast" if fast else "naive"
-        self.share_prefix = share_prefix and fast
+        # A model split over devices keeps each layer's prefix states on its own device, which the prefix
+        # code (one device per PrefixKV) does not follow: it scores full rows.
+        self.share_prefix = share_prefix and fast and len(adapter.devices) == 1
         # One probe for batches scored whole and one for batches split after a shared prefix: the first
         # batch may be a single long question, which has no prefix to share.
         self._probe_plain = self._probe_prefix = probe and fast
@@ -282,7 +284,7 @@ class LetterScorer:
         with torch.inference_mode(), skip, hooked(pre=pre):
             logits = self.adapter.model(**kwargs).logits
         rows = torch.arange(logits.shape[0], device=logits.device)
-        last: torch.Tensor = logits[rows, batch.last_index()]
+        last: torch.Tensor = logits[rows, batch.last_index().to(logits.device)]
         return last.gather(1, letter_ids.to(last.device)).float()
 
     def fast(
@@ -318,23 +320,26 @@ class LetterScorer:
                 raise RolevecError("the forward never reached the final norm; the architecture map is wrong")
             hidden = grabbed["h"]
             rows = torch.arange(hidden.shape[0], device=hidden.device)
-            last = hidden[rows, batch.last_index()]  # [B, H]
+            last = hidden[rows, batch.last_index().to(hidden.device)]  # [B, H]
             unembed = adapter.unembed
-            weight = unembed.weight
-            assert isinstance(weight, torch.Tensor)
-            ids = letter_ids.to(weight.device)
-            # Four rows cost nothing in float32. Half-precision logits near 30 are rounded to steps of
-            # 0.25, which turns close answers into exact ties that argmax resolves as "A".
-            rows_w = weight[ids].float()  # [B, 4, H]
-            logits = torch.einsum("bh,bkh->bk", last.float(), rows_w)
-            bias = getattr(unembed, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                logits = logits + bias[ids].float()
+            # Under a device map the head may sit on another device than the final norm, or be offloaded
+            # (meta weights until accelerate's hook brings them in): its four rows are read in place.
+            with onloaded(unembed):
+                weight = unembed.weight
+                assert isinstance(weight, torch.Tensor)
+                ids = letter_ids.to(weight.device)
+                # Four rows cost nothing in float32. Half-precision logits near 30 are rounded to steps of
+                # 0.25, which turns close answers into exact ties that argmax resolves as "A".
+                rows_w = weight[ids].float()  # [B, 4, H]
+                logits = torch.einsum("bh,bkh->bk", last.to(weight.device).float(), rows_w)
+                bias = getattr(unembed, "bias", None)
+                if isinstance(bias, torch.Tensor):
+                    logits = logits + bias[ids].float()
             if self.scale != 1.0:
                 logits = logits * self.scale
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
-            return logits.float()
+            return logits.float().to(adapter.device)  # where the plain forward's logits come out
 
     def letter_logits(
         self,

@@ -132,22 +132,44 @@ def skipped(blocks: Sequence[nn.Module]) -> Iterator[None]:
     """Make the given blocks return their residual input unchanged, so a forward can resume mid-stack.
 
     Used with a pre-hook on the first block that still runs, which puts the cached residual in place.
-    The blocks' own ``forward`` is restored on exit, whatever happens.
+    The blocks' own ``forward`` is restored on exit, whatever happens. Under a device map accelerate has
+    already wrapped each block's ``forward`` (its hook moves inputs and offloaded weights in); that wrapper
+    is set aside too, so a skipped block loads nothing, and is put back as it was.
     """
     for block in blocks:
         if not isinstance(block, nn.Module):
             raise RolevecError(f"cannot skip {block!r}: not a torch module")
-        if "forward" in vars(block):
+        if vars(block).get("forward") is _passthrough:
             raise RolevecError("a block's forward is already replaced; nested skipping is not supported")
-    patched: list[nn.Module] = []
+    patched: list[tuple[nn.Module, Any]] = []
     try:
         for block in blocks:
+            patched.append((block, vars(block).get("forward")))
             block.forward = _passthrough  # type: ignore[method-assign]
-            patched.append(block)
         yield
     finally:
-        for block in patched:
-            del block.forward
+        for block, own in patched:
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own  # type: ignore[method-assign]
+
+
+@contextmanager
+def onloaded(module: nn.Module) -> Iterator[None]:
+    """The weights of ``module`` on its execution device for the block, where accelerate offloaded them
+    (to disk or CPU memory, leaving meta tensors), and offloaded again after, also on error. Reading a
+    weight outside a forward (the letter head reads four rows of the unembedding) needs this."""
+    hook = getattr(module, "_hf_hook", None)
+    parts = getattr(hook, "hooks", (hook,))  # accelerate's SequentialHook holds several
+    if hook is None or not any(getattr(h, "offload", False) for h in parts):
+        yield
+        return
+    hook.pre_forward(module)
+    try:
+        yield
+    finally:
+        hook.post_forward(module, None)
 
 
 def count_hooks(model: nn.Module) -> int:

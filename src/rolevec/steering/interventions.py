@@ -223,17 +223,20 @@ class Steering:
         if self.tokens is not None:
             index = torch.tensor(list(self.tokens), dtype=torch.long, device=adapter.device)
 
+        # Under a device map a block's input arrives on the device of the block before it, so the vector
+        # follows the tensor it touches (no copy when they already agree).
         def steer(x: torch.Tensor) -> torch.Tensor | None:
             if where == "prompt" and x.shape[1] == 1:
                 return None
             if where == "generated" and x.shape[1] != 1:
                 return None
             if index is None:
-                return x + shift.to(x.dtype)
+                return x + shift.to(x.device, x.dtype)
             if x.shape[1] == 1:  # a decoding step with the KV cache: the prompt is already steered
                 return None
             out = x.clone()
-            out[:, index] = out[:, index] + shift.to(x.dtype)
+            at = index.to(x.device)
+            out[:, at] = out[:, at] + shift.to(x.device, x.dtype)
             return out
 
         return hooked(pre=[(adapter.residual_site(layer), input_hook(steer))])
@@ -243,7 +246,7 @@ class Steering:
         d = d.to(adapter.dtype)
 
         def project_out(x: torch.Tensor) -> torch.Tensor:
-            dd = d.to(x.dtype)
+            dd = d.to(x.device, x.dtype)  # each block's own device under a device map
             # x − (x·d)d as one fused pass (addcmul) instead of a product and a difference: these hooks run
             # 3n + 1 times a forward, on every token.
             return torch.addcmul(x, (x @ dd).unsqueeze(-1), dd, value=-1)

@@ -173,7 +173,9 @@ def _accumulate(
         def fn(hidden: torch.Tensor) -> None:
             if "rows" not in state:  # a shared prefix's own forward: nothing to read there
                 return None
-            picked = hidden[state["rows"][:, None], state["cols"]].to(acc_device, torch.float64)  # [B, P, H]
+            # Under a device map each block's input is on its own device; the sums stay on one.
+            rows, cols = state["rows"].to(hidden.device), state["cols"].to(hidden.device)
+            picked = hidden[rows[:, None], cols].to(acc_device, torch.float64)  # [B, P, H]
             keep = captured[0]
             if keep is None:
                 sums[:, :, layer].index_add_(0, state["sets"], picked)
