@@ -163,6 +163,27 @@ def test_addition_and_ablation_match_the_model_in_memory(pair: tuple[ModelAdapte
     assert worst <= RTOL
 
 
+def test_an_automatic_map_within_a_memory_budget_offloads_and_matches(
+    saved: Path, pair: tuple[ModelAdapter, ModelAdapter], tmp_path: Path
+) -> None:
+    memory = pair[0]
+    size = sum(p.numel() * p.element_size() for p in memory.model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auto = load_model(
+            str(saved),
+            device_map="auto",
+            max_memory={"cpu": size // 2, "disk": 10 * size},
+            offload_folder=tmp_path / "offload",
+            progress=False,
+        )
+    placed = auto.device_map
+    assert auto.offloaded and placed is not None and {"cpu", "disk"} <= set(placed.values())
+    steering = Steering.addition(torch.randn(memory.hidden_size), layer=3, alpha=3.0)
+    assert rel(logits(memory, steering), logits(auto, steering)) <= RTOL
+    assert count_hooks(auto.model) == 0
+
+
 @pytest.mark.usefixtures("untouched")
 def test_extraction_matches_the_model_in_memory(pair: tuple[ModelAdapter, ModelAdapter]) -> None:
     memory, offloaded = pair
@@ -311,6 +332,30 @@ def test_a_map_leaving_weights_without_a_device_is_refused(saved: Path) -> None:
     partial = {k: v for k, v in DISK_MAP.items() if k not in ("lm_head", "model.layers.3")}
     with pytest.raises(RolevecError, match=r"gives no device to model\.layers\.3, lm_head: map them"):
         load_model(str(saved), device_map=partial, progress=False)
+
+
+def test_disk_offload_of_a_checkpoint_that_must_be_rewritten_needs_a_folder(
+    saved: Path, tmp_path: Path
+) -> None:
+    """A pytorch_model.bin checkpoint cannot be read in place from disk: accelerate writes it out first."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for item in saved.iterdir():
+        if item.suffix != ".safetensors":
+            (folder / item.name).write_bytes(item.read_bytes())
+    torch.save(load_file(str(saved / "model.safetensors")), folder / "pytorch_model.bin")
+    with pytest.raises(
+        RolevecError, match="weights on disk that must be written out first: pass `offload_folder`"
+    ):
+        load_model(str(folder), device_map=DISK_MAP, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter = load_model(
+            str(folder), device_map=DISK_MAP, offload_folder=tmp_path / "off", progress=False
+        )
+    assert adapter.offloaded and any((tmp_path / "off").iterdir())
 
 
 def test_device_and_device_map_together_are_refused(saved: Path) -> None:

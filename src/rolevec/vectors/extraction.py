@@ -231,8 +231,8 @@ def _accumulate(
     batches = plan_batches(
         [len(e) for e in encoded], batch_size, overhead_tokens=batch_overhead_tokens(device)
     )
-    if share_prefix is None:
-        share_prefix = shares_prefix(device)
+    if share_prefix is None:  # a model split over devices reads full rows, as the scorer does
+        share_prefix = shares_prefix(device) and len(adapter.devices) == 1
     check_key = ("extraction-shared-prefix", str(adapter.dtype), padding_side, n_pos)
     unchecked = share_prefix and check_key not in adapter.checks
     share_prefix = share_prefix and adapter.checks.get(check_key, True)
