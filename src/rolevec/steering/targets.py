@@ -232,7 +232,7 @@ def target_verdict(
             target,
             "ok",
             (),
-            "measured: the written checkpoint is reloaded with transformers and compared with hooks",
+            "measured: save_folded(check=...) reloads the written folder with transformers, compares hooks",
             True,
             model_type,
         )
