@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # lm-evaluation-harness too, so the test of the lm-eval export loads it with the real harness, and the
-# documentation tools, so a broken page, link or API reference fails here.
-.venv/bin/python -m pip --disable-pip-version-check -q install -c requirements/constraints.txt -e ".[dev,interop,docs]"
+# documentation tools, so a broken page, link or API reference fails here, and Ray, so the distributed
+# executor's tests run on a local Ray instance.
+.venv/bin/python -m pip --disable-pip-version-check -q install -c requirements/constraints.txt -e ".[dev,interop,docs,ray]"
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
 .venv/bin/mypy

@@ -69,6 +69,8 @@ _EXPORTS: dict[str, str] = {
     "study_conditions": "study.stages",
     "interpret_vectors": "study.stages",
     "open_records": "study.stages",
+    "LocalExecutor": "study.executors",
+    "RayExecutor": "study.distributed",
     "write_report": "analysis.report",
     "analyse": "analysis.tables",
 }
@@ -76,11 +78,13 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "Condition",
     "LetterScorer",
+    "LocalExecutor",
     "MCQItem",
     "MCQSet",
     "ModelAdapter",
     "PromptFormat",
     "PromptSet",
+    "RayExecutor",
     "RecordStore",
     "RoleVectors",
     "RolevecError",
@@ -136,6 +140,8 @@ if TYPE_CHECKING:
     from .steering.folding import fold, save_folded
     from .steering.generation import generate
     from .steering.interventions import Steering, resolve_steering
+    from .study.distributed import RayExecutor
+    from .study.executors import LocalExecutor
     from .study.pipeline import StudyConfig, config_from, run_study
     from .study.stages import (
         StudyPrompts,

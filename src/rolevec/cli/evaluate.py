@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RolevecError
 from .common import add_model_args, fraction, load_from_args, positive_int
+from .executor_args import add_executor_args, executor_from_args
 
 if TYPE_CHECKING:
     from ..data.mcq import MCQSet
@@ -110,6 +111,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--split-file", default=None, help="a split.json to use (default: the run's, or the sweep's)"
     )
     add_data_args(parser)
+    add_executor_args(parser)
     parser.set_defaults(func=run)
 
 
@@ -298,14 +300,15 @@ def _run(args: argparse.Namespace) -> int:
         compare_settings(
             run_dir, settings, stored_at=stored_path(run_dir, SETTINGS_NAME, "evaluate", force=False)
         )
-    with prepare(run_dir, "evaluate", force=args.force):
+    with executor_from_args(args, adapter) as executor, prepare(run_dir, "evaluate", force=args.force):
         split = ensure_split(run_dir / "split.json", mcq, **split_args)
         check_settings(run_dir, settings)
-        _evaluate(args, run_dir, adapter, mcq, split, conditions, vectors, prompt_format, domains)
+        _evaluate(executor, args, run_dir, adapter, mcq, split, conditions, vectors, prompt_format, domains)
     return 0
 
 
 def _evaluate(
+    executor: Any,
     args: argparse.Namespace,
     run_dir: Path,
     adapter: Any,
@@ -319,28 +322,31 @@ def _evaluate(
     from ..analysis.stats import format_table, per_subject, summarize
     from ..core.files import atomic_write
     from ..core.records import read_records, record_identity
-    from ..evaluation.conditions import evaluate_conditions
     from ..evaluation.scoring import LetterScorer
+    from ..study.executors import EvalSettings
     from ..study.stages import open_records
 
     doms = domains if domains is not None else mcq.domains
     scorer = LetterScorer(adapter)
     with open_records(run_dir, log=lambda line: print(f"rolevec: {line}", file=sys.stderr)) as store:
-        report = evaluate_conditions(
+        settings = EvalSettings(
+            domains=tuple(doms),
+            split_name=args.split,
+            limit=args.limit,
+            prompt_format=prompt_format,
+            batch_size=args.batch_size,
+            random_seed=args.random_seed,
+            reuse=not args.no_reuse,
+        )
+        report = executor.evaluate(
             adapter,
             mcq,
             split,
             conditions,
             store,
+            settings,
             vectors=vectors,
-            domains=doms,
-            split_name=args.split,
-            limit=args.limit,
-            prompt_format=prompt_format,
-            batch_size=args.batch_size,
             scorer=scorer,
-            random_seed=args.random_seed,
-            reuse=not args.no_reuse,
             progress=not args.no_progress,
         )
     if report.persona_folded:
@@ -362,7 +368,7 @@ def _evaluate(
         "n_new_records": report.n_new,
         "n_records_reused": report.n_done_before,
         "persona_folded": report.persona_folded,
-        "scorer": scorer.mode,
+        "scorer": report.scorer_mode,
         "rows": [r.to_json() for r in rows],
         "per_subject": [r.to_json() for r in subjects],
     }
@@ -376,8 +382,9 @@ def _evaluate(
         {
             "questions": {"source": mcq.source, "kind": mcq.kind, "n_skipped": mcq.n_skipped},
             "persona_folded": report.persona_folded,
-            "scorer": scorer.mode,
+            "scorer": report.scorer_mode,
             "conditions": [c.fields() for c in conditions],
+            "execution": executor.describe(),
         },
     )
     print(format_table(rows))

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from .common import add_model_args, fraction, load_from_args, positive_int
+from .executor_args import add_executor_args, executor_from_args
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -58,6 +59,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="start over: set rolevec's earlier results in --out aside (deleted once the run succeeds)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_executor_args(parser)
     parser.set_defaults(func=run)
 
 
@@ -110,16 +112,18 @@ def _run(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr)
 
-    study = run_study(
-        adapter,
-        config,
-        run_dir,
-        args={**{k: v for k, v in vars(args).items() if k != "func"}, "dtype": config.dtype},
-        preset=args.preset,
-        progress=not args.no_progress,
-        log=log,
-        force=args.force,
-    )
+    with executor_from_args(args, adapter) as executor:
+        study = run_study(
+            adapter,
+            config,
+            run_dir,
+            args={**{k: v for k, v in vars(args).items() if k != "func"}, "dtype": config.dtype},
+            preset=args.preset,
+            progress=not args.no_progress,
+            log=log,
+            force=args.force,
+            executor=executor,
+        )
     from ..analysis.report import console_summary
 
     print()

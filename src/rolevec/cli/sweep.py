@@ -21,6 +21,7 @@ from .evaluate import (
     split_list,
     write_command_manifest,
 )
+from .executor_args import add_executor_args, executor_from_args
 
 NEGATIVE_LIST = re.compile(r"^-\d+(\.\d+)?(,\s*-?\d+(\.\d+)?)*$|^-\d*\.\d+$")
 
@@ -77,6 +78,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="bound on cached residuals + stacked copies of one question batch, in MiB (default 512)",
     )
     add_data_args(parser)
+    add_executor_args(parser)
     # accept `--positions -1,-2` (argparse would take "-1,-2" for an option): lists of negative numbers
     # count as values, like a single negative number does
     parser._negative_number_matcher = NEGATIVE_LIST
@@ -124,10 +126,11 @@ def _run(args: argparse.Namespace) -> int:
         compare_settings(
             run_dir, settings, stored_at=stored_path(run_dir, SETTINGS_NAME, "sweep", force=False)
         )
-    with prepare(run_dir, "sweep", force=args.force):
+    with executor_from_args(args, adapter) as executor, prepare(run_dir, "sweep", force=args.force):
         split = ensure_split(run_dir / "split.json", mcq, **split_args)
         check_settings(run_dir, settings)
         _sweep(
+            executor,
             args,
             run_dir,
             adapter,
@@ -145,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _sweep(
+    executor: Any,
     args: argparse.Namespace,
     run_dir: Any,
     adapter: Any,
@@ -198,6 +202,7 @@ def _sweep(
         progress=not args.no_progress,
         on_choice=warn_unmet,
         log=lambda line: print(f"rolevec: {line}", file=sys.stderr),
+        executor=executor,
     )
     choices, results = picked.choices, picked.sweeps
     write_command_manifest(
@@ -213,6 +218,7 @@ def _sweep(
             "layers": list(layers),
             "positions": list(positions),
             "alphas": list(alphas),
+            "execution": executor.describe(),
         },
     )
     for choice, result in zip(choices, results, strict=True):

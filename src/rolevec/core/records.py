@@ -5,6 +5,7 @@ batch being written: lines are appended, flushed and fsynced per batch, a torn l
 the next open, and records whose identity is already stored are never written twice. Entry points::
 
     RecordStore(path)                 # opens (creating) and repairs; .done(identity), .append(records)
+    MemoryStore(records=(), on_append=None)   # the same interface in memory (a distributed worker's)
     record_identity(record) -> tuple  # the fields that make a record unique
     read_records(path) -> Iterator[dict]
 """
@@ -13,10 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import RolevecError
 from .files import decode_text
@@ -202,14 +203,19 @@ class RecordStore:
     def done(self, identity: Identity) -> bool:
         return identity in self._done
 
+    def identities(self) -> frozenset[Identity]:
+        """The identities stored so far (what a distributed worker is told to skip)."""
+        return frozenset(self._done)
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Every stored record, in file order."""
+        return read_records(self.path)
+
     def append(self, records: Iterable[Mapping[str, Any]]) -> int:
         """Write the records not stored yet (one flush + fsync for the lot); returns how many were new."""
         lines: list[str] = []
         for record in records:
-            missing = [k for k in FIELDS if k not in record]
-            if missing:
-                raise RolevecError(f"record lacks field(s) {', '.join(missing)}: {dict(record)}")
-            key = record_identity(record)
+            key = _checked_identity(record)
             if key in self._done:
                 continue
             self._done.add(key)
@@ -222,6 +228,81 @@ class RecordStore:
             f.flush()
             os.fsync(f.fileno())
         return len(lines)
+
+
+def _checked_identity(record: Mapping[str, Any]) -> Identity:
+    missing = [k for k in FIELDS if k not in record]
+    if missing:
+        raise RolevecError(f"record lacks field(s) {', '.join(missing)}: {dict(record)}")
+    return record_identity(record)
+
+
+class Store(Protocol):
+    """What the evaluation stages need of a record store: :class:`RecordStore` on disk, or
+    :class:`MemoryStore` on a distributed worker, which has no run folder."""
+
+    def done(self, identity: Identity) -> bool: ...
+
+    def append(self, records: Iterable[Mapping[str, Any]]) -> int: ...
+
+    def records(self) -> Iterator[dict[str, Any]]: ...
+
+
+class MemoryStore:
+    """A record store in memory: knows the identities it is told are done and the records it is given,
+    and hands each appended batch to ``on_append`` (a worker streams them to the one writer, the driver).
+
+    Args:
+        records: Records already stored (their identities count as done; :meth:`records` yields them).
+        done: Further identities already stored elsewhere, without their records.
+        on_append: Receives each batch of new records, in the store's field order.
+
+    Example:
+        ```python
+        sent = []
+        store = MemoryStore(done=disk.identities(), on_append=sent.append)
+        evaluate_conditions(adapter, mcq, split, conditions, store)
+        ```
+    """
+
+    def __init__(
+        self,
+        records: Iterable[Mapping[str, Any]] = (),
+        *,
+        done: Iterable[Identity] = (),
+        on_append: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:
+        self._records: list[dict[str, Any]] = []
+        self._done: set[Identity] = set(done)
+        self._on_append = on_append
+        for record in records:
+            key = _checked_identity(record)
+            if key not in self._done:
+                self._done.add(key)
+                self._records.append({k: record[k] for k in FIELDS})
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def done(self, identity: Identity) -> bool:
+        return identity in self._done
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        return iter(list(self._records))
+
+    def append(self, records: Iterable[Mapping[str, Any]]) -> int:
+        batch: list[dict[str, Any]] = []
+        for record in records:
+            key = _checked_identity(record)
+            if key in self._done:
+                continue
+            self._done.add(key)
+            batch.append({k: record[k] for k in FIELDS})
+        if batch:
+            self._records.extend(batch)
+            if self._on_append is not None:
+                self._on_append(batch)
+        return len(batch)
 
 
 SETTINGS_NAME = "settings.json"

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..core.records import CONDITIONS, RecordStore, condition_identity
+from ..core.records import CONDITIONS, Store, condition_identity
 from ..core.spec import check_alpha
 from ..data.mcq import MCQItem, MCQSet, Split
 from ..data.sources import role_display
@@ -276,7 +276,7 @@ def evaluate_conditions(
     mcq: MCQSet,
     split: Split,
     conditions: Sequence[Condition],
-    store: RecordStore,
+    store: Store,
     *,
     vectors: RoleVectors | None = None,
     domains: Sequence[str] | None = None,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.files import atomic_write, read_text
-from ..core.records import RecordStore, read_records
+from ..core.records import Store
 from ..core.spec import check_alpha, default_layers
 from ..data.mcq import MCQItem
 from ..errors import RolevecError
@@ -175,7 +175,7 @@ class _Sweep:
         vectors: RoleVectors,
         role: str,
         prepared: list[Prepared],
-        store: RecordStore,
+        store: Store,
         split_label: str,
         scorer: LetterScorer,
         batch_size: int,
@@ -246,7 +246,7 @@ def run_sweep(
     vectors: RoleVectors,
     role: str,
     items: Sequence[MCQItem],
-    store: RecordStore,
+    store: Store,
     *,
     domain: str,
     layers: tuple[int, int] | None = None,
@@ -262,6 +262,7 @@ def run_sweep(
     ablate_scope: str = "all",
     scorer: LetterScorer | None = None,
     progress: bool = True,
+    bar: Any = None,
 ) -> SweepResult:
     """Score baseline, every addition candidate and the ablation sites of one role on ``items``.
 
@@ -269,8 +270,11 @@ def run_sweep(
     is swept (a coarse grid for quick runs); ``max_rows`` bounds rows per forward when
     candidates are stacked (default ``batch_size``); ``max_cache_bytes`` bounds the cached residual plus the
     stacked copies of one question batch. ``ablate_scope``: ``all`` sites, only sites where some α beats the
-    baseline (``passing``, enough for the selection criterion), or ``none``.
+    baseline (``passing``, enough for the selection criterion), or ``none``. ``bar`` is a tqdm-like bar to
+    keep up to date instead of a new one (a distributed worker's reports its totals to the driver).
     """
+    from contextlib import nullcontext
+
     from tqdm.auto import tqdm
 
     if not items:
@@ -307,7 +311,8 @@ def run_sweep(
     cands: list[Candidate] = [
         (layer, p, al) for layer in layer_list for p in pos for al in alpha_list if (layer, p) not in zero
     ]
-    with tqdm(total=0, disable=not progress, desc=f"sweep {role}", unit="q") as bar:
+    own_bar = tqdm(total=0, disable=not progress, desc=f"sweep {role}", unit="q") if bar is None else None
+    with own_bar if own_bar is not None else nullcontext(bar) as bar:
         sweep = _Sweep(adapter, vectors, role, prepared, store, split_label, scorer, batch_size, bar)
         base_todo = sweep.pending(base_cond)
         pending = {
@@ -352,9 +357,7 @@ def run_sweep(
         if ablate_scope != "none":
             sites = ablate_sites
             if ablate_scope == "passing":
-                rows = grid_rows(
-                    read_records(store.path), role=role, domain=domain, qids=qids, split=split_label
-                )
+                rows = grid_rows(store.records(), role=role, domain=domain, qids=qids, split=split_label)
                 good = {
                     (r.layer, r.position)
                     for r in rows
@@ -369,7 +372,7 @@ def run_sweep(
                     Condition.make("ablate", role=role, layer=s[0], position=s[1]), ablate_pending[s]
                 )
 
-    rows = grid_rows(read_records(store.path), role=role, domain=domain, qids=qids, split=split_label)
+    rows = grid_rows(store.records(), role=role, domain=domain, qids=qids, split=split_label)
     in_range = [
         r
         for r in rows
@@ -378,16 +381,18 @@ def run_sweep(
     base_acc = (
         in_range[0].baseline_accuracy
         if in_range
-        else _baseline_accuracy(store.path, domain, qids, split_label)
+        else _baseline_accuracy(store.records(), domain, qids, split_label)
     )
     return SweepResult(role, domain, in_range, base_acc, mode, probe_error, sweep.n_new, dict(sweep.stats))
 
 
-def _baseline_accuracy(path: Path, domain: str, qids: Sequence[str], split: str) -> float:
+def _baseline_accuracy(
+    records: Iterable[Mapping[str, Any]], domain: str, qids: Sequence[str], split: str
+) -> float:
     wanted = set(qids)
     answers = [
         bool(r["correct"])
-        for r in read_records(path)
+        for r in records
         if r["condition"] == "baseline"
         and r["domain"] == domain
         and r["split"] == split

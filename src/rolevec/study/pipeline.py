@@ -16,12 +16,15 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.files import read_text
 from ..core.spec import check_alpha
 from ..errors import RolevecError, path_problem
 from ..model.loading import ModelAdapter
+
+if TYPE_CHECKING:
+    from .executors import Executor
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
@@ -361,8 +364,12 @@ class Study:
         preset: str | None = None,
         progress: bool = True,
         log: Callable[[str], None] = print,
+        executor: Executor | None = None,
     ) -> None:
+        from .executors import LocalExecutor
+
         self.adapter = adapter
+        self.executor: Executor = executor or LocalExecutor()
         self.config = config
         self.run_dir = Path(run_dir)
         self.args = dict(args or {})
@@ -386,6 +393,7 @@ class Study:
             "sampling_details": self.state.sampled,
             "timings_s": {k: round(v, 2) for k, v in self.state.timings.items()},
             "notes": self.state.notes,
+            "execution": self.executor.describe(),
         }
         write_manifest(self.run_dir / "manifest.json", build_manifest(self.args, self.adapter, extra))
 
@@ -548,6 +556,7 @@ class Study:
             scorer=self.scorer,
             progress=self.progress,
             on_choice=report,
+            executor=self.executor,
         )
         self.choices = {ch.role: ch for ch in chosen.choices}
         self.state.sampled["grid"] = {
@@ -559,7 +568,7 @@ class Study:
         }
 
     def stage_test(self) -> None:
-        from ..evaluation.conditions import evaluate_conditions
+        from .executors import EvalSettings
         from .stages import open_records, study_conditions
 
         conditions = study_conditions(
@@ -568,21 +577,24 @@ class Study:
             persona_templates=self.config.persona_templates,
             random_control=self.config.random_control,
         )
+        settings = EvalSettings(
+            domains=tuple(self.domains),
+            split_name="test",
+            limit=self.config.test_limit,
+            prompt_format=self.prompt_format,
+            batch_size=self.config.batch_size,
+            random_seed=self.config.random_seed,
+        )
         with open_records(self.run_dir) as store:
-            report = evaluate_conditions(
+            report = self.executor.evaluate(
                 self.adapter,
                 self.mcq,
                 self.split,
                 conditions,
                 store,
+                settings,
                 vectors=self.vectors,
-                domains=self.domains,
-                split_name="test",
-                limit=self.config.test_limit,
-                prompt_format=self.prompt_format,
-                batch_size=self.config.batch_size,
                 scorer=self.scorer,
-                random_seed=self.config.random_seed,
                 progress=self.progress,
             )
         if report.persona_folded:
@@ -626,6 +638,7 @@ def run_study(
     progress: bool = True,
     log: Callable[[str], None] = print,
     force: bool = False,
+    executor: Executor | None = None,
 ) -> Study:
     """Run (or resume) the whole study in ``run_dir``; returns the finished :class:`Study`.
 
@@ -642,6 +655,8 @@ def run_study(
         progress: Show progress bars.
         log: Receives each progress message (default ``print``).
         force: Start over, as described above (default ``False``).
+        executor: Where the sweep and test stages run (default: this process; see
+            :class:`~rolevec.study.distributed.RayExecutor`).
 
     Returns:
         The finished ``Study``; its ``report_files`` name the report written.
@@ -653,7 +668,9 @@ def run_study(
         print(study.report_files.html)
         ```
     """
-    study = Study(adapter, config, run_dir, args=args, preset=preset, progress=progress, log=log)
+    study = Study(
+        adapter, config, run_dir, args=args, preset=preset, progress=progress, log=log, executor=executor
+    )
     study.run(force=force)
     return study
 

@@ -46,10 +46,11 @@ from ..errors import RolevecError
 from ..evaluation.conditions import Condition, run_settings
 from ..evaluation.scoring import DEFAULT_MAX_CACHE_BYTES, LetterScorer, PromptFormat
 from ..evaluation.selection import Choice, select, write_selection
-from ..evaluation.sweep import SweepResult, run_sweep, write_sweep_file
+from ..evaluation.sweep import SweepResult, write_sweep_file
 from ..model.loading import ModelAdapter
 from ..vectors.extraction import extract_role_vectors
 from ..vectors.role_vectors import RoleVectors
+from .executors import Executor, LocalExecutor, SweepJob, SweepSettings
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ def select_sites(
     progress: bool = True,
     on_choice: Callable[[Choice], None] | None = None,
     log: Callable[[str], None] | None = None,
+    executor: Executor | None = None,
 ) -> SiteSelection:
     """The selection stage: sweep each role on its domain's validation questions and choose its site.
 
@@ -137,6 +139,8 @@ def select_sites(
         progress: Show progress bars.
         on_choice: Called with each role's ``Choice`` as it is made.
         log: Receives notes such as a repaired records file (default: none).
+        executor: Where the sweeps run (default :class:`LocalExecutor`, this process; a
+            :class:`~rolevec.study.distributed.RayExecutor` spreads the roles over a Ray cluster).
 
     Returns:
         The ``SiteSelection``: each role's choice, its sweep and the validation question ids used.
@@ -150,41 +154,42 @@ def select_sites(
         ```
     """
     run_dir = Path(run_dir)
-    scorer = scorer or LetterScorer(adapter)
+    executor = executor or LocalExecutor()
     choices: list[Choice] = []
-    sweeps: list[SweepResult] = []
     used: dict[str, list[str]] = {}
+    jobs = []
+    for role in roles:
+        domain = domain_of[role]
+        items = split.select(mcq, domain, "val", limit)
+        used[domain] = [it.qid for it in items]
+        jobs.append(SweepJob(role, domain, tuple(items)))
+    settings = SweepSettings(
+        layers=layers,
+        positions=tuple(positions),
+        alphas=tuple(alphas),
+        layer_step=layer_step,
+        prompt_format=prompt_format,
+        batch_size=batch_size,
+        max_rows=max_rows,
+        max_cache_bytes=max_cache_bytes,
+        reuse=reuse,
+        ablate_scope=ablate_scope,
+    )
+
+    def finished(result: SweepResult) -> None:
+        write_sweep_file(run_dir / "sweep.jsonl", result.rows)
+        choice = select(result.rows)
+        choices.append(choice)
+        if on_choice is not None:
+            on_choice(choice)
+
     with open_records(run_dir, log) as store:
-        for role in roles:
-            domain = domain_of[role]
-            items = split.select(mcq, domain, "val", limit)
-            used[domain] = [it.qid for it in items]
-            result = run_sweep(
-                adapter,
-                vectors,
-                role,
-                items,
-                store,
-                domain=domain,
-                layers=layers,
-                layer_step=layer_step,
-                positions=positions,
-                alphas=alphas,
-                prompt_format=prompt_format,
-                batch_size=batch_size,
-                max_rows=max_rows,
-                max_cache_bytes=max_cache_bytes,
-                reuse=reuse,
-                ablate_scope=ablate_scope,
-                scorer=scorer,
-                progress=progress,
-            )
-            sweeps.append(result)
-            write_sweep_file(run_dir / "sweep.jsonl", result.rows)
-            choice = select(result.rows)
-            choices.append(choice)
-            if on_choice is not None:
-                on_choice(choice)
+        sweeps = executor.sweep(
+            adapter, vectors, jobs, store, settings, scorer=scorer, progress=progress, on_result=finished
+        )
+    order = {role: i for i, role in enumerate(roles)}
+    choices.sort(key=lambda ch: order[ch.role])
+    sweeps.sort(key=lambda r: order[r.role])
     write_selection(
         run_dir / "selection.json",
         adapter,
