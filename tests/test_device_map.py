@@ -486,3 +486,14 @@ def test_cli_loads_a_map_file_and_fold_refuses_it(
     err = _errors(capsys)
     assert len(err) == 1 and "load it without --device-map" in err[0], err
     assert not (tmp_path / "folded").exists()
+
+
+@pytest.mark.usefixtures("untouched")
+def test_logit_lens_reads_an_offloaded_head(pair: tuple[ModelAdapter, ModelAdapter]) -> None:
+    from rolevec.analysis.interpret import logit_lens
+
+    memory, offloaded = pair
+    direction = torch.randn(memory.hidden_size, generator=torch.Generator().manual_seed(3))
+    for normed in (False, True):
+        a, b = logit_lens(memory, direction, normed=normed), logit_lens(offloaded, direction, normed=normed)
+        assert a == b

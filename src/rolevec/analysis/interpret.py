@@ -26,6 +26,7 @@ import torch
 from ..core.files import atomic_write, read_text
 from ..core.spec import check_alpha
 from ..errors import RolevecError, path_problem
+from ..model.hooks import onloaded
 from ..model.loading import ModelAdapter
 from ..steering.interventions import Steering, check_vector
 from ..vectors.role_vectors import RoleVectors
@@ -175,9 +176,10 @@ def logit_lens(adapter: ModelAdapter, vector: torch.Tensor, *, top_k: int = 10, 
             hidden = hidden[0]
         logits = adapter.unembed(hidden)[0, 0].float()
     else:
-        weight = adapter.unembed.weight
-        assert isinstance(weight, torch.Tensor)
-        logits = weight.float() @ d.float()
+        with onloaded(adapter.unembed):  # an offloaded head is brought in for the read
+            weight = adapter.unembed.weight
+            assert isinstance(weight, torch.Tensor)
+            logits = weight.float() @ d.to(weight.device).float()
     logits = logits[: min(len(adapter.tokenizer), logits.shape[0])].cpu()
     k = min(top_k, logits.shape[0])
     top = torch.topk(logits, k).indices

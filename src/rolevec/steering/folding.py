@@ -34,9 +34,10 @@ from ..errors import RolevecError
 from ..model.hooks import StopForward, hooked, input_hook, output_hook
 from ..model.loading import ModelAdapter
 from .interventions import Steering
+from .writers import BIAS_SWITCHES
+from .writers import bias_plan as _bias_plan
 
 #: Config switches that give a sublayer's projections biases, and the sublayer names they govern.
-BIAS_SWITCHES = (("mlp_bias", r"mlp|feed_forward|ffn"), ("attention_bias", r"attn|attention"))
 PROBE_TEXTS = ("Explain how a vaccine trains the immune system.", "Hi")
 UNTIED = "lm_head untied from the input embeddings (tie_word_embeddings=False)"
 HOOKED_ADVICE = "steer with hooks instead (`rolevec generate`, or export a control vector)"
@@ -59,30 +60,9 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
-def _has_bias(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "bias", None), torch.Tensor)
-
-
 def _is_conv1d(module: nn.Module) -> bool:
     """GPT-2's Conv1D: a linear map whose weight is stored transposed, ``[in, out]``."""
     return not isinstance(module, nn.Linear) and isinstance(getattr(module, "nf", None), int)
-
-
-def _bias_plan(adapter: ModelAdapter, block: int) -> tuple[str, str | None] | None:
-    """The writer of ``block`` that takes the bias, and the config switch to turn on (if any)."""
-    names = adapter.arch.writer_names[block]
-    writers = adapter.writers(block)
-    for name, writer in reversed(list(zip(names, writers, strict=True))):
-        if _has_bias(writer):
-            return name, None
-    for name, writer in reversed(list(zip(names, writers, strict=True))):
-        if not isinstance(writer, nn.Linear):
-            continue
-        child = name.split(".")[0]
-        for flag, pattern in BIAS_SWITCHES:
-            if re.search(pattern, child) and getattr(adapter.config, flag, None) is False:
-                return name, flag
-    return None
 
 
 def _quantization(adapter: ModelAdapter) -> str | None:

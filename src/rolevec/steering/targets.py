@@ -37,8 +37,8 @@ import torch
 
 from ..errors import RolevecError
 from ..model.loading import ModelAdapter
-from .folding import _bias_plan
 from .interventions import Steering
+from .writers import bias_plan as _bias_plan
 
 TARGETS = ("transformers", "llama.cpp", "vllm")
 #: Verdict levels: the engine serves the fold as transformers does; keeps only part of it (refused
