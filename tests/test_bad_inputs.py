@@ -911,9 +911,9 @@ case(
 )
 case("sweep-mcq-json-scalar", S, {"mcq/math.json": "7"}, expect="math.json")
 case(
-    "sweep-mcq-three-choices",
+    "sweep-mcq-one-choice",
     S,
-    {"mcq/math.json": json.dumps([{**q, "choices": ["a", "b", "c"]} for q in _questions("math")])},
+    {"mcq/math.json": json.dumps([{**q, "choices": ["a"]} for q in _questions("math")])},
     expect="math.json",
 )
 case(
@@ -1352,7 +1352,7 @@ case("run-val-fraction-text", R, val_fraction="a fifth", expect="--val-fraction"
 case(
     "run-mcq-malformed-item",
     R,
-    {"mcq/math.json": json.dumps([{"question": "Q?", "choices": ["a", "b"], "answer": "A"}])},
+    {"mcq/math.json": json.dumps([{"question": "Q?", "choices": ["a"], "answer": "A"}])},
     expect="math.json",
 )
 case("run-mcq-domain-empty", R, {"mcq/math.json": "[]"}, expect="math")

@@ -183,7 +183,7 @@ def _bad_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "bad"
     folder.mkdir()
     good = {"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": "A", "subject": "s"}
-    rows = [good, {**good, "choices": ["a", "b"]}, {**good, "question": "Q2?"}, {**good, "answer": "F"}]
+    rows = [good, {**good, "choices": ["a"]}, {**good, "question": "Q2?"}, {**good, "answer": "F"}]
     rows += [{**good, "question": "Q3?"}, {**good, "question": "Q4?"}]
     (folder / "math.json").write_text(json.dumps(rows))
     (folder / "law.json").write_text("[]")
@@ -197,7 +197,7 @@ def test_bad_input_is_one_clear_error(
     base = ["evaluate", "--conditions", "baseline", "--model", str(tiny_dir / "model"), "--device", "cpu"]
     base += ["--no-progress", "--val-fraction", "0.5"]
     msg = _error(capsys, [*base, "--mcq-dir", str(bad), "--domains", "math", "--out", str(tmp_path / "a")])
-    assert "math.json item 1 has 2 choices" in msg and "--skip-bad" in msg
+    assert "math.json item 1 has 1 choice(s)" in msg and "--skip-bad" in msg
     assert (
         main([*base, "--mcq-dir", str(bad), "--domains", "math", "--skip-bad", "--out", str(tmp_path / "a")])
         == 0

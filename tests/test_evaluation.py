@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,19 @@ def test_paper_prompt_text(tiny_llama: ModelAdapter) -> None:
     text, folded = PromptFormat(answer_prefix="The answer is").prompt(tiny_llama, item)
     assert text == tiny_llama.render(user) + "The answer is" and not folded
     with pytest.raises(RolevecError, match="unknown or malformed field"):
-        PromptFormat("{question} {E}")
+        PromptFormat("{question} {answer}")
+    # five choices: the paper template's four lettered lines become the item's own five
+    five = MCQItem("law/1", "law", "Which?", ("p", "q", "r", "s", "t"), "E", "x")
+    assert PromptFormat().user_text(five) == (
+        "Which?\nA. p\nB. q\nC. r\nD. s\nE. t\nAnswer with the letter of the correct answer.\nAnswer:"
+    )
+    with pytest.raises(RolevecError, match=r"item law/1 has 5 choices.*\{choices\}"):
+        PromptFormat("{question} A) {A} B) {B}").user_text(replace(five, choices=("p",) * 5))
+    two = MCQItem("law/2", "law", "Q?", ("yes", "no"), "B", "x")
+    assert PromptFormat("{question}\n{choices}").user_text(two) == "Q?\nA. yes\nB. no"
+    verbatim = replace(two, instruction="As written.\nAnswer:")
+    assert PromptFormat().user_text(verbatim) == "As written.\nAnswer:"
+    assert PromptFormat(verbatim=False).user_text(verbatim).startswith("Q?\nA. yes\nB. no\n")
 
 
 def test_persona_prompts_and_folding() -> None:
@@ -115,6 +128,30 @@ def test_fast_scoring_equals_full_logits(tiny: ModelAdapter, share: bool) -> Non
         assert fast.shape == (7, 4)
         torch.testing.assert_close(fast, naive, rtol=0, atol=1e-4)
     assert count_hooks(tiny.model) == 0
+
+
+def test_items_with_different_numbers_of_choices_share_a_batch(tiny: ModelAdapter) -> None:
+    """2, 3, 5 and 10 choices in one batch: each item reads only its own letters, and the numbers equal
+    model(...).logits at those letters' ids, item by item."""
+    counts = (2, 3, 5, 10, 4, 26)
+    mixed = [
+        MCQItem(f"x/{i}", "x", "Pick one." + " More." * i, tuple(f"c{j}" for j in range(n)), "B", "s")
+        for i, n in enumerate(counts)
+    ]
+    prepared, _ = prepare(tiny, mixed)
+    assert [len(p.letter_ids) for p in prepared] == list(counts)
+    decode = tiny.tokenizer.decode
+    assert [decode([t]).strip() for t in prepared[3].letter_ids] == list("ABCDEFGHIJ")
+    together = score(tiny, mixed, batch_size=8)
+    alone = score(tiny, mixed, batch_size=1)
+    for r, one, n in zip(together, alone, counts, strict=True):
+        assert len(r.probs) == len(r.logits) == n and r.scoring == "letter"
+        assert abs(sum(r.probs) - 1) < 1e-5 and r.pred in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:n]
+        torch.testing.assert_close(torch.tensor(r.logits), torch.tensor(one.logits), rtol=0, atol=1e-4)
+    for p, r in zip(prepared, together, strict=True):
+        batch, letter_ids = _batch(tiny, [p])
+        ref = LetterScorer(tiny, fast=False).naive(batch, letter_ids)[0]
+        torch.testing.assert_close(torch.tensor(r.logits), ref, rtol=0, atol=1e-4)
 
 
 def test_condition_steering_applies_each_condition_with_its_own_vector(tiny_llama: ModelAdapter) -> None:

@@ -97,9 +97,11 @@ def test_jsonl_csv_and_single_file_sources(tmp_path: Path) -> None:
 
 
 def test_malformed_items_name_file_and_index(tmp_path: Path) -> None:
-    rows = [_item(0), _item(1, choices=["a", "b", "c"]), _item(2, answer="E"), _item(3)]
+    rows = [_item(0), _item(1, choices=["a"]), _item(2, answer="E"), _item(3)]
     path = _write(tmp_path / "math.json", rows)
-    with pytest.raises(RolevecError, match=r"math\.json item 1 has 3 choices.*`skip_bad`"):
+    with pytest.raises(
+        RolevecError, match=r"math\.json item 1 has 1 choice\(s\); an item needs 2 to 26.*`skip_bad`"
+    ):
         load_mcq(tmp_path)
     mcq = load_mcq(tmp_path, skip_bad=True)
     assert mcq.n_skipped == 2

@@ -40,6 +40,11 @@ FIELDS = (
     "p_gold",
     "probs",
 )
+#: Fields a record carries after :data:`FIELDS` where they apply: the scoring rule (``letter`` or
+#: ``continuation``; records written before there was a choice have none and are letter scored), and for
+#: continuation scoring the per-character prediction (lm-eval's ``acc_norm``) and each choice's summed
+#: log-likelihood. Not part of a record's identity: a run folder pins its scoring rule in settings.json.
+EXTRA_FIELDS = ("scoring", "pred_norm", "correct_norm", "logliks")
 CONDITIONS = ("baseline", "persona", "add", "ablate", "random")
 
 Identity = tuple[Any, ...]
@@ -219,8 +224,7 @@ class RecordStore:
             if key in self._done:
                 continue
             self._done.add(key)
-            ordered = {k: record[k] for k in FIELDS}
-            lines.append(json.dumps(ordered, ensure_ascii=False, allow_nan=False) + "\n")
+            lines.append(json.dumps(ordered(record), ensure_ascii=False, allow_nan=False) + "\n")
         if not lines:
             return 0
         with self.path.open("a", encoding="utf-8") as f:
@@ -228,6 +232,13 @@ class RecordStore:
             f.flush()
             os.fsync(f.fileno())
         return len(lines)
+
+
+def ordered(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record in store order: :data:`FIELDS`, then the :data:`EXTRA_FIELDS` it has."""
+    out = {k: record[k] for k in FIELDS}
+    out.update((k, record[k]) for k in EXTRA_FIELDS if k in record)
+    return out
 
 
 def _checked_identity(record: Mapping[str, Any]) -> Identity:
@@ -279,7 +290,7 @@ class MemoryStore:
             key = _checked_identity(record)
             if key not in self._done:
                 self._done.add(key)
-                self._records.append({k: record[k] for k in FIELDS})
+                self._records.append(ordered(record))
 
     def __len__(self) -> int:
         return len(self._done)
@@ -297,7 +308,7 @@ class MemoryStore:
             if key in self._done:
                 continue
             self._done.add(key)
-            batch.append({k: record[k] for k in FIELDS})
+            batch.append(ordered(record))
         if batch:
             self._records.extend(batch)
             if self._on_append is not None:

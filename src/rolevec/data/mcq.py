@@ -25,14 +25,18 @@ import os
 import random
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..core.files import read_text
 from ..errors import RolevecError, path_problem
 
-LETTERS = ("A", "B", "C", "D")
+#: Answer letters, in order: an item with N choices uses the first N (2 <= N <= 26).
+ALL_LETTERS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+#: The four letters of MMLU-style items (the paper's format).
+LETTERS = ALL_LETTERS[:4]
+MIN_CHOICES, MAX_CHOICES = 2, len(ALL_LETTERS)
 DOMAINS = ("econ", "eecs", "law", "math", "medicine", "natural_science", "politics", "psychology")
 
 #: MMLU subjects per domain (the paper's grouping; table in the paper data README).
@@ -70,15 +74,20 @@ _EXTENSIONS = (".json", ".jsonl", ".csv")
 
 @dataclass(frozen=True)
 class MCQItem:
-    """One four-choice question; ``qid`` is ``domain/index`` in its source file.
+    """One multiple-choice question (2 to 26 choices, letters A.. in order); ``qid`` is unique in its source.
 
     Attributes:
-        qid: The question's id, ``domain/index`` (its index in the source file).
+        qid: The question's id: ``domain/index`` (its index in the source file) for a folder of domain
+            files, with the source's namespace in front for other sources (``hf:NAME/...``, ...).
         domain: The domain it belongs to (``medicine``, ``law``, ...).
         question: The question text.
-        choices: The four answer texts, for A, B, C and D.
-        answer: The correct letter, ``A`` to ``D``.
-        subject: Its MMLU subject within the domain; the split is stratified by it.
+        choices: The answer texts, for A, B, C, ... in order.
+        answer: The correct letter (``A`` for the first choice).
+        subject: Its subject within the domain; the split is stratified by it.
+        instruction: The whole user turn as its source wrote it (the paper's released files), used
+            verbatim by default; ``None`` where the prompt template renders the question.
+        delimiter: What separates the prompt from a choice's text under continuation scoring
+            (lm-eval's ``target_delimiter``; default one space).
 
     Example:
         ```python
@@ -90,9 +99,20 @@ class MCQItem:
     qid: str
     domain: str
     question: str
-    choices: tuple[str, str, str, str]
+    choices: tuple[str, ...]
     answer: str
     subject: str
+    instruction: str | None = None
+    delimiter: str = " "
+
+    @property
+    def letters(self) -> tuple[str, ...]:
+        """The item's answer letters, one per choice."""
+        return ALL_LETTERS[: len(self.choices)]
+
+    @property
+    def answer_index(self) -> int:
+        return ALL_LETTERS.index(self.answer)
 
 
 @dataclass
@@ -159,22 +179,25 @@ class _Bad(Exception):
     pass
 
 
-def _answer_letter(value: Any) -> str:
-    """Accepted: a letter A-D in either case (surrounding spaces ignored), an integer 0-3, or the text of
-    one (ASCII digits, leading zeros allowed); 0 is A. Anything else, booleans included, is refused."""
+def _answer_letter(value: Any, n: int = 4) -> str:
+    """Accepted: one of the item's ``n`` letters in either case (surrounding spaces ignored), an integer
+    0..n-1, or the text of one (ASCII digits, leading zeros allowed); 0 is A. Anything else, booleans
+    included, is refused."""
+    letters = ALL_LETTERS[:n]
+    expected = f"one of {', '.join(letters)} (or 0-{n - 1})"
     if isinstance(value, bool):
-        raise _Bad(f"answer {value!r} is not one of A, B, C, D (or 0-3)")
-    if isinstance(value, int) and 0 <= value < 4:
-        return LETTERS[value]
+        raise _Bad(f"answer {value!r} is not {expected}")
+    if isinstance(value, int) and 0 <= value < n:
+        return letters[value]
     if isinstance(value, str):
         text = value.strip()
-        if text.upper() in LETTERS:
+        if text.upper() in letters:
             return text.upper()
         digits = text.lstrip("0") or "0"
         # ASCII only: "²".isdigit() is true but int("²") fails, and a huge digit string is no answer
-        if text.isascii() and text.isdigit() and len(digits) == 1 and int(digits) < 4:
-            return LETTERS[int(digits)]
-    raise _Bad(f"answer {value!r} is not one of A, B, C, D (or 0-3)")
+        if text.isascii() and text.isdigit() and len(digits) <= 2 and int(digits) < n:
+            return letters[int(digits)]
+    raise _Bad(f"answer {value!r} is not {expected}")
 
 
 def _choices(row: Mapping[str, Any]) -> list[Any]:
@@ -184,28 +207,32 @@ def _choices(row: Mapping[str, Any]) -> list[Any]:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise _Bad("choices is text but not a JSON list") from exc
-    if raw is None and all(k in row for k in LETTERS):  # CSV: columns A, B, C, D
-        raw = [row[k] for k in LETTERS]
+    if raw is None and all(k in row for k in LETTERS):  # CSV: columns A, B, C, D (, E, ...)
+        raw = [row[k] for k in ALL_LETTERS if row.get(k) not in (None, "")]
     if not isinstance(raw, list | tuple):
-        raise _Bad("has no list of choices (pass a 'choices' list of 4 strings or columns A, B, C, D)")
+        raise _Bad("has no list of choices (pass a 'choices' list of strings or columns A, B, C, D, ...)")
     return list(raw)
 
 
-def _parse(row: Any, domain: str, index: int) -> MCQItem:
+def check_choices(choices: Sequence[Any]) -> tuple[str, ...]:
+    """The choices as text; raises :class:`_Bad` for too few or too many, or one that is not text."""
+    if not MIN_CHOICES <= len(choices) <= MAX_CHOICES:
+        raise _Bad(f"has {len(choices)} choice(s); an item needs {MIN_CHOICES} to {MAX_CHOICES}")
+    if not all(isinstance(c, str | int | float) and not isinstance(c, bool) for c in choices):
+        raise _Bad("has a choice that is not text")
+    return tuple(str(x) for x in choices)
+
+
+def _parse(row: Any, domain: str, index: int, namespace: str = "") -> MCQItem:
     if not isinstance(row, Mapping):
         raise _Bad(f"is a {type(row).__name__}, not an object")
     question = row.get("question")
     if not isinstance(question, str) or not question.strip():
         raise _Bad("has no question text")
-    choices = _choices(row)
-    if len(choices) != 4:
-        raise _Bad(f"has {len(choices)} choices, expected 4")
-    if not all(isinstance(c, str | int | float) and not isinstance(c, bool) for c in choices):
-        raise _Bad("has a choice that is not text")
-    answer = _answer_letter(row.get("answer"))
+    choices = check_choices(_choices(row))
+    answer = _answer_letter(row.get("answer"), len(choices))
     subject = str(row.get("subject") or domain)
-    c = tuple(str(x) for x in choices)
-    return MCQItem(f"{domain}/{index}", domain, question, (c[0], c[1], c[2], c[3]), answer, subject)
+    return MCQItem(f"{namespace}{domain}/{index}", domain, question, choices, answer, subject)
 
 
 def _read_rows(path: Path) -> list[Any]:
@@ -304,9 +331,7 @@ def load_hf_mmlu(
             domain,
             index,
         )
-        items[domain].append(
-            MCQItem(parsed.qid, domain, parsed.question, parsed.choices, parsed.answer, str(row["subject"]))
-        )
+        items[domain].append(replace(parsed, subject=str(row["subject"])))
     return MCQSet(items, f"hf:{name}:{split}", 0, "hf")
 
 
@@ -397,7 +422,7 @@ def load_mcq(
 
 def _repeat_groups(items: Sequence[MCQItem]) -> list[list[MCQItem]]:
     """Items grouped by identical question text and choices, groups in the order of their first copy."""
-    groups: dict[tuple[str, tuple[str, str, str, str]], list[MCQItem]] = {}
+    groups: dict[tuple[str, tuple[str, ...]], list[MCQItem]] = {}
     for it in items:
         groups.setdefault((it.question, it.choices), []).append(it)
     return list(groups.values())

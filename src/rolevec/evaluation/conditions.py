@@ -257,6 +257,16 @@ def to_record(condition: Condition, result: ItemResult, split: str) -> dict[str,
         "correct": result.correct,
         "p_gold": result.p_gold,
         "probs": list(result.probs),
+        "scoring": result.scoring,
+        **(
+            {
+                "pred_norm": result.pred_norm,
+                "correct_norm": result.pred_norm == result.gold,
+                "logliks": list(result.logits),
+            }
+            if result.scoring == "continuation"
+            else {}
+        ),
     }
 
 

@@ -32,6 +32,7 @@ Entry points::
 
 from __future__ import annotations
 
+import string
 import warnings
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import nullcontext, suppress
@@ -40,7 +41,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..data.mcq import LETTERS, MCQItem
+from ..data.mcq import ALL_LETTERS, MCQItem
 from ..errors import RolevecError
 from ..model.batching import (
     BATCH_OVERHEAD_TOKENS,
@@ -55,10 +56,19 @@ from ..model.loading import Batch, ModelAdapter
 from ..model.prefix import PrefixKV, PrefixMemo, PrefixSplit, forward_kwargs, prefix_kv, split_prefix
 from ..steering.interventions import Steering
 
-#: The paper's prompt, as the user turn. Fields: question, A, B, C, D, subject.
+#: The paper's prompt, as the user turn. Fields: question, A, B, C, D, subject (and choices, see below).
 PAPER_TEMPLATE = (
     "{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nAnswer with the letter of the correct answer.\nAnswer:"
 )
+#: The block of four lettered choices in :data:`PAPER_TEMPLATE`; an item with another number of choices
+#: gets its own lettered lines in its place (``{choices}``), so four-choice prompts stay byte for byte.
+_PAPER_CHOICES = "A. {A}\nB. {B}\nC. {C}\nD. {D}"
+_FIELDS = {"question": "q", "subject": "s", "choices": "c", **{letter: letter for letter in ALL_LETTERS}}
+
+
+def choice_lines(item: MCQItem) -> str:
+    """``A. <choice>`` lines, one per choice, joined by newlines."""
+    return "\n".join(f"{letter}. {text}" for letter, text in zip(item.letters, item.choices, strict=True))
 
 
 # --- prompts ---------------------------------------------------------------------------------------
@@ -69,10 +79,14 @@ class PromptFormat:
     """How a question becomes the user turn, and an optional assistant prefix after the generation prompt.
 
     Args:
-        template: The user turn, with ``{question}`` and optionally ``{A}`` to ``{D}`` and ``{subject}``
-            (default: the paper's template, ending in ``Answer:``).
+        template: The user turn, with ``{question}`` and optionally ``{choices}`` (the lettered choice
+            lines), ``{A}`` to ``{Z}`` and ``{subject}`` (default: the paper's template, ending in
+            ``Answer:``; its four ``X. {X}`` lines become the item's own lines for other numbers of
+            choices).
         answer_prefix: Text put at the start of the assistant turn, before the scored letter (default
             none).
+        verbatim: Use an item's own ``instruction`` (the paper's released files carry the whole user turn)
+            as the user turn, unchanged (default ``True``); ``False`` renders it from the template.
 
     Example:
         ```python
@@ -84,22 +98,36 @@ class PromptFormat:
 
     template: str = PAPER_TEMPLATE
     answer_prefix: str | None = None
+    verbatim: bool = True
 
     def __post_init__(self) -> None:
         try:
-            self.template.format(question="q", A="a", B="b", C="c", D="d", subject="s")
+            self.template.format(**_FIELDS)
         except (KeyError, IndexError, ValueError) as exc:
             raise RolevecError(
-                f"prompt template has an unknown or malformed field ({exc}); use only {{question}}, {{A}}, "
-                "{B}, {C}, {D} and {subject}"
+                f"prompt template has an unknown or malformed field ({exc}); use only {{question}}, "
+                "{choices}, {A} to {Z} and {subject}"
             ) from exc
         if "{question}" not in self.template:
             raise RolevecError("prompt template lacks {question}: include it")
 
     def user_text(self, item: MCQItem) -> str:
-        a, b, c, d = item.choices
-        return self.template.format(
-            question=item.question, A=a, B=b, C=c, D=d, subject=item.subject.replace("_", " ")
+        if self.verbatim and item.instruction is not None:
+            return item.instruction
+        template = self.template
+        if len(item.choices) != 4 and _PAPER_CHOICES in template:
+            template = template.replace(_PAPER_CHOICES, "{choices}")
+        named = {f for _, f, _, _ in string.Formatter().parse(template) if f in ALL_LETTERS}
+        if named and named != set(item.letters):
+            raise RolevecError(
+                f"item {item.qid} has {len(item.choices)} choices but the prompt template names choices "
+                f"{', '.join(sorted(named))}: use {{choices}} for the lettered choice lines"
+            )
+        return template.format(
+            question=item.question,
+            choices=choice_lines(item),
+            subject=item.subject.replace("_", " "),
+            **dict(zip(item.letters, item.choices, strict=True)),
         )
 
     def prompt(self, adapter: ModelAdapter, item: MCQItem, system: str | None = None) -> tuple[str, bool]:
@@ -110,7 +138,7 @@ class PromptFormat:
         return text, folded
 
     def to_json(self) -> dict[str, Any]:
-        return {"template": self.template, "answer_prefix": self.answer_prefix}
+        return {"template": self.template, "answer_prefix": self.answer_prefix, "verbatim": self.verbatim}
 
 
 # --- scoring ---------------------------------------------------------------------------------------
@@ -118,11 +146,11 @@ class PromptFormat:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A question tokenised for one prompt variant, with the ids of its four answer letters."""
+    """A question tokenised for one prompt variant, with the ids of its answer letters (one per choice)."""
 
     item: MCQItem
     ids: tuple[int, ...]
-    letter_ids: tuple[int, int, int, int]
+    letter_ids: tuple[int, ...]
 
 
 def prepare(
@@ -135,19 +163,19 @@ def prepare(
     fmt = prompt_format or PromptFormat()
     out: list[Prepared] = []
     folded_any = False
-    letter_cache: dict[str, list[int]] = {}
+    letter_cache: dict[tuple[str, int], list[int]] = {}
     for item in items:
         text, folded = fmt.prompt(adapter, item, system)
         folded_any |= folded
         ids = adapter.tokenizer(text, add_special_tokens=adapter.chat.add_special_tokens)["input_ids"]
         # The letters' ids depend only on how the prompt ends; the template's fixed tail decides that.
-        tail = text[-64:]
-        if tail not in letter_cache:
-            letter_cache[tail] = adapter.letter_token_ids(text, LETTERS)
-        letters = letter_cache[tail]
-        out.append(
-            Prepared(item, tuple(int(i) for i in ids), (letters[0], letters[1], letters[2], letters[3]))
-        )
+        key = (text[-64:], len(item.choices))
+        if key not in letter_cache:
+            try:
+                letter_cache[key] = adapter.letter_token_ids(text, item.letters)
+            except RolevecError as exc:
+                raise RolevecError(f"item {item.qid}: {exc}") from None
+        out.append(Prepared(item, tuple(int(i) for i in ids), tuple(letter_cache[key])))
     return out, folded_any
 
 
@@ -160,6 +188,13 @@ def length_batches(
 
 @dataclass(frozen=True)
 class ItemResult:
+    """One question's score: the predicted letter and the softmax over the item's choices.
+
+    ``scoring`` says which rule made it: ``letter`` (the answer letters' logits at the last prompt
+    position) or ``continuation`` (each choice's summed log-likelihood after the prompt, ``logits`` holding
+    those sums; ``pred_norm`` is the argmax of the sums per character, lm-eval's ``acc_norm``).
+    """
+
     qid: str
     domain: str
     subject: str
@@ -167,21 +202,25 @@ class ItemResult:
     pred: str
     correct: bool
     p_gold: float
-    probs: tuple[float, float, float, float]
-    logits: tuple[float, float, float, float]
+    probs: tuple[float, ...]
+    logits: tuple[float, ...]
+    scoring: str = "letter"
+    pred_norm: str | None = None
 
 
 def results_from_logits(items: Sequence[MCQItem], logits: torch.Tensor) -> list[ItemResult]:
-    """Prediction = argmax of the four letter logits; probabilities = softmax over those four."""
+    """Prediction = argmax of each item's letter logits; probabilities = softmax over those letters.
+
+    ``logits`` is ``[rows, K]`` with K the batch's largest number of choices; an item with fewer choices
+    reads only its first ones (the rest are padding).
+    """
     logits = logits.detach().float().cpu()
-    probs = torch.softmax(logits, dim=-1)
-    preds = logits.argmax(dim=-1)
     out: list[ItemResult] = []
     for row, item in enumerate(items):
-        p = [float(x) for x in probs[row]]
-        lg = [float(x) for x in logits[row]]
-        pred = LETTERS[int(preds[row])]
-        gold_index = LETTERS.index(item.answer)
+        n = len(item.choices)
+        own = logits[row, :n]
+        p = [float(x) for x in torch.softmax(own, dim=-1)]
+        pred = item.letters[int(own.argmax())]
         out.append(
             ItemResult(
                 item.qid,
@@ -190,9 +229,9 @@ def results_from_logits(items: Sequence[MCQItem], logits: torch.Tensor) -> list[
                 item.answer,
                 pred,
                 pred == item.answer,
-                p[gold_index],
-                (p[0], p[1], p[2], p[3]),
-                (lg[0], lg[1], lg[2], lg[3]),
+                p[item.answer_index],
+                tuple(p),
+                tuple(float(x) for x in own),
             )
         )
     return out
@@ -210,7 +249,7 @@ class Resume:
 
 
 class LetterScorer:
-    """Letter logits of a batch, computed only for the four letters at each row's last real token.
+    """Letter logits of a batch, computed only for the answer letters at each row's last real token.
 
     With ``share_prefix`` the rows' common head (the chat template's system turn and user header) runs
     once per batch (see :mod:`rolevec.model.prefix`). The first batch is checked against a plain full forward;
@@ -350,7 +389,7 @@ class LetterScorer:
         memo: PrefixMemo | None = None,
         share: bool = True,
     ) -> torch.Tensor:
-        """``[rows, 4]`` float32 letter logits (letters' ids given per row as ``[rows, 4]``).
+        """``[rows, K]`` float32 letter logits (letters' ids given per row as ``[rows, K]``).
 
         The parity probes run on the first call without ``start`` that scores whole rows and on the first
         that shares a prefix (a plain full forward is their reference). ``memo``: the calling run's prefix
@@ -396,8 +435,12 @@ class LetterScorer:
 
 
 def _batch(adapter: ModelAdapter, prepared: Sequence[Prepared]) -> tuple[Batch, torch.Tensor]:
+    """The padded batch and its letters' ids ``[rows, K]``; rows with fewer than K letters repeat their
+    first (those columns are never read: see :func:`results_from_logits`)."""
     batch = adapter.pad([p.ids for p in prepared], padding_side="right")
-    letter_ids = torch.tensor([p.letter_ids for p in prepared], dtype=torch.long, device=adapter.device)
+    width = max(len(p.letter_ids) for p in prepared)
+    rows = [list(p.letter_ids) + [p.letter_ids[0]] * (width - len(p.letter_ids)) for p in prepared]
+    letter_ids = torch.tensor(rows, dtype=torch.long, device=adapter.device)
     return batch, letter_ids
 
 
