@@ -1,16 +1,22 @@
-"""Synthetic run folders in the file formats of `rolevec run`, for the analysis and report tests."""
+"""Synthetic run folders in the file formats of `rolevec run`, for the analysis and report tests.
+
+By default they look like an MMLU run made before the scoring rule was recorded (the paper's 8 domains,
+four choices, no ``scoring`` field); ``domains``, ``n_choices``, ``scoring`` and ``role_map`` make runs of
+other benchmarks (any domains, 2..26 choices, continuation records with acc_norm).
+"""
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rolevec.analysis.tables import builtin_domains
+from rolevec.data.mcq import ALL_LETTERS
 from rolevec.vectors.role_vectors import RoleVectors
 
 DOMAINS = tuple(builtin_domains())
@@ -19,16 +25,36 @@ N_LAYERS = 6
 POSITIONS = (-3, -2, -1)
 
 
-def domain_of(role: str) -> str:
+#: Number of choices per question: one count for all, or a count per domain (4 where a domain is missing).
+Choices = int | Mapping[str, int]
+
+
+def domain_of(role: str, role_map: Mapping[str, str] | None = None) -> str:
+    if role_map and role in role_map:
+        return role_map[role]
     return next(d for d, roles in builtin_domains().items() if role in roles)
 
 
+def _count(n_choices: Choices, domain: str) -> int:
+    return n_choices if isinstance(n_choices, int) else n_choices.get(domain, 4)
+
+
 def _row(
-    condition: str, role: str | None, domain: str, qid: str, correct: bool, **extra: Any
+    condition: str,
+    role: str | None,
+    domain: str,
+    qid: str,
+    correct: bool,
+    *,
+    n_choices: int = 4,
+    scoring: str | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     h = sum(map(ord, qid))
-    gold = "ABCD"[h % 4]
-    pred = gold if correct else "ABCD"[(h + 1) % 4]
+    letters = ALL_LETTERS[:n_choices]
+    gold = letters[h % n_choices]
+    pred = gold if correct else letters[(h + 1) % n_choices]
+    probs = [0.1, 0.2, 0.3, 0.4] if n_choices == 4 else [1.0 / n_choices] * n_choices
     row: dict[str, Any] = {
         "condition": condition,
         "role": role,
@@ -44,29 +70,52 @@ def _row(
         "pred": pred,
         "correct": correct,
         "p_gold": 0.7 if correct else 0.2,
-        "probs": [0.1, 0.2, 0.3, 0.4],
+        "probs": probs,
     }
+    if scoring is not None:
+        row["scoring"] = scoring
+    if scoring == "continuation":
+        # per-character normalisation agrees with the sum on every question but a fixed third
+        correct_norm = correct if (h + len(condition)) % 3 else not correct
+        row["pred_norm"] = gold if correct_norm else letters[(h + 1) % n_choices]
+        row["correct_norm"] = correct_norm
+        row["logliks"] = [-1.0 - i for i in range(n_choices)]
     row.update(extra)
     return row
 
 
 def make_records(
-    roles: Sequence[str] = ROLES, *, n: int = 30, seed: int = 0, alphas: Sequence[float] = (1.0, 3.0)
+    roles: Sequence[str] = ROLES,
+    *,
+    n: int = 30,
+    seed: int = 0,
+    alphas: Sequence[float] = (1.0, 3.0),
+    domains: Sequence[str] = DOMAINS,
+    n_choices: Choices = 4,
+    scoring: str | None = None,
+    role_map: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Baseline, persona, add (each α), ablate and random rows for every role × domain, plus val rows."""
+    """Baseline, persona, add (each α), ablate and random rows for every role × domain, plus val rows.
+
+    ``scoring`` None writes records as before the scoring rule was recorded; ``continuation`` adds
+    ``pred_norm``, ``correct_norm`` and ``logliks``."""
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
-    base_p = {d: 0.3 + 0.05 * i for i, d in enumerate(DOMAINS)}
+    base_p = {d: 0.3 + 0.05 * i for i, d in enumerate(domains)}
     baseline: dict[tuple[str, str], bool] = {}
-    for d in DOMAINS:
+
+    def row(condition: str, role: str | None, d: str, qid: str, ok: bool, **extra: Any) -> dict[str, Any]:
+        return _row(condition, role, d, qid, ok, n_choices=_count(n_choices, d), scoring=scoring, **extra)
+
+    for d in domains:
         for i in range(n):
             ok = rng.random() < base_p[d]
             baseline[(d, f"{d}-{i}")] = ok
-            rows.append(_row("baseline", None, d, f"{d}-{i}", ok))
-        rows.append(_row("baseline", None, d, f"{d}-val", True, split="val"))
+            rows.append(row("baseline", None, d, f"{d}-{i}", ok))
+        rows.append(row("baseline", None, d, f"{d}-val", True, split="val"))
     site = {"layer": 2, "position": -1}
     for role in roles:
-        own = domain_of(role)
+        own = domain_of(role, role_map)
         effects: list[tuple[str, dict[str, Any], float]] = [
             ("persona", {"persona_template": "You are a {role}."}, 0.05),
             *[("add", {**site, "alpha": a}, 0.1 * a) for a in alphas],
@@ -74,7 +123,7 @@ def make_records(
             ("random", {**site, "alpha": 3.0}, 0.0),
         ]
         for condition, extra, effect in effects:
-            for d in DOMAINS:
+            for d in domains:
                 shift = effect if d == own else effect / 4
                 qids = [q for (dd, q) in baseline if dd == d]
                 # flip a fixed share of the answers that can move in the effect's direction
@@ -82,15 +131,21 @@ def make_records(
                 flipped = set(rng.sample(movable, round(abs(shift) * len(movable))))
                 for q in qids:
                     ok = baseline[(d, q)]
-                    rows.append(_row(condition, role, d, q, not ok if q in flipped else ok, **extra))
+                    rows.append(row(condition, role, d, q, not ok if q in flipped else ok, **extra))
     return rows
 
 
-def make_sweep(roles: Sequence[str] = ROLES, *, seed: int = 0, n: int = 12) -> list[dict[str, Any]]:
+def make_sweep(
+    roles: Sequence[str] = ROLES,
+    *,
+    seed: int = 0,
+    n: int = 12,
+    role_map: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     rows = []
     for role in roles:
-        d = domain_of(role)
+        d = domain_of(role, role_map)
         for layer in range(N_LAYERS - 1):
             for position in POSITIONS:
                 for alpha in (1.0, 3.0):
@@ -127,7 +182,7 @@ def make_sweep(roles: Sequence[str] = ROLES, *, seed: int = 0, n: int = 12) -> l
     return rows
 
 
-def make_selection(roles: Sequence[str] = ROLES) -> dict[str, Any]:
+def make_selection(roles: Sequence[str] = ROLES, role_map: Mapping[str, str] | None = None) -> dict[str, Any]:
     return {
         "model": "synthetic",
         "model_fingerprint": "0123456789abcdef",
@@ -135,7 +190,7 @@ def make_selection(roles: Sequence[str] = ROLES) -> dict[str, Any]:
         "layers": [0, N_LAYERS - 2],
         "roles": {
             role: {
-                "domain": domain_of(role),
+                "domain": domain_of(role, role_map),
                 "layer": 2 if i else 3,
                 "position": -1,
                 "alpha": 3.0,
@@ -165,7 +220,9 @@ def make_vectors(roles: Sequence[str] = ROLES, *, hidden: int = 16, seed: int = 
     )
 
 
-def make_interpret(roles: Sequence[str] = ROLES, *, judge: bool = True) -> dict[str, Any]:
+def make_interpret(
+    roles: Sequence[str] = ROLES, *, judge: bool = True, role_map: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     def lens(word: str) -> dict[str, Any]:
         top = [{"id": i, "token": f" {word}{i}", "piece": f"Ġ{word}{i}", "logit": 5.0 - i} for i in range(3)]
         bottom = [{"id": 90 + i, "token": f" x{i}", "piece": f"Ġx{i}", "logit": -5.0 + i} for i in range(3)]
@@ -175,7 +232,7 @@ def make_interpret(roles: Sequence[str] = ROLES, *, judge: bool = True) -> dict[
     for i, role in enumerate(roles):
         verdict = {"related": i % 2 == 0, "answer": "yes" if i % 2 == 0 else "no"}
         out_roles[role] = {
-            "domain": domain_of(role),
+            "domain": domain_of(role, role_map),
             "layer": 2,
             "position": -1,
             "vector_norm": 3.5,
@@ -214,15 +271,28 @@ def make_run_dir(
     n: int = 30,
     seed: int = 0,
     optional: bool = True,
+    domains: Sequence[str] = DOMAINS,
+    n_choices: Choices = 4,
+    scoring: str | None = None,
+    role_map: Mapping[str, str] | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> Path:
-    """A run folder with records.jsonl and, when ``optional``, every other file the report reads."""
+    """A run folder with records.jsonl and, when ``optional``, every other file the report reads;
+    ``settings`` is written as settings.json (none by default, as in runs before it pinned anything)."""
     root.mkdir(parents=True, exist_ok=True)
-    write_jsonl(root / "records.jsonl", make_records(roles, n=n, seed=seed))
+    records = make_records(
+        roles, n=n, seed=seed, domains=domains, n_choices=n_choices, scoring=scoring, role_map=role_map
+    )
+    write_jsonl(root / "records.jsonl", records)
+    if settings is not None:
+        (root / "settings.json").write_text(json.dumps(settings), encoding="utf-8")
     if optional:
-        write_jsonl(root / "sweep.jsonl", make_sweep(roles, seed=seed))
-        (root / "selection.json").write_text(json.dumps(make_selection(roles)), encoding="utf-8")
+        write_jsonl(root / "sweep.jsonl", make_sweep(roles, seed=seed, role_map=role_map))
+        selection = make_selection(roles, role_map)
+        (root / "selection.json").write_text(json.dumps(selection), encoding="utf-8")
         make_vectors(roles, seed=seed).save(root / "vectors.safetensors")
-        (root / "interpret.json").write_text(json.dumps(make_interpret(roles)), encoding="utf-8")
+        interpret = make_interpret(roles, role_map=role_map)
+        (root / "interpret.json").write_text(json.dumps(interpret), encoding="utf-8")
         manifest = {
             "model": "synthetic-model",
             "seed": seed,

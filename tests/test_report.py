@@ -66,8 +66,8 @@ def test_full_report(tmp_path: Path) -> None:
     files = write_report(run)
     text = files.html.read_text(encoding="utf-8")
     pngs = _check_html(text)
-    # 5 heatmaps (persona, add α=1, add α=3, ablate, random), bars, sweep, similarity, PCA, norms
-    assert len(pngs) == len(files.figures) == 10
+    # baseline, 5 heatmaps (persona, add α=1, add α=3, ablate, random), bars, sweep, similarity, PCA, norms
+    assert len(pngs) == len(files.figures) == 11
     assert {p.read_bytes() for p in files.figures} == set(pngs)
     assert "Small sample" in text and "n = 30" in text
     assert "&lt;b&gt;&amp; \\x17" in text  # model text is escaped, control characters shown
@@ -133,7 +133,7 @@ def test_missing_optional_inputs_are_reported_not_fatal(tmp_path: Path) -> None:
     assert "Not run: no vectors.safetensors" in text
     assert "No manifest.json" in text
     assert "Small sample" not in text  # 120 questions per cell
-    assert len(files.figures) == 6  # heatmaps and bars only
+    assert len(files.figures) == 7  # baseline, heatmaps and bars only
 
 
 def test_broken_optional_file_is_a_note(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 Each function builds a ``Figure`` with its own Agg canvas — no pyplot, no global backend switch, no
 figure left registered anywhere — so importing or calling this never changes the host's matplotlib state.
+Every figure of accuracies draws the chance level (1/number of choices) as a dashed line, since it
+differs between benchmarks (0.25 for MMLU, 0.2 for 5-choice MedQA, 0.1 for MMLU-Pro).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from .geometry import Geometry
 from .tables import Analysis, SweepPanel, star
 
 DPI = 110
+#: How the chance level is drawn on every accuracy figure.
+CHANCE_STYLE: dict[str, Any] = {"color": "tab:red", "linestyle": "--", "linewidth": 1}
 
 
 def png_bytes(fig: Any) -> bytes:
@@ -53,10 +57,12 @@ def sweep_figure(panels: Sequence[SweepPanel]) -> bytes:
         ax.set_visible(False)
     for ax, p in zip(axes.flat, panels, strict=False):
         for curve in p.curves:
-            style = "--" if curve.label.startswith("ablate") else "-"
+            style = ":" if curve.label.startswith("ablate") else "-"
             ax.plot(curve.layers, curve.accuracy, style, marker=".", markersize=3, label=curve.label)
         if not math.isnan(p.baseline):
             ax.axhline(p.baseline, color="grey", linewidth=1, label="baseline")
+        if not math.isnan(p.chance):
+            ax.axhline(p.chance, label="chance", **CHANCE_STYLE)
         if p.chosen is not None:
             ax.plot([p.chosen[0]], [p.chosen[1]], "k*", markersize=9, label="chosen")
         ax.set_title(f"{p.role} ({p.domain}, n={p.n})", fontsize=8)
@@ -64,9 +70,51 @@ def sweep_figure(panels: Sequence[SweepPanel]) -> bytes:
         ax.set_xlabel("layer", fontsize=7)
         ax.set_ylabel("val. accuracy", fontsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    by_label: dict[str, Any] = {}
+    for ax in axes.flat[: len(panels)]:  # every curve once, whichever panel has it
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            by_label.setdefault(name, handle)
+    handles, labels = list(by_label.values()), list(by_label)
     fig.legend(handles, labels, loc="upper center", ncol=min(5, len(labels)), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.5 * rows + 0.4)))
+    return png_bytes(fig)
+
+
+def baseline_figure(a: Analysis) -> bytes:
+    """Baseline accuracy per domain with its 95% interval (and acc_norm for continuation scoring), each
+    domain's chance level a dashed segment over its bars."""
+    domains = [b.domain for b in a.baseline]
+    norm = a.continuation and any(b.n_norm for b in a.baseline)
+    width = 0.38 if norm else 0.6
+    fig = _figure(max(4.0, 0.9 * len(domains) + 2.0), 3.6)
+    ax = fig.add_subplot()
+    xs = list(range(len(domains)))
+    acc = [b.accuracy for b in a.baseline]
+    errors = [
+        [max(0.0, v - b.ci[0]) for v, b in zip(acc, a.baseline, strict=True)],
+        [max(0.0, b.ci[1] - v) for v, b in zip(acc, a.baseline, strict=True)],
+    ]
+    shift = -width / 2 if norm else 0.0
+    ax.bar([x + shift for x in xs], acc, width, yerr=errors, capsize=2, label="acc", color="tab:blue")
+    if norm:
+        ax.bar(
+            [x + width / 2 for x in xs],
+            [b.accuracy_norm for b in a.baseline],
+            width,
+            label="acc_norm",
+            color="tab:cyan",
+        )
+    labelled = False
+    for x, b in zip(xs, a.baseline, strict=True):
+        if not math.isnan(b.chance):
+            ax.hlines(b.chance, x - 0.45, x + 0.45, label=None if labelled else "chance", **CHANCE_STYLE)
+            labelled = True
+    ax.set_xticks(xs, [f"{b.domain}\nn={b.n}" for b in a.baseline], fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy", fontsize=8)
+    ax.set_title("Baseline accuracy per domain (test split; dashed = chance)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
     return png_bytes(fig)
 
 

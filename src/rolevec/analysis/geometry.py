@@ -118,12 +118,18 @@ class Geometry:
     note: str  # which sites were used, for the report
 
 
-def role_geometry(vectors: RoleVectors, selection: Mapping[str, Any] | None = None) -> Geometry:
-    """Similarity and PCA at the common site, norms at each role's chosen position."""
+def role_geometry(
+    vectors: RoleVectors,
+    selection: Mapping[str, Any] | None = None,
+    *,
+    role_map: Mapping[str, str] | None = None,
+) -> Geometry:
+    """Similarity and PCA at the common site, norms at each role's chosen position; roles grouped by
+    domain, each role's domain from ``role_map`` (a role -> domain map), the selection or the paper."""
     if not vectors.roles:
         raise RolevecError("the vector file holds no roles: extract some with `rolevec extract`")
     selection = selection or {}
-    domain_of = role_domains(selection)
+    domain_of = role_domains(selection, mapping=role_map)
     domains = order_domains({d for d in (domain_of.get(r) for r in vectors.roles) if d})
     roles = order_roles(vectors.roles, domain_of, domains)
     site = common_site(vectors, selection)

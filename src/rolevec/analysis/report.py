@@ -4,6 +4,10 @@ It reads only the run folder's files, never the model, so it can be rebuilt at a
 95% intervals sit next to every accuracy, and a banner warns when cells are small, so a difference that
 is noise never reads as a finding. Optional inputs that are absent (sweep, vectors, interpretation) turn
 their section into a note saying the stage was not run.
+
+Any benchmark fits: the domains are those of the records, each accuracy sits next to its chance level
+(1/number of choices, averaged over the questions), continuation-scored runs show acc_norm too, and the
+header says which question source and scoring rule made the records (from settings.json).
 """
 
 from __future__ import annotations
@@ -27,7 +31,19 @@ from ..errors import RolevecError, path_problem
 from ..vectors.role_vectors import RoleVectors
 from . import figures
 from .geometry import Geometry, role_geometry
-from .tables import SMALL_N, Analysis, SweepPanel, analyse, load_records, star, sweep_panels
+from .tables import (
+    SMALL_N,
+    Analysis,
+    Record,
+    SweepPanel,
+    analyse,
+    chance_levels,
+    choice_counts,
+    load_records,
+    role_domains,
+    star,
+    sweep_panels,
+)
 
 
 # --- tables -------------------------------------------------------------------------------------------
@@ -178,6 +194,15 @@ class RunData:
     sweep: Input
     vectors: Input
     interpret: Input
+    settings: dict[str, Any] = field(default_factory=dict)
+    #: Each role's own domain as the report used it (map, selection, sweep, then the paper's table).
+    role_map: dict[str, str] = field(default_factory=dict)
+    #: Domain -> chance level on the validation split (the test split's where a domain has no val rows).
+    val_chance: dict[str, float] = field(default_factory=dict)
+    #: Number of choices -> how many distinct questions had it.
+    choices: dict[int, int] = field(default_factory=dict)
+    #: The scoring rules the records name; empty for records older than the choice (letter scored).
+    record_scoring: tuple[str, ...] = ()
 
 
 def _read_json(path: Path) -> Input:
@@ -194,24 +219,44 @@ def _read_json(path: Path) -> Input:
     return Input(data)
 
 
-def load_run(run_dir: str | Path) -> RunData:
-    """Everything the report shows, from the run folder only; records.jsonl is the one required file."""
+def _settings_map(settings: Mapping[str, Any]) -> dict[str, str]:
+    """A role -> domain map pinned in settings.json (key ``role_domains``), when there is a usable one."""
+    pinned = settings.get("role_domains")
+    if not isinstance(pinned, Mapping):
+        return {}
+    return {str(role): str(domain) for role, domain in pinned.items() if isinstance(domain, str) and domain}
+
+
+def load_run(run_dir: str | Path, *, role_map: Mapping[str, str] | None = None) -> RunData:
+    """Everything the report shows, from the run folder only; records.jsonl is the one required file.
+
+    ``role_map`` (role -> domain, :func:`rolevec.data.sources.load_role_domains`) names the own domain of
+    roles outside the paper's table; without it the selection, the sweep and a map pinned in
+    settings.json decide, then the paper's table.
+    """
     root = Path(run_dir)
     if not root.is_dir():
         raise RolevecError(
             f"run folder {root} {path_problem(root, folder=True)}: pass the run folder of `rolevec run`"
         )
     records = load_records(root)
-    optional = {name: _read_json(root / name) for name in ("manifest.json", "selection.json")}
+    optional = {
+        name: _read_json(root / name) for name in ("manifest.json", "selection.json", "settings.json")
+    }
     for name, got in optional.items():
         if got.missing and got.missing != f"no {name}":  # there, but damaged: say so, report without it
             warnings.warn(f"{got.missing}; the report leaves out what it would have given", stacklevel=2)
     manifest = optional["manifest.json"].value or {}
     selection = optional["selection.json"].value or {}
+    settings = optional["settings.json"].value or {}
     sweep = Input(missing="no sweep.jsonl (the validation sweep was not run)")
     sweep_path = root / "sweep.jsonl"
     if sweep_path.is_file():
         sweep = Input([row for row in read_records(sweep_path) if isinstance(row, dict)])
+    explicit = {**_settings_map(settings), **(role_map or {})}
+    domain_of = role_domains(selection, mapping=explicit, sweep=sweep.value)
+    test_chance = chance_levels(records, "test")
+    val_chance = {**test_chance, **chance_levels(records, "val")}
     vectors = Input(missing="no vectors.safetensors")
     if (root / "vectors.safetensors").is_file():
         try:
@@ -227,11 +272,20 @@ def load_run(run_dir: str | Path) -> RunData:
         run_dir=root,
         manifest=manifest,
         selection=selection,
-        analysis=analyse(records, selection=selection),
+        analysis=analyse(records, selection=selection, role_map=domain_of),
         sweep=sweep,
         vectors=vectors,
         interpret=interpret,
+        settings=settings,
+        role_map=domain_of,
+        val_chance=val_chance,
+        choices=choice_counts(records),
+        record_scoring=_record_scoring(records),
     )
+
+
+def _record_scoring(records: Sequence[Record]) -> tuple[str, ...]:
+    return tuple(sorted({r.scoring for r in records if r.scoring}))
 
 
 # --- tables of a run ----------------------------------------------------------------------------------
@@ -246,14 +300,26 @@ def _position_tokens(data: RunData) -> dict[int, str]:
     return {}
 
 
+CHANCE_NOTE = "chance = the mean of 1/number of choices over the domain's questions (guessing)."
+NORM_NOTE = "acc_norm = continuation scoring's choice by log-likelihood per character (lm-eval's acc_norm)."
+
+
 def baseline_table(a: Analysis) -> Table:
+    columns = [Column("domain"), Column("n", "int"), Column("accuracy", "acc"), Column("95% CI (%)", "ci")]
+    if a.continuation:
+        columns.append(Column("acc_norm", "acc"))
+    columns.append(Column("chance", "acc"))
     t = Table(
         "baseline",
         "Baseline accuracy per domain (test split)",
-        [Column("domain"), Column("n", "int"), Column("accuracy", "acc"), Column("95% CI (%)", "ci")],
+        columns,
+        note=CHANCE_NOTE + (" " + NORM_NOTE if a.continuation else ""),
     )
     for b in a.baseline:
-        t.rows.append([b.domain, b.n, b.accuracy, b.ci])
+        row: list[Any] = [b.domain, b.n, b.accuracy, b.ci]
+        if a.continuation:
+            row.append(b.accuracy_norm)
+        t.rows.append([*row, b.chance])
     return t
 
 
@@ -272,10 +338,12 @@ def selection_table(data: RunData) -> Table:
             Column("val accuracy", "acc"),
             Column("val baseline", "acc"),
             Column("val ablate", "acc"),
+            Column("val chance", "acc"),
             Column("criterion met", "bool"),
             Column("candidates passing", "int"),
         ],
-        note="Layers are the input of decoder block L; positions count from the end of the prompt.",
+        note="Layers are the input of decoder block L; positions count from the end of the prompt. "
+        "val chance = the mean of 1/number of choices over the domain's validation questions.",
     )
     for role, info in (data.selection.get("roles") or {}).items():
         position = info.get("position")
@@ -290,6 +358,7 @@ def selection_table(data: RunData) -> Table:
                 info.get("val_accuracy"),
                 info.get("val_baseline"),
                 info.get("val_ablate_accuracy"),
+                data.val_chance.get(str(info.get("domain") or data.role_map.get(role))),
                 info.get("criterion_met"),
                 info.get("n_candidates_passing"),
             ]
@@ -298,6 +367,7 @@ def selection_table(data: RunData) -> Table:
 
 
 def summary_table(a: Analysis) -> Table:
+    norm = [Column("acc_norm", "acc"), Column("baseline acc_norm", "acc")] if a.continuation else []
     t = Table(
         "summary",
         "In-domain vs out-of-domain relative change of accuracy (test split, paired with the baseline)",
@@ -309,6 +379,8 @@ def summary_table(a: Analysis) -> Table:
             Column("accuracy", "acc"),
             Column("95% CI (%)", "ci"),
             Column("baseline", "acc"),
+            *norm,
+            Column("chance", "acc"),
             Column("rel. change", "rel"),
             Column("rel. 95% CI", "relci"),
             Column("McNemar p", "p"),
@@ -319,10 +391,14 @@ def summary_table(a: Analysis) -> Table:
             Column("pooled p", "p"),
         ],
         note="rel. change = 100·(acc − acc_base)/acc_base on the same questions; out-of-domain mean = "
-        "unweighted mean over the other domains; pooled = all out-of-domain questions together.",
+        "unweighted mean over the other domains; pooled = all out-of-domain questions together; "
+        + CHANCE_NOTE
+        + (" " + NORM_NOTE if a.continuation else ""),
     )
     for s in a.summaries:
         inside = s.in_domain
+        inorm = s.in_domain_norm
+        norm_values = [inorm.accuracy, inorm.base_accuracy] if inorm else [None, None]
         t.rows.append(
             [
                 s.role,
@@ -332,6 +408,8 @@ def summary_table(a: Analysis) -> Table:
                 inside.accuracy if inside else None,
                 inside.ci if inside else None,
                 inside.base_accuracy if inside else None,
+                *(norm_values if a.continuation else []),
+                a.chance.get(str(s.role_domain)),
                 inside.rel_change if inside else None,
                 inside.rel_ci if inside else None,
                 inside.p_value if inside else None,
@@ -443,17 +521,22 @@ def cells_table(a: Analysis) -> Table:
             Column("95% CI (%)", "ci"),
             Column("baseline", "acc"),
             Column("baseline 95% CI (%)", "ci"),
+            *([Column("acc_norm", "acc"), Column("baseline acc_norm", "acc")] if a.continuation else []),
+            Column("chance", "acc"),
             Column("rel. change", "rel"),
             Column("rel. 95% CI", "relci"),
             Column("gained", "int"),
             Column("lost", "int"),
             Column("McNemar p", "p"),
         ],
-        note="gained = baseline wrong and condition right; lost = the reverse (McNemar's discordant pairs).",
+        note="gained = baseline wrong and condition right; lost = the reverse (McNemar's discordant pairs). "
+        + CHANCE_NOTE
+        + (" " + NORM_NOTE if a.continuation else ""),
     )
     for c in a.cells:
         s = c.stats
         key = c.condition
+        norm = [c.norm.accuracy, c.norm.base_accuracy] if c.norm else [None, None]
         t.rows.append(
             [
                 c.role,
@@ -468,6 +551,8 @@ def cells_table(a: Analysis) -> Table:
                 s.ci,
                 s.base_accuracy,
                 s.base_ci,
+                *(norm if a.continuation else []),
+                a.chance.get(c.domain),
                 s.rel_change,
                 s.rel_ci,
                 s.gained,
@@ -506,13 +591,15 @@ def sweep_table(panels: Sequence[SweepPanel]) -> Table:
             Column("layer", "int"),
             Column("accuracy", "acc"),
             Column("baseline", "acc"),
+            Column("chance", "acc"),
             Column("n", "int"),
         ],
+        note=CHANCE_NOTE,
     )
     for p in panels:
         for curve in p.curves:
             for layer, acc in zip(curve.layers, curve.accuracy, strict=True):
-                t.rows.append([p.role, p.domain, curve.label, layer, acc, p.baseline, p.n])
+                t.rows.append([p.role, p.domain, curve.label, layer, acc, p.baseline, p.chance, p.n])
     return t
 
 
@@ -750,13 +837,59 @@ def _manifest_lines(data: RunData) -> tuple[list[str], str]:
     return lines, full
 
 
+def _source_text(settings: Mapping[str, Any]) -> str:
+    """settings.json's question source: a string, or an object whose ``source`` names it."""
+    mcq = settings.get("mcq")
+    if isinstance(mcq, Mapping):
+        rest = {k: v for k, v in mcq.items() if k != "source" and v not in (None, "", [], {})}
+        name = _compact(mcq.get("source")) if mcq.get("source") is not None else "unknown"
+        details = ", ".join(f"{k}: {_compact(v)}" for k, v in rest.items())
+        return name + (f" ({details})" if details else "")
+    if mcq is not None and mcq != "":
+        return _compact(mcq)
+    split = settings.get("split")
+    if isinstance(split, Mapping) and split.get("source"):
+        return f"{_compact(split['source'])} (the split's source; settings.json does not pin `mcq`)"
+    return "unknown (settings.json does not say; older runs used MMLU)"
+
+
+def _scoring_text(data: RunData) -> str:
+    pinned = data.settings.get("scoring")
+    if isinstance(pinned, str) and pinned:
+        return pinned
+    if data.record_scoring:
+        return ", ".join(data.record_scoring) + " (from records.jsonl; settings.json does not pin it)"
+    return "unknown (neither settings.json nor the records say; older runs were letter scored)"
+
+
+def _choices_text(choices: Mapping[int, int]) -> str:
+    if not choices:
+        return "unknown (the records carry no probabilities)"
+    if len(choices) == 1:
+        ((n, count),) = choices.items()
+        return f"{n} (all {count} questions)"
+    return ", ".join(f"{n} ({count} questions)" for n, count in choices.items())
+
+
+def benchmark_lines(data: RunData) -> list[str]:
+    """Which questions and which scoring rule made the records, and what guessing would score."""
+    a = data.analysis
+    chance = ", ".join(f"{d} {fmt(a.chance[d], 'acc')}" for d in a.domains if d in a.chance)
+    return [
+        f"Question source: {_source_text(data.settings)}",
+        f"Scoring rule: {_scoring_text(data)}",
+        f"Choices per question: {_choices_text(data.choices)}",
+        f"Chance level (test split, mean of 1/number of choices): {chance or 'unknown'}",
+    ]
+
+
 def build(data: RunData) -> Report:
     """All sections, tables and figures of the report, in memory."""
     a = data.analysis
     banner = [
         "How to read: accuracies are on the test split with n questions and a 95% Wilson interval; "
         "every condition is paired with the baseline on the same questions; p is McNemar's test "
-        "(exact below 25 discordant pairs)."
+        "(exact below 25 discordant pairs); chance = 1/number of choices, averaged over the questions."
     ]
     if a.min_n < SMALL_N:
         banner.append(
@@ -769,9 +902,11 @@ def build(data: RunData) -> Report:
     sections: list[Section] = []
 
     lines, full = _manifest_lines(data)
-    sections.append(Section("Run", text=lines, preformatted=full))
+    sections.append(Section("Run", text=benchmark_lines(data) + lines, preformatted=full))
 
     base = Section("Baseline and chosen sites")
+    if a.baseline:
+        base.figures.append(FigurePNG("baseline", "baseline accuracy", figures.baseline_figure(a)))
     base.tables.append(baseline_table(a))
     if data.selection.get("roles"):
         base.tables.append(selection_table(data))
@@ -796,7 +931,7 @@ def build(data: RunData) -> Report:
         grid = Section(
             "Role × domain relative change",
             text=[
-                "Relative change of accuracy against the baseline, per role (rows) and MMLU domain "
+                "Relative change of accuracy against the baseline, per role (rows) and domain "
                 "(columns); boxed/bracketed = the role's own domain; * = McNemar p < 0.05."
             ],
         )
@@ -818,11 +953,14 @@ def build(data: RunData) -> Report:
 
     sweep = Section("Layer sweep (validation split)")
     if data.sweep.value:
-        panels = sweep_panels(data.sweep.value, data.selection, a.roles)
+        panels = sweep_panels(
+            data.sweep.value, data.selection, a.roles, role_map=data.role_map, chance=data.val_chance
+        )
         if panels:
             sweep.text.append(
                 "Accuracy on the validation split by layer: for addition the best position at each layer, "
-                "for ablation the mean over positions; grey line = baseline, star = chosen site."
+                "for ablation the mean over positions; grey line = baseline, dashed = chance, "
+                "star = chosen site."
             )
             sweep.figures.append(FigurePNG("sweep", "layer sweep", figures.sweep_figure(panels)))
             sweep.collapsed.append(sweep_table(panels))
@@ -863,7 +1001,7 @@ def build(data: RunData) -> Report:
     if not isinstance(vectors, RoleVectors) or not vectors.roles:
         geo.text.append(f"Not run: {data.vectors.missing or 'the vector file holds no roles'}.")
     else:
-        geometry = role_geometry(vectors, data.selection)
+        geometry = role_geometry(vectors, data.selection, role_map=data.role_map)
         geo.text.append(geometry.note)
         geo.figures.append(FigurePNG("similarity", "cosine similarity", figures.similarity_figure(geometry)))
         if geometry.projection is not None:
@@ -950,7 +1088,13 @@ class ReportFiles:
     figures: tuple[Path, ...]
 
 
-def write_report(run_dir: str | Path, *, force: bool = False, data: RunData | None = None) -> ReportFiles:
+def write_report(
+    run_dir: str | Path,
+    *,
+    force: bool = False,
+    data: RunData | None = None,
+    role_map: Mapping[str, str] | None = None,
+) -> ReportFiles:
     """Build the report of RUN_DIR and write report.html, report.md, tables/*.csv and figures/*.png.
 
     Refuses to overwrite an existing report unless ``force``; everything is computed before the first
@@ -961,6 +1105,7 @@ def write_report(run_dir: str | Path, *, force: bool = False, data: RunData | No
         run_dir: The run folder (``rolevec run --out``); it needs a ``records.jsonl``.
         force: Overwrite an existing report (default ``False``).
         data: The run already read with :func:`load_run` (default: read from ``run_dir``).
+        role_map: Role -> domain for roles outside the paper's table (used when ``data`` is not given).
 
     Returns:
         The ``ReportFiles``: paths of the HTML and Markdown reports, tables and figures written.
@@ -971,7 +1116,7 @@ def write_report(run_dir: str | Path, *, force: bool = False, data: RunData | No
         print(files.html, len(files.figures))
         ```
     """
-    data = load_run(run_dir) if data is None else data
+    data = load_run(run_dir, role_map=role_map) if data is None else data
     root = data.run_dir
     html_path, md_path = root / "report.html", root / "report.md"
     if not force:
@@ -1020,12 +1165,12 @@ def summary_lines(files: ReportFiles) -> list[str]:
     ]
 
 
-def console_summary(run_dir: str | Path) -> list[str]:
+def console_summary(run_dir: str | Path, *, role_map: Mapping[str, str] | None = None) -> list[str]:
     """The headline table for a terminal: per role and condition, in-domain change and out-of-domain mean."""
-    a = load_run(run_dir).analysis
+    a = load_run(run_dir, role_map=role_map).analysis
     lines = [
-        f"{'role':<22}{'condition':<14}{'in-domain acc (base)':<24}{'rel. change':>12}{'p':>8}{'n':>6}"
-        f"{'OOD mean rel.':>15}"
+        f"{'role':<22}{'condition':<14}{'in-domain acc (base)':<24}{'chance':>8}{'rel. change':>12}{'p':>8}"
+        f"{'n':>6}{'OOD mean rel.':>15}"
     ]
     for role in a.roles:
         for label in a.labels:
@@ -1036,7 +1181,11 @@ def console_summary(run_dir: str | Path) -> list[str]:
             acc = f"{d.accuracy:.3f} ({d.base_accuracy:.3f})"
             rel = "n/a" if math.isnan(d.rel_change) else f"{d.rel_change:.1f}%"  # a baseline of 0
             ood = "n/a" if math.isnan(s.ood_mean_rel) else f"{s.ood_mean_rel:.1f}%"
-            lines.append(f"{role:<22}{label:<14}{acc:<24}{rel:>12}{d.p_value:>8.3f}{d.n:>6}{ood:>15}")
+            level = a.chance.get(str(s.role_domain))
+            chance = "n/a" if level is None else f"{level:.3f}"
+            lines.append(
+                f"{role:<22}{label:<14}{acc:<24}{chance:>8}{rel:>12}{d.p_value:>8.3f}{d.n:>6}{ood:>15}"
+            )
     if a.min_n < SMALL_N:
         lines.append(
             f"(small sample: n = {a.min_n} in the smallest cell; differences are noise unless p < 0.05)"

@@ -5,6 +5,10 @@ questions (same domain and qid), the relative change is ``100·(acc − acc_base
 and significance is McNemar's test on the discordant pairs (:func:`rolevec.analysis.stats.mcnemar`: exact
 binomial below 25 discordant pairs, chi-square with continuity correction above). Each accuracy carries its
 sample size and a 95% Wilson interval, so a small sample never reads as a finding.
+
+Nothing here assumes the paper's 8 MMLU domains or four choices: domains are whatever the records hold
+(the paper's first, in its order, then the others sorted), each question's chance level is 1/len(probs),
+and continuation-scored records add lm-eval's ``acc_norm`` (``correct_norm``) next to ``acc``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.records import read_records
-from ..data.sources import domain_roles
+from ..data.sources import domain_roles, normalise_role
 from ..errors import RolevecError
 from .stats import mcnemar, wilson
 
@@ -54,6 +58,17 @@ class Record:
     split: str
     qid: str
     correct: bool
+    #: How many choices the question had (len(probs)); None when the record carries no probabilities.
+    n_choices: int | None = None
+    #: ``letter`` or ``continuation``; None for records written before there was a choice (letter scored).
+    scoring: str | None = None
+    #: Continuation scoring's per-character verdict (lm-eval's acc_norm); None for letter scoring.
+    correct_norm: bool | None = None
+
+    @property
+    def chance(self) -> float | None:
+        """Accuracy of guessing uniformly among the question's choices."""
+        return 1.0 / self.n_choices if self.n_choices else None
 
 
 def _opt_int(value: Any) -> int | None:
@@ -71,6 +86,10 @@ def parse_record(row: Mapping[str, Any]) -> Record:
     role = row.get("role")
     if condition != "baseline" and not role:
         raise ValueError(f"a {condition!r} row needs a role")
+    probs = row.get("probs")
+    if probs is not None and not isinstance(probs, list):
+        raise ValueError("'probs' is not a list")
+    norm = row.get("correct_norm")
     return Record(
         condition=condition,
         role=None if role is None else str(role),
@@ -82,6 +101,9 @@ def parse_record(row: Mapping[str, Any]) -> Record:
         split=str(row.get("split", "test")),
         qid=str(row["qid"]),
         correct=bool(row["correct"]),
+        n_choices=len(probs) if probs else None,
+        scoring=None if row.get("scoring") is None else str(row["scoring"]),
+        correct_norm=None if norm is None else bool(norm),
     )
 
 
@@ -114,15 +136,62 @@ def builtin_domains() -> dict[str, list[str]]:
 
 
 def role_domains(
-    selection: Mapping[str, Any] | None = None, domains: Mapping[str, Sequence[str]] | None = None
+    selection: Mapping[str, Any] | None = None,
+    domains: Mapping[str, Sequence[str]] | None = None,
+    *,
+    mapping: Mapping[str, str] | None = None,
+    sweep: Iterable[Mapping[str, Any]] | None = None,
 ) -> dict[str, str]:
-    """Each role's own domain: from the run's selection.json first, else the domain table."""
+    """Each role's own domain, so in- and out-of-domain can be told apart for any roles and domains.
+
+    Later sources win: the domain table (``domains``, default the paper's Table 2), then the roles and
+    domains of the sweep's rows (the sweep runs on each role's own domain), then the run's selection.json,
+    then ``mapping`` (a role -> domain map, :func:`rolevec.data.sources.load_role_domains`), which is what
+    the caller says now.
+    """
     table = builtin_domains() if domains is None else domains
     out = {role: domain for domain, roles in table.items() for role in roles}
+    swept: dict[str, set[str]] = defaultdict(set)
+    for row in sweep or ():
+        if isinstance(row, Mapping) and row.get("role") and row.get("domain"):
+            swept[str(row["role"])].add(str(row["domain"]))
+    out.update({role: next(iter(found)) for role, found in swept.items() if len(found) == 1})
     for role, info in ((selection or {}).get("roles") or {}).items():
         if isinstance(info, Mapping) and info.get("domain"):
             out[str(role)] = str(info["domain"])
+    if mapping:
+        by_key = {normalise_role(role): domain for role, domain in mapping.items()}
+        for role in list(out):
+            if normalise_role(role) in by_key:
+                out[role] = by_key[normalise_role(role)]
+        for key, domain in by_key.items():
+            out.setdefault(key, domain)
     return out
+
+
+def chance_levels(records: Iterable[Record], split: str | None = "test") -> dict[str, float]:
+    """Per domain, the mean of 1/len(probs) over its questions (each question once): the accuracy of
+    guessing, 0.25 for MMLU; domains whose records carry no probabilities are left out."""
+    seen: dict[tuple[str, str], float] = {}
+    for r in records:
+        if (split is None or r.split == split) and r.chance is not None:
+            seen.setdefault((r.domain, r.qid), r.chance)
+    by_domain: dict[str, list[float]] = defaultdict(list)
+    for (domain, _), chance in seen.items():
+        by_domain[domain].append(chance)
+    return {d: sum(v) / len(v) for d, v in by_domain.items()}
+
+
+def choice_counts(records: Iterable[Record]) -> dict[int, int]:
+    """How many distinct questions have each number of choices (the report says which were asked)."""
+    seen: dict[tuple[str, str, str], int] = {}
+    for r in records:
+        if r.n_choices is not None:
+            seen.setdefault((r.split, r.domain, r.qid), r.n_choices)
+    counts: dict[int, int] = defaultdict(int)
+    for n in seen.values():
+        counts[n] += 1
+    return dict(sorted(counts.items()))
 
 
 # --- conditions --------------------------------------------------------------------------------------
@@ -270,6 +339,8 @@ class Cell:
     condition: ConditionKey
     domain: str
     stats: Paired
+    #: acc_norm paired the same way, for continuation-scored records (None for letter scoring).
+    norm: Paired | None = None
 
     @property
     def in_domain(self) -> bool:
@@ -287,6 +358,7 @@ class Summary:
     ood_mean_rel: float  # unweighted mean of the per-domain relative changes
     ood_domains: int
     ood_pooled: Paired  # all out-of-domain questions pooled, for n and a p-value
+    in_domain_norm: Paired | None = None  # acc_norm on the own domain (continuation scoring)
 
 
 @dataclass(frozen=True)
@@ -294,10 +366,17 @@ class BaselineRow:
     domain: str
     n: int
     correct: int
+    chance: float = math.nan  # mean 1/number of choices over the domain's questions
+    n_norm: int = 0  # questions with an acc_norm verdict (continuation scoring)
+    correct_norm: int = 0
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.n if self.n else math.nan
+
+    @property
+    def accuracy_norm(self) -> float:
+        return self.correct_norm / self.n_norm if self.n_norm else math.nan
 
     @property
     def ci(self) -> tuple[float, float]:
@@ -314,6 +393,8 @@ class Analysis:
     cells: tuple[Cell, ...]
     summaries: tuple[Summary, ...]
     unpaired: int  # condition rows whose question has no baseline row (left out of every table)
+    chance: Mapping[str, float] = field(default_factory=dict)  # domain -> chance level of its questions
+    scoring: tuple[str, ...] = ("letter",)  # the scoring rules of the analysed records, sorted
     _cells: dict[tuple[str, str, str], Cell] = field(init=False, repr=False, compare=False)
     _summaries: dict[tuple[str, str], Summary] = field(init=False, repr=False, compare=False)
 
@@ -341,6 +422,11 @@ class Analysis:
         if not sizes:
             return "n=0"
         return f"n={sizes[0]}" if len(sizes) == 1 else f"n={sizes[0]}–{sizes[-1]}"
+
+    @property
+    def continuation(self) -> bool:
+        """Whether any analysed record is continuation scored (tables then show acc_norm too)."""
+        return "continuation" in self.scoring
 
     @property
     def min_n(self) -> int:
@@ -379,6 +465,7 @@ def analyse(
     selection: Mapping[str, Any] | None = None,
     domains: Mapping[str, Sequence[str]] | None = None,
     split: str = "test",
+    role_map: Mapping[str, str] | None = None,
 ) -> Analysis:
     """Pair every condition with the baseline per domain and summarise in- vs out-of-domain.
 
@@ -387,6 +474,8 @@ def analyse(
         selection: The run's parsed ``selection.json``; its roles' domains take precedence.
         domains: Domain -> its roles, deciding each role's own domain (default: the paper's Table 2).
         split: The split whose records are analysed (default ``test``).
+        role_map: A role -> domain map (:func:`rolevec.data.sources.load_role_domains`) for roles outside
+            the table; it takes precedence over the selection and the table.
 
     Returns:
         The ``Analysis``: per-domain cells, per-role summaries and the baseline rows.
@@ -401,32 +490,42 @@ def analyse(
     """
     rows = [r for r in records if r.split == split]
     baseline: dict[str, dict[str, bool]] = defaultdict(dict)
+    baseline_norm: dict[str, dict[str, bool]] = defaultdict(dict)
     for r in rows:
         if r.condition == "baseline":
             baseline[r.domain][r.qid] = r.correct
+            if r.correct_norm is not None:
+                baseline_norm[r.domain][r.qid] = r.correct_norm
     keys = condition_keys(rows)
     grouped: dict[tuple[str, tuple[Any, ...], str], dict[str, bool]] = defaultdict(dict)
+    grouped_norm: dict[tuple[str, tuple[Any, ...], str], dict[str, bool]] = defaultdict(dict)
     unpaired = 0
     for r in rows:
         if r.condition == "baseline":
             continue
         raw = (r.condition, r.alpha, r.persona_template, r.layer, r.position)
         grouped[(str(r.role), raw, r.domain)][r.qid] = r.correct
+        if r.correct_norm is not None:
+            grouped_norm[(str(r.role), raw, r.domain)][r.qid] = r.correct_norm
         unpaired += r.qid not in baseline.get(r.domain, {})
-    domain_of = role_domains(selection, domains)
+    domain_of = role_domains(selection, domains, mapping=role_map)
     all_domains = order_domains({r.domain for r in rows}, domains)
     roles = order_roles({role for role, _, _ in grouped}, domain_of, all_domains)
     cells = []
     for (role, raw, domain), answers in grouped.items():
         stats = pair(answers, baseline.get(domain, {}))
         if stats.n:
-            cells.append(Cell(role, domain_of.get(role), keys[raw], domain, stats))
+            norm_answers = grouped_norm.get((role, raw, domain))
+            norm = pair(norm_answers, baseline_norm.get(domain, {})) if norm_answers else None
+            norm = norm if norm is not None and norm.n else None
+            cells.append(Cell(role, domain_of.get(role), keys[raw], domain, stats, norm))
     cells.sort(key=lambda c: (roles.index(c.role), c.condition, all_domains.index(c.domain)))
     summaries = []
     for role in roles:
         for key in sorted({c.condition for c in cells if c.role == role}):
             own = [c for c in cells if c.role == role and c.condition == key]
-            inside = next((c.stats for c in own if c.in_domain), None)
+            inside_cell = next((c for c in own if c.in_domain), None)
+            inside = inside_cell.stats if inside_cell else None
             outside = [c.stats for c in own if not c.in_domain]
             rels = [s.rel_change for s in outside if not math.isnan(s.rel_change)]
             summaries.append(
@@ -438,10 +537,21 @@ def analyse(
                     ood_mean_rel=sum(rels) / len(rels) if rels else math.nan,
                     ood_domains=len(outside),
                     ood_pooled=sum(outside, EMPTY),
+                    in_domain_norm=inside_cell.norm if inside_cell else None,
                 )
             )
+    chance = chance_levels(rows, split)
     base_rows = tuple(
-        BaselineRow(d, len(baseline[d]), sum(baseline[d].values())) for d in all_domains if d in baseline
+        BaselineRow(
+            d,
+            len(baseline[d]),
+            sum(baseline[d].values()),
+            chance.get(d, math.nan),
+            len(baseline_norm[d]),
+            sum(baseline_norm[d].values()),
+        )
+        for d in all_domains
+        if d in baseline
     )
     return Analysis(
         domains=all_domains,
@@ -452,6 +562,8 @@ def analyse(
         cells=tuple(cells),
         summaries=tuple(summaries),
         unpaired=unpaired,
+        chance=chance,
+        scoring=tuple(sorted({r.scoring or "letter" for r in rows})) or ("letter",),
     )
 
 
@@ -471,22 +583,27 @@ class SweepPanel:
     n: int
     curves: tuple[SweepCurve, ...]
     chosen: tuple[int, float] | None
+    chance: float = math.nan  # chance level of the domain's questions (dashed line in the figure)
 
 
 def sweep_panels(
     rows: Iterable[Mapping[str, Any]],
     selection: Mapping[str, Any] | None = None,
     order: Sequence[str] = (),
+    *,
+    role_map: Mapping[str, str] | None = None,
+    chance: Mapping[str, float] | None = None,
 ) -> list[SweepPanel]:
     """Per role, on its own domain: the best add accuracy over positions at each layer and α, and ablation
-    (mean over positions), with the baseline and the chosen site; roles in ``order`` first."""
+    (mean over positions), with the baseline, the chosen site and the domain's chance level (``chance``:
+    domain -> level, :func:`chance_levels` of the validation records); roles in ``order`` first."""
     by_role: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for row in rows:
         if row.get("role") is not None and row.get("accuracy") is not None:
             by_role[str(row["role"])].append(row)
     panels = []
     chosen_info = (selection or {}).get("roles") or {}
-    domain_of = role_domains(selection)
+    domain_of = role_domains(selection, mapping=role_map, sweep=[r for rs in by_role.values() for r in rs])
     roles = [r for r in order if r in by_role] + sorted(set(by_role) - set(order))
     for role in roles:
         own = domain_of.get(role)
@@ -525,6 +642,7 @@ def sweep_panels(
                 n=max((int(r.get("n") or 0) for r in role_rows), default=0),
                 curves=tuple(curves),
                 chosen=chosen,
+                chance=(chance or {}).get(domain, math.nan),
             )
         )
     return panels

@@ -476,22 +476,88 @@ def domain_roles() -> dict[str, list[str]]:
     return {domain: list(roles) for domain, roles in PAPER_DOMAINS.items()}
 
 
-@overload
-def role_domain(role: str, *, strict: Literal[True]) -> str: ...
-@overload
-def role_domain(role: str, *, strict: bool = False) -> str | None: ...
-def role_domain(role: str, *, strict: bool = False) -> str | None:
-    """The domain whose MMLU questions a role is evaluated on (the paper's Table 2).
+def load_role_domains(path: str | Path) -> dict[str, str]:
+    """A role -> domain map from a JSON object, so roles outside the paper's table get a domain.
 
-    A role outside the table has None, or with ``strict`` an error that asks for a domain.
+    Selection needs each role's own domain; the paper's Table 2 covers 29 roles on 8 MMLU domains, and
+    this file covers any other role or domain. Role names are normalised as role files are
+    ("Data Scientist" -> ``data_scientist``); domains are kept as written.
+
+    Args:
+        path: A JSON file holding one object, e.g. ``{"nurse": "medqa", "teacher": "arc"}``.
+
+    Returns:
+        The map, role (normalised) -> domain; raises ``RolevecError`` naming the file and the entry.
+
+    Example:
+        ```python
+        mapping = load_role_domains("role_domains.json")
+        role_domain("nurse", mapping=mapping)  # 'medqa'
+        ```
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise RolevecError(f"role -> domain map {p} {path_problem(p)}: pass a JSON file of role -> domain")
+    text = read_text(p, what="role -> domain map")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RolevecError(
+            f"{p}:{exc.lineno}: malformed JSON ({exc.msg}): pass a JSON object of role -> domain"
+        ) from exc
+    if not isinstance(data, dict):
+        raise RolevecError(
+            f"{p} holds a JSON {type(data).__name__}, not an object: pass a JSON object of role -> domain, "
+            'e.g. {"nurse": "medqa"}'
+        )
+    if not data:
+        raise RolevecError(
+            f'{p} maps no role: pass at least one role -> domain entry, e.g. {{"nurse": "medqa"}}'
+        )
+    out: dict[str, str] = {}
+    for role, domain in data.items():
+        if not isinstance(domain, str) or not domain.strip():
+            shown = json.dumps(domain, ensure_ascii=False)
+            raise RolevecError(
+                f"{p} entry {role!r} maps to {shown}: pass the domain as a non-empty string, e.g. "
+                f'{{"{role}": "medqa"}}'
+            )
+        key = normalise_role(role)
+        if not key:
+            raise RolevecError(f'{p} has an entry with an empty role name: name the role, e.g. "nurse"')
+        if key in out and out[key] != domain.strip():
+            raise RolevecError(
+                f"{p} maps role {key!r} twice ({out[key]!r} and {domain.strip()!r}): keep one entry per role"
+            )
+        out[key] = domain.strip()
+    return out
+
+
+@overload
+def role_domain(role: str, *, strict: Literal[True], mapping: Mapping[str, str] | None = None) -> str: ...
+@overload
+def role_domain(
+    role: str, *, strict: bool = False, mapping: Mapping[str, str] | None = None
+) -> str | None: ...
+def role_domain(role: str, *, strict: bool = False, mapping: Mapping[str, str] | None = None) -> str | None:
+    """The domain whose questions a role is evaluated on: ``mapping`` first, then the paper's Table 2.
+
+    ``mapping`` is a role -> domain map (:func:`load_role_domains`), so roles and domains outside the
+    paper's table can be studied. A role in neither has None, or with ``strict`` an error that asks for one.
     """
     key = normalise_role(role)
+    if mapping:
+        for name, domain in mapping.items():
+            if normalise_role(name) == key:
+                return domain
     for domain, roles in PAPER_DOMAINS.items():
         if key in roles:
             return domain
     if strict:
         raise RolevecError(
-            f"role {role!r} has no domain in the paper's table: pass `domain` (one of "
-            f"{', '.join(PAPER_DOMAINS)})"
+            f"role {role!r} has no domain in the paper's table"
+            + (" nor in the role -> domain map" if mapping else "")
+            + f": pass `domain` (one of {', '.join(PAPER_DOMAINS)}, or any domain of the questions) or "
+            "`role_domains` with a JSON file mapping the role to its domain"
         )
     return None
