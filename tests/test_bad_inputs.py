@@ -1008,7 +1008,9 @@ case(
     expect="records.jsonl",
 )
 case("sweep-resume-owners-garbage", S, RUN, {"run/rolevec-files.json": "{"}, expect="rolevec-files.json")
-case("sweep-resume-other-mcq", S, RUN, {"mcq2/math.json": MATH_JSON}, mcq_dir="{t}/mcq2", expect="--mcq-dir")
+case(
+    "sweep-resume-other-mcq", S, RUN, {"mcq2/math.json": MATH_JSON}, mcq_dir="{t}/mcq2", expect="same --mcq,"
+)
 case("sweep-force-bad-alphas", S, RUN, force=True, alphas="1,x", expect="--alphas")
 case("sweep-force-bad-mcq", S, RUN, {"mcq/math.json": "[{"}, force=True, expect="math.json")
 case(
@@ -1171,9 +1173,111 @@ case(
     V,
     {"sp.json": json.dumps({"seed": 0, "val_fraction": 0.2, "source": "elsewhere", "domains": {}})},
     split_file="{t}/sp.json",
-    expect="--mcq-dir",
+    expect="same --mcq,",
 )
 case("evaluate-mcq-file-no-domain", V, {"q.json": MATH_JSON}, mcq_dir="{t}/q.json", expect="q.json")
+
+
+# question sources of issue 17 (--mcq; --mcq-dir stays an alias): one line naming the file and the item
+def _paper_rows(n: int = 10, unparsable: int | None = None) -> str:
+    rows = []
+    for i, q in enumerate(_questions("math", n)):
+        lines = "".join(f"\n\t\t\t{x}. {c}" for x, c in zip("ABCD", q["choices"], strict=True))
+        text = q["question"] + lines + "\n\t\t\tAnswer with the letter of the correct answer.\n\t\t\tAnswer:"
+        rows.append(
+            {"instruction": "No choices.\nAnswer:" if i == unparsable else text, "target_score": q["answer"]}
+        )
+    return json.dumps(rows)
+
+
+def _arc_rows(bad: dict[str, Any]) -> str:
+    good = [
+        {"question": f"q{i}?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"}
+        for i in range(10)
+    ]
+    return json.dumps([good[0], {**good[1], **bad}, *good[2:]])
+
+
+PAPER_MCQ = "{t}/p/target_test_math.json"
+case(
+    "evaluate-mcq-paper-rerender-unparsable",
+    V,
+    {"p/target_test_math.json": _paper_rows(unparsable=3)},
+    mcq_dir=PAPER_MCQ,
+    rerender=True,
+    expect="target_test_math.json item 3 has an instruction whose",
+)
+case(
+    "evaluate-mcq-paper-bad-target",
+    V,
+    {"p/target_test_math.json": json.dumps([{"instruction": "Q?\nA. a\nB. b", "target_score": "C"}] * 10)},
+    mcq_dir=PAPER_MCQ,
+    expect="target_test_math.json item 0 answer 'C'",
+)
+case(
+    "evaluate-mcq-field-missing",
+    V,
+    {"q.json": MATH_JSON},
+    mcq_dir="{t}/q.json",
+    question_field="qestion",
+    mcq_domain="math",
+    expect="did you mean 'question'",
+)
+case(
+    "evaluate-mcq-choice-columns-missing",
+    V,
+    {"q.json": MATH_JSON},
+    mcq_dir="{t}/q.json",
+    choices_field="opa,opb",
+    mcq_domain="math",
+    expect="q.json item 0 has no field 'opa'",
+)
+case(
+    "evaluate-mcq-ragged-labels",
+    V,
+    {"arc.json": _arc_rows({"choices": {"text": ["a", "b", "c"], "label": ["A", "B"]}})},
+    mcq_dir="{t}/arc.json",
+    layout="arc",
+    mcq_domain="math",
+    expect="arc.json item 1 has 3 choice text(s) but 2 label(s)",
+)
+case(
+    "evaluate-mcq-empty-choices",
+    V,
+    {"arc.json": _arc_rows({"choices": {"text": [], "label": []}})},
+    mcq_dir="{t}/arc.json",
+    layout="arc",
+    mcq_domain="math",
+    expect="arc.json item 1 has 0 choice(s)",
+)
+case(
+    "evaluate-mcq-duplicate-labels",
+    V,
+    {"arc.json": _arc_rows({"choices": {"text": ["a", "b"], "label": ["A", "A"]}})},
+    mcq_dir="{t}/arc.json",
+    layout="arc",
+    mcq_domain="math",
+    expect="arc.json item 1 has duplicate choice labels",
+)
+case(
+    "evaluate-mcq-answer-outside",
+    V,
+    {"arc.json": _arc_rows({"answerKey": "E"})},
+    mcq_dir="{t}/arc.json",
+    layout="arc",
+    mcq_domain="math",
+    expect="arc.json item 1 answer 'E' is none of",
+)
+case("evaluate-mcq-field-without-source", V, mcq_dir=None, layout="arc", expect="--layout needs --mcq")
+case("evaluate-mcq-hf-no-layout", V, mcq_dir="hf:me/quiz", expect="no layout preset for hf:me/quiz")
+case(
+    "evaluate-mcq-domain-map-missing",
+    V,
+    {"q.json": MATH_JSON},
+    mcq_dir="{t}/q.json",
+    domain_map="{t}/nope.json",
+    expect="nope.json",
+)
 case(
     "evaluate-mcq-json-non-utf8",
     V,
@@ -1230,7 +1334,12 @@ case(
 )
 case("evaluate-resume-owners-garbage", V, RUN, {"run/rolevec-files.json": "[]"}, expect="rolevec-files.json")
 case(
-    "evaluate-resume-other-mcq", V, RUN, {"mcq2/math.json": MATH_JSON}, mcq_dir="{t}/mcq2", expect="--mcq-dir"
+    "evaluate-resume-other-mcq",
+    V,
+    RUN,
+    {"mcq2/math.json": MATH_JSON},
+    mcq_dir="{t}/mcq2",
+    expect="same --mcq,",
 )
 case("evaluate-force-bad-template", V, RUN, force=True, persona_template="you_ar", expect="you_ar")
 case("evaluate-force-bad-domains", V, RUN, force=True, domains="mathh", expect="mathh")

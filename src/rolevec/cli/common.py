@@ -153,8 +153,9 @@ def as_flags(**flags: str) -> Iterator[None]:
         raise
 
 
-#: Library fields whose flag is not the field's name with dashes (``mcq`` is ``--mcq-dir``).
-FIELD_FLAGS = {"mcq": "--mcq-dir", "run_dir": "--out"}
+#: Library fields whose flag is not the field's name with dashes (``run_dir`` is ``--out``; ``mcq`` is
+#: ``--mcq``, whose alias ``--mcq-dir`` still works).
+FIELD_FLAGS = {"mcq": "--mcq", "run_dir": "--out"}
 
 _FIELD = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import RolevecError
 from .common import add_model_args, fraction, load_from_args, positive_int
 from .executor_args import add_executor_args, executor_from_args
+from .mcq_args import add_mcq_args, mcq_spec_from_args
 
 if TYPE_CHECKING:
     from ..data.mcq import MCQSet
@@ -26,13 +27,7 @@ CONDITION_NAMES = ("baseline", "persona", "add", "ablate", "random")
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """Question source, split and prompt options shared by `evaluate` and `sweep`."""
     data = parser.add_argument_group("questions")
-    data.add_argument(
-        "--mcq-dir",
-        default=None,
-        help="folder of <domain>.json/.jsonl/.csv, one such file, or hf:cais/mmlu (default: "
-        "$ROLEVEC_MMLU_DIR if set, else the paper's files in ../shared/data/role-vectors-paper/mmlu_domains, "
-        "else the built-in sample of 24 questions per domain)",
-    )
+    add_mcq_args(data)
     data.add_argument(
         "--skip-bad", action="store_true", help="skip malformed questions (counted) instead of failing"
     )
@@ -136,14 +131,17 @@ def planned_split(run_dir: Path, mcq: Any, *, command: str, force: bool, **split
 def load_questions(args: argparse.Namespace, domains: Sequence[str] | None) -> MCQSet:
     from ..data.mcq import load_mcq
 
-    mcq = load_mcq(args.mcq_dir, domains, skip_bad=args.skip_bad)
+    mcq = load_mcq(mcq_spec_from_args(args), domains, skip_bad=args.skip_bad)
     kind = {
         "shared": "the paper's MMLU domain files",
         "env": "$ROLEVEC_MMLU_DIR",
-        "builtin": "the built-in sample (24 questions per domain; pass --mcq-dir for MMLU)",
+        "builtin": "the built-in sample (24 questions per domain; pass --mcq for MMLU)",
         "hf": "Hugging Face",
-        "custom": "--mcq-dir",
-    }[mcq.kind]
+        "custom": "--mcq",
+        "paper": "the paper's released format (--mcq)",
+        "file": "--mcq with field mappings",
+        "lm-eval": "an lm-eval task",
+    }.get(mcq.kind, mcq.kind)
     counts = ", ".join(f"{d} {len(v)}" for d, v in mcq.items.items())
     print(f"rolevec: questions from {kind}: {mcq.source} ({counts})", file=sys.stderr)
     if mcq.n_skipped:
@@ -160,10 +158,10 @@ def prompt_format_from_args(args: argparse.Namespace) -> Any:
 
         template = read_text(args.prompt_file, what="--prompt-file").rstrip("\n")
         try:
-            return PromptFormat(template, args.answer_prefix)
+            return PromptFormat(template, args.answer_prefix, verbatim=not args.rerender)
         except RolevecError as exc:
             raise RolevecError(f"--prompt-file {args.prompt_file}: {exc}") from None
-    return PromptFormat(template, args.answer_prefix)
+    return PromptFormat(template, args.answer_prefix, verbatim=not args.rerender)
 
 
 def write_command_manifest(

@@ -9,6 +9,7 @@ from typing import Any
 
 from .common import add_model_args, fraction, load_from_args, positive_int
 from .executor_args import add_executor_args, executor_from_args
+from .mcq_args import add_mcq_args, mcq_spec_from_args
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     parser.add_argument("--n", dest="n_prompts", type=positive_int, default=None, help="prompts per role")
     parser.add_argument("--n-base", type=positive_int, default=None, help="base prompts")
-    parser.add_argument("--mcq-dir", dest="mcq", default=None, help="questions (default: the paper's files)")
+    add_mcq_args(parser)
     parser.add_argument(
         "--val-limit", type=positive_int, default=None, help="validation questions per domain"
     )
@@ -94,6 +95,8 @@ def _run(args: argparse.Namespace) -> int:
 
     file_cfg = read_config_file(args.config) if args.config else None
     overrides: dict[str, Any] = {k: getattr(args, k) for k in OVERRIDES}
+    spec = mcq_spec_from_args(args)
+    overrides["mcq"] = spec if spec is None or isinstance(spec, str) else spec.to_json()
     if args.no_interpret:
         overrides["interpret"] = False
     if args.dtype is not None:

@@ -31,6 +31,8 @@ from typing import Any
 
 from ..core.files import read_text
 from ..errors import RolevecError, path_problem
+from .mcq_layouts import MCQSpec, is_legacy_mmlu, load_hf, load_mapped_file, parse_hf_source
+from .paper_format import is_paper_rows, paper_domain, paper_items
 
 #: Answer letters, in order: an item with N choices uses the first N (2 <= N <= 26).
 ALL_LETTERS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -290,18 +292,24 @@ def _parse_rows(
 def load_mcq_file(path: str | Path, *, skip_bad: bool = False) -> tuple[dict[str, list[MCQItem]], int]:
     """Items of one file, per domain (``domain`` field, else the file name), and how many were skipped."""
     p = Path(path)
-    rows = _read_rows(p)
+    return _parse_file_rows(_read_rows(p), p, skip_bad=skip_bad)
+
+
+def _parse_file_rows(
+    rows: Sequence[Any], path: Path, *, skip_bad: bool
+) -> tuple[dict[str, list[MCQItem]], int]:
     has_field = any(isinstance(r, Mapping) and r.get("domain") for r in rows)
-    return _parse_rows(rows, p, None if has_field else p.stem, skip_bad)
+    return _parse_rows(rows, path, None if has_field else path.stem, skip_bad)
 
 
 def _domain_files(folder: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() in _EXTENSIONS and path.is_file() and not path.name.startswith("."):
-            if path.stem in files:
-                raise RolevecError(f"{folder} has two files for domain {path.stem!r}: keep one")
-            files[path.stem] = path
+            domain = paper_domain(path)  # target_test_<domain>.json names its domain
+            if domain in files:
+                raise RolevecError(f"{folder} has two files for domain {domain!r}: keep one")
+            files[domain] = path
     return files
 
 
@@ -336,22 +344,25 @@ def load_hf_mmlu(
 
 
 def load_mcq(
-    source: str | Path | None = None,
+    source: str | Path | MCQSpec | Mapping[str, Any] | None = None,
     domains: Sequence[str] | None = None,
     *,
     skip_bad: bool = False,
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
 ) -> MCQSet:
-    """Questions of the chosen domains (all found when ``None``) from a folder, a file or ``hf:NAME``.
+    """Questions of the chosen domains (all found when ``None``) from a folder, a file, the hub or lm-eval.
 
     ``source=None`` uses :func:`default_mcq_dir`. Raises on a malformed item unless ``skip_bad`` (then the
     count is in ``n_skipped``), on an unknown domain, and on a domain with no questions. Warns once when a
     domain repeats a question (same text and choices): every copy stays an item with its own id.
 
     Args:
-        source: A folder of ``<domain>.json/.jsonl/.csv`` files, one such file, or ``hf:NAME`` (``hf:``
-            alone is ``cais/mmlu``); ``None`` for the paper's MMLU files or the built-in sample.
+        source: A folder of ``<domain>.json/.jsonl/.csv`` files, one such file (rows of question/choices/
+            answer, or the paper's released instruction/target_score format), ``hf:NAME[:CONFIG][@SPLIT]``
+            (``hf:`` alone is ``cais/mmlu``), ``lm-eval:TASK``, or an :class:`MCQSpec` (or its JSON form)
+            naming one of those with field mappings or a layout; ``None`` for the paper's MMLU files or
+            the built-in sample.
         domains: The domains to load; ``None`` (default) loads every domain found.
         skip_bad: Skip malformed items (counted in ``n_skipped``) instead of raising.
         cwd: Where the search for the default source starts (default: the current folder).
@@ -364,43 +375,64 @@ def load_mcq(
         ```python
         mcq = load_mcq()  # the paper's MMLU domains when found, else the built-in sample
         mcq = load_mcq("data/mcq", domains=["medicine"], skip_bad=True)
+        mcq = load_mcq(MCQSpec("hf:allenai/ai2_arc:ARC-Easy@test"))
         ```
     """
+    if isinstance(source, Mapping):
+        source = MCQSpec.from_json(source)
+    spec: MCQSpec | None = None
+    if isinstance(source, MCQSpec):
+        spec = replace(source, skip_bad=True) if skip_bad else source
+        source = spec.source
+    mcq = _load(source, spec, domains, skip_bad=skip_bad, cwd=cwd, env=env)
+    _check_nonempty(mcq, domains)
+    _warn_repeats(mcq)
+    return mcq
+
+
+def _load(
+    source: str | Path | None,
+    spec: MCQSpec | None,
+    domains: Sequence[str] | None,
+    *,
+    skip_bad: bool,
+    cwd: Path | None,
+    env: Mapping[str, str] | None,
+) -> MCQSet:
     kind = "custom"
     if source is None:
         path, kind = default_mcq_dir(cwd, env)
         source = path
+    if isinstance(source, str) and source.startswith("lm-eval:"):
+        from .lm_eval_tasks import load_lm_eval_task
+
+        task = source[len("lm-eval:") :]
+        if not task:
+            raise RolevecError("`mcq` lm-eval: names no task: pass e.g. lm-eval:arc_easy")
+        return load_lm_eval_task(
+            task,
+            spec.include_path if spec else None,
+            domains,
+            skip_bad=skip_bad or bool(spec and spec.skip_bad),
+        )
     if isinstance(source, str) and source.startswith("hf:"):
-        mcq = load_hf_mmlu(source[3:] or "cais/mmlu", domains=domains)
-        _check_nonempty(mcq, domains)
-        _warn_repeats(mcq)
-        return mcq
+        hf = parse_hf_source(source)
+        if is_legacy_mmlu(hf) and (spec is None or not spec.mapped):
+            return load_hf_mmlu(hf.name, domains=domains)
+        return load_hf(spec or MCQSpec(source, skip_bad=skip_bad), domains)
     path = Path(source).expanduser()
     if kind == "custom" and path.resolve() == builtin_mcq_dir().resolve():
         kind = "builtin"
+    spec = spec or MCQSpec(str(source), skip_bad=skip_bad)
     if path.is_dir():
-        files = _domain_files(path)
-        if not files:
-            raise RolevecError(f"{path} holds no .json/.jsonl/.csv question files: pass `mcq` DIR")
-        wanted = list(domains) if domains is not None else list(files)
-        missing = [d for d in wanted if d not in files]
-        if missing:
-            raise RolevecError(
-                f"no question file for domain(s) {', '.join(missing)} in {path} "
-                f"(it has: {', '.join(files)}); pass domains from that list"
-            )
-        items: dict[str, list[MCQItem]] = {}
-        bad = 0
-        for domain in wanted:
-            rows = _read_rows(files[domain])
-            parsed, n_bad = _parse_rows(rows, files[domain], domain, skip_bad)
-            items[domain] = parsed.get(domain, [])
-            extra = [d for d in parsed if d != domain]
-            if extra:
-                raise RolevecError(f"{files[domain]} holds items of other domains ({', '.join(extra)})")
-            bad += n_bad
-    elif path.is_file():
-        all_items, bad = load_mcq_file(path, skip_bad=skip_bad)
+        return _load_folder(path, spec, domains, kind)
+    if path.is_file():
+        rows = _read_rows(path)
+        if is_paper_rows(rows):
+            return paper_items(rows, path, spec, domains)
+        if spec.mapped:
+            return load_mapped_file(path, rows, spec, domains)
+        all_items, bad = _parse_file_rows(rows, path, skip_bad=spec.skip_bad)
         wanted = list(domains) if domains is not None else list(all_items)
         missing = [d for d in wanted if d not in all_items]
         if missing:
@@ -408,16 +440,46 @@ def load_mcq(
                 f"{path} has no questions for domain(s) {', '.join(missing)} "
                 f"(it has: {', '.join(all_items) or 'none'})"
             )
-        items = {d: all_items[d] for d in wanted}
-    else:
+        return MCQSet({d: all_items[d] for d in wanted}, str(path.resolve()), bad, kind)
+    raise RolevecError(
+        f"question source {str(source)!r} does not exist: pass a folder of <domain>.json files, one "
+        "JSON/JSONL/CSV file, hf:NAME[:CONFIG][@SPLIT] or lm-eval:TASK"
+    )
+
+
+def _load_folder(path: Path, spec: MCQSpec, domains: Sequence[str] | None, kind: str) -> MCQSet:
+    """A folder of domain files: ids ``domain/index`` as before, namespaced where the files are the
+    paper's released format or read through a mapping."""
+    files = _domain_files(path)
+    if not files:
+        raise RolevecError(f"{path} holds no .json/.jsonl/.csv question files: pass `mcq` DIR")
+    wanted = list(domains) if domains is not None else list(files)
+    missing = [d for d in wanted if d not in files]
+    if missing:
         raise RolevecError(
-            f"question source {str(source)!r} does not exist: pass a folder of <domain>.json files, one "
-            "JSON/JSONL/CSV file, or hf:cais/mmlu"
+            f"no question file for domain(s) {', '.join(missing)} in {path} "
+            f"(it has: {', '.join(files)}); pass domains from that list"
         )
-    mcq = MCQSet(items, str(path.resolve()), bad, kind)
-    _check_nonempty(mcq, domains)
-    _warn_repeats(mcq)
-    return mcq
+    items: dict[str, list[MCQItem]] = {}
+    bad = 0
+    for domain in wanted:
+        rows = _read_rows(files[domain])
+        if is_paper_rows(rows) or spec.mapped:
+            if is_paper_rows(rows):
+                sub = paper_items(rows, files[domain], spec, None)
+            else:
+                sub = load_mapped_file(files[domain], rows, spec, None, default_domain=domain)
+            for d, its in sub.items.items():
+                items.setdefault(d, []).extend(its)
+            bad += sub.n_skipped
+            continue
+        parsed, n_bad = _parse_rows(rows, files[domain], domain, spec.skip_bad)
+        items[domain] = parsed.get(domain, [])
+        extra = [d for d in parsed if d != domain]
+        if extra:
+            raise RolevecError(f"{files[domain]} holds items of other domains ({', '.join(extra)})")
+        bad += n_bad
+    return MCQSet(items, str(path.resolve()), bad, kind)
 
 
 def _repeat_groups(items: Sequence[MCQItem]) -> list[list[MCQItem]]:

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..core.files import read_text
 from ..core.spec import check_alpha
@@ -24,6 +24,7 @@ from ..errors import RolevecError, path_problem
 from ..model.loading import ModelAdapter
 
 if TYPE_CHECKING:
+    from ..data.mcq_layouts import MCQSpec
     from .executors import Executor
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -103,8 +104,9 @@ class StudyConfig:
         n_prompts: Prompts sampled per role (default 128; ``None`` keeps all).
         n_base: Base prompts sampled (default 128; ``None`` keeps all).
         prompt_seed: The seed prompts are sampled with (default 42).
-        mcq: The questions: a folder, a file or ``hf:NAME`` (default: the paper's MMLU files when found,
-            else the built-in sample).
+        mcq: The questions: a folder, a file, ``hf:NAME[:CONFIG][@SPLIT]`` or ``lm-eval:TASK``, or an
+            :class:`~rolevec.data.mcq_layouts.MCQSpec`'s JSON form (a table with ``source`` and field
+            mappings or a layout) (default: the paper's MMLU files when found, else the built-in sample).
         split_seed: The seed of the validation/test split (default 0).
         val_fraction: The share of each domain's questions used for validation (default 0.2).
         val_limit: Validation questions per role domain used in the sweep (default: all).
@@ -142,7 +144,8 @@ class StudyConfig:
     n_prompts: int | None = 128
     n_base: int | None = 128
     prompt_seed: int = 42
-    mcq: str | None = None  # None: the paper's MMLU domain files when found, else the built-in sample
+    # None: the paper's MMLU domain files when found, else the built-in sample; a dict: an MCQSpec's JSON
+    mcq: str | dict[str, Any] | None = None
     split_seed: int = 0
     val_fraction: float = 0.2
     val_limit: int | None = None
@@ -190,18 +193,45 @@ class StudyConfig:
             check_alpha(alpha, field="alphas")
         if self.ablate_scope not in ("all", "passing", "none"):
             raise RolevecError(f"ablate_scope must be all, passing or none, not {self.ablate_scope!r}")
-        for key in ("layers", "positions", "roles_dir", "base", "base_column", "mcq", "judge_url"):
+        for key in ("layers", "positions", "roles_dir", "base", "base_column", "judge_url"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
                 raise RolevecError(f"{key} must be a string, not {value!r}")
-        for key, kind in (("roles_dir", "folder"), ("base", "file"), ("mcq", "file or folder")):
-            value = getattr(self, key)
-            if value and not value.startswith("hf:") and not Path(value).expanduser().exists():
+        if self.mcq is not None and not isinstance(self.mcq, str | dict):
+            raise RolevecError(f"mcq must be a string or a table with 'source', not {self.mcq!r}")
+        spec = self.mcq_source()
+        mcq_path = spec if isinstance(spec, str) or spec is None else spec.source
+        for key, value, kind in (
+            ("roles_dir", self.roles_dir, "folder"),
+            ("base", self.base, "file"),
+            ("mcq", mcq_path, "file or folder"),
+        ):
+            remote = value and value.startswith(("hf:", "lm-eval:") if key == "mcq" else "hf:")
+            if value and not remote and not Path(value).expanduser().exists():
                 raise RolevecError(f"{key} {value!r} does not exist: pass an existing {kind}")
+
+    def mcq_source(self) -> str | MCQSpec | None:
+        """``mcq`` as :func:`~rolevec.data.mcq.load_mcq` takes it (a table becomes an ``MCQSpec``)."""
+        from ..data.mcq_layouts import MCQSpec
+
+        if isinstance(self.mcq, dict):
+            return MCQSpec.from_json(self.mcq, where="mcq")
+        return self.mcq
 
     def fixed(self) -> dict[str, Any]:
         """The options a rerun on the same folder must keep (roles, domains and test size may grow)."""
         return {k: v for k, v in self.to_json().items() if k in FIXED_KEYS}
+
+
+def _rerender_format(config: StudyConfig) -> Any:
+    """A prompt format that renders every item from the template when the question source asks for it
+    (``rerender``); ``None`` (the default format, instructions verbatim) otherwise."""
+    from ..evaluation.scoring import PromptFormat
+
+    spec = config.mcq_source()
+    return (
+        None if spec is None or isinstance(spec, str) or not spec.rerender else PromptFormat(verbatim=False)
+    )
 
 
 def config_from(
@@ -340,7 +370,7 @@ def check_inputs(config: StudyConfig) -> tuple[list[str], list[str]]:
     for role in roles:
         load_role_prompts(role, config.roles_dir)
     load_base(config.base, column=config.base_column)
-    mcq = load_mcq(config.mcq, sorted(set(domains) | {str(role_domain(r)) for r in roles}))
+    mcq = load_mcq(config.mcq_source(), sorted(set(domains) | {str(role_domain(r)) for r in roles}))
     with warnings.catch_warnings():  # load_mcq has warned about repeated questions already
         warnings.simplefilter("ignore")
         make_split(mcq, seed=config.split_seed, val_fraction=config.val_fraction)  # enough questions?
@@ -488,7 +518,9 @@ class Study:
             self.adapter,
             self.run_dir,
             wanted,
-            source=c.mcq,
+            # stages.load_questions passes its source on to load_mcq, which takes an MCQSpec too
+            source=cast(Any, c.mcq_source()),
+            prompt_format=_rerender_format(c),
             split_seed=c.split_seed,
             val_fraction=c.val_fraction,
             random_seed=c.random_seed,
