@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from rolevec.analysis.report import console_summary, load_run, write_report
+from rolevec.analysis.stats import format_table, summarize
 from rolevec.analysis.tables import analyse, chance_levels, load_records, role_domains, sweep_panels
 from rolevec.data.sources import load_role_domains, role_domain
 from rolevec.errors import RolevecError
@@ -234,3 +235,21 @@ def test_role_domain_reads_the_map_first() -> None:
     assert role_domain("astronaut", mapping=mapping) is None
     with pytest.raises(RolevecError, match=r"nor in the role -> domain map.*`role_domains`"):
         role_domain("astronaut", mapping=mapping, strict=True)
+
+
+def test_stats_tables_carry_chance_and_acc_norm(tmp_path: Path) -> None:
+    run = _run(tmp_path, optional=False)
+    records = [r for r in _rows(run) if r["split"] == "test"]
+    rows = {(r.condition, r.role, r.alpha, r.group): r for r in summarize(records)}
+    base = rows[("baseline", None, None, "medqa")]
+    assert base.chance == pytest.approx(0.2)
+    medqa = [r for r in records if r["condition"] == "baseline" and r["domain"] == "medqa"]
+    assert base.accuracy_norm == pytest.approx(sum(r["correct_norm"] for r in medqa) / len(medqa))
+    assert rows[("add", "science_teacher", 3.0, "arc")].chance == pytest.approx(1 / 3)
+    table = format_table(list(rows.values()))
+    header = table.splitlines()[0].split()
+    assert "chance" in header and "acc_norm" in header
+    assert any("0.333" in line and line.startswith("add science_teacher") for line in table.splitlines())
+    letter = [{k: v for k, v in r.items() if k not in ("correct_norm", "pred_norm")} for r in records]
+    assert "acc_norm" not in format_table(summarize(letter)).splitlines()[0]
+    assert all(r.accuracy_norm is None for r in summarize(letter))

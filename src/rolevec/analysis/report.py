@@ -850,7 +850,7 @@ def _source_text(settings: Mapping[str, Any]) -> str:
     split = settings.get("split")
     if isinstance(split, Mapping) and split.get("source"):
         return f"{_compact(split['source'])} (the split's source; settings.json does not pin `mcq`)"
-    return "unknown (settings.json does not say; older runs used MMLU)"
+    return "unknown (settings.json does not name it)"
 
 
 def _scoring_text(data: RunData) -> str:

@@ -94,6 +94,10 @@ class SummaryRow:
     gained: int  # right under the condition, wrong under the baseline
     lost: int  # wrong under the condition, right under the baseline
     mcnemar_p: float | None
+    #: Mean of 1/number of choices over the group's questions (what guessing scores); None without probs.
+    chance: float | None = None
+    #: Continuation scoring's acc_norm (share of ``correct_norm``); None for letter-scored records.
+    accuracy_norm: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,9 +143,17 @@ def summarize(records: Iterable[Mapping[str, Any]], *, by: Sequence[str] = ("dom
     Records of several splits are pooled; pass only the records you want in the table.
     """
     outcome: dict[tuple[Any, ...], dict[str, dict[str, bool]]] = {}
+    norms: dict[tuple[Any, ...], dict[str, dict[str, bool]]] = {}
+    chances: dict[str, dict[str, float]] = {}
     for r in records:
         cond = tuple(r.get(k) for k in CONDITION_KEYS)
-        outcome.setdefault(cond, {}).setdefault(_group_key(r, by), {})[str(r["qid"])] = bool(r["correct"])
+        group, qid = _group_key(r, by), str(r["qid"])
+        outcome.setdefault(cond, {}).setdefault(group, {})[qid] = bool(r["correct"])
+        if r.get("correct_norm") is not None:
+            norms.setdefault(cond, {}).setdefault(group, {})[qid] = bool(r["correct_norm"])
+        probs = r.get("probs")
+        if isinstance(probs, list) and probs:
+            chances.setdefault(group, {}).setdefault(qid, 1.0 / len(probs))
     baselines = {
         group: answers
         for cond, groups in outcome.items()
@@ -170,6 +182,8 @@ def summarize(records: Iterable[Mapping[str, Any]], *, by: Sequence[str] = ("dom
                 p = mcnemar(gained, lost)
             elif cond[0] == "baseline":
                 base_acc = acc
+            levels = chances.get(group)
+            norm = norms.get(cond, {}).get(group)
             rows.append(
                 SummaryRow(
                     condition=cond[0],
@@ -190,6 +204,8 @@ def summarize(records: Iterable[Mapping[str, Any]], *, by: Sequence[str] = ("dom
                     gained=gained,
                     lost=lost,
                     mcnemar_p=p,
+                    chance=sum(levels.values()) / len(levels) if levels else None,
+                    accuracy_norm=sum(norm.values()) / len(norm) if norm else None,
                 )
             )
     order = {c: i for i, c in enumerate(("baseline", "persona", "add", "ablate", "random"))}
@@ -207,7 +223,7 @@ def summarize(records: Iterable[Mapping[str, Any]], *, by: Sequence[str] = ("dom
 
 
 def per_subject(records: Iterable[Mapping[str, Any]]) -> list[SummaryRow]:
-    """The same table broken down by MMLU subject within each domain (group = ``domain/subject``)."""
+    """The same table broken down by subject within each domain (group = ``domain/subject``)."""
     return summarize(records, by=("domain", "subject"))
 
 
@@ -218,17 +234,23 @@ def _fmt_p(p: float | None) -> str:
 
 
 def format_table(rows: Sequence[SummaryRow]) -> str:
-    """A plain-text table: condition, group, accuracy, 95% CI, relative change, McNemar p, n."""
-    header = ("condition", "domain", "accuracy", "95% CI", "rel. change", "McNemar p", "n")
+    """A plain-text table: condition, group, accuracy (and acc_norm for continuation scoring), 95% CI,
+    chance level, relative change, McNemar p, n."""
+    norm = any(r.accuracy_norm is not None for r in rows)
+    header: tuple[str, ...] = ("condition", "domain", "accuracy", *(("acc_norm",) if norm else ()), "95% CI")
+    header += ("chance", "rel. change", "McNemar p", "n")
     lines = [header]
     for r in rows:
         rel = "—" if r.rel_change is None or r.condition == "baseline" else f"{r.rel_change:+.1f}%"
+        acc_norm = ("—" if r.accuracy_norm is None else f"{r.accuracy_norm:.3f}",) if norm else ()
         lines.append(
             (
                 r.label,
                 r.group,
                 f"{r.accuracy:.3f}",
+                *acc_norm,
                 f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
+                "—" if r.chance is None else f"{r.chance:.3f}",
                 rel,
                 _fmt_p(r.mcnemar_p),
                 str(r.n),
