@@ -362,3 +362,39 @@ def test_other_vectors_do_not_resume_into_a_run(
     msg = _error(capsys, [*argv, "--vectors", str(changed)])
     assert "other settings" in msg and "vectors:lawyer" in msg
     assert main([*argv, "--vectors", str(changed), "--force"]) == 0
+
+
+def _paper_file(path: Path, domain: str, n: int, unparsable: int | None = None) -> list[dict[str, Any]]:
+    """The paper's released format (tab-indented lettered lines), from the built-in sample's rows."""
+    rows = json.loads((builtin_mcq_dir() / f"{domain}.json").read_text(encoding="utf-8"))[:n]
+    out = []
+    for i, r in enumerate(rows):
+        lines = "".join(f"\n\t\t\t{x}. {c}" for x, c in zip("ABCD", r["choices"], strict=True))
+        text = r["question"] + lines + "\n\t\t\tAnswer with the letter of the correct answer.\n\t\t\tAnswer:"
+        out.append(
+            {"instruction": "Pick one.\nAnswer:" if i == unparsable else text, "target_score": r["answer"]}
+        )
+    path.write_text(json.dumps(out, indent=1), encoding="utf-8")
+    return rows
+
+
+def test_evaluate_paper_released_file(
+    tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--mcq target_test_law.json` is read as the paper's format (it used to stop at item 0 'has no question
+    text'); the prompt is the instruction verbatim unless --rerender."""
+    paper = tmp_path / "target_test_law.json"
+    _paper_file(paper, "law", 8, unparsable=5)
+    base = ["evaluate", "--conditions", "baseline", "--model", str(tiny_dir / "model"), "--device", "cpu"]
+    base += ["--no-progress", "--val-fraction", "0.5", "--split", "all", "--mcq", str(paper)]
+    assert main([*base, "--out", str(tmp_path / "v")]) == 0
+    err = capsys.readouterr().err
+    assert "paper's released format" in err and "law 8" in err
+    assert err.count("could not be parsed") == 1 and "(first: item 5)" in err
+    records = list(read_records(tmp_path / "v" / "records.jsonl"))
+    assert sorted(r["qid"] for r in records) == sorted(f"paper:target_test_law/law/{i}" for i in range(8))
+    msg = _error(capsys, [*base, "--rerender", "--out", str(tmp_path / "r")])
+    assert "target_test_law.json item 5 has an instruction whose" in msg and "--skip-bad" in msg
+    assert main([*base, "--rerender", "--skip-bad", "--out", str(tmp_path / "r")]) == 0
+    assert "skipped 1 malformed" in capsys.readouterr().err
+    assert len(list(read_records(tmp_path / "r" / "records.jsonl"))) == 7
