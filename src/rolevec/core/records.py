@@ -353,6 +353,8 @@ def compare_settings(
         raise RolevecError(f"{path} is not readable ({exc}); fix it or start a new run folder") from exc
     if not isinstance(stored, dict):
         raise RolevecError(f"{path} is not a settings object; fix it or start a new run folder")
+    if "prompt" in stored and "scoring" not in stored:
+        stored["scoring"] = "letter"  # written before continuation scoring existed: letter scored
     diff = _differences(stored, wanted)
     if diff:
         raise RolevecError(

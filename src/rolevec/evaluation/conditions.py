@@ -10,7 +10,7 @@ Entry points::
     Condition(kind, role=None, persona_template=None, layer=None, position=None, alpha=None)
     Condition.steering(vectors, random_seed=0) -> Steering | None
     persona_system(role, template="you_are") -> str
-    score(adapter, items, condition, *, vectors=None, ...) -> list[ItemResult]
+    score(adapter, items, condition, *, scoring="letter", vectors=None, ...) -> list[ItemResult]
     evaluate_conditions(adapter, mcq, split, conditions, store, *, vectors=None, ...) -> EvaluationReport
 """
 
@@ -33,6 +33,7 @@ from ..errors import RolevecError
 from ..model.loading import ModelAdapter
 from ..steering.interventions import Steering
 from ..vectors.role_vectors import RoleVectors
+from .continuation import Choices, ContinuationScorer, iter_continuations, prepare_choices
 from .scoring import (
     ItemResult,
     LetterScorer,
@@ -50,6 +51,9 @@ PERSONA_TEMPLATES = {
 }
 
 STEERED = ("add", "ablate", "random")
+#: How a question is scored: its answer letters' logits at the last prompt position, or each choice's
+#: summed log-likelihood after the prompt (see :mod:`rolevec.evaluation.continuation`).
+SCORING = ("letter", "continuation")
 #: Conditions that add one vector at one layer: they can share the unsteered lower layers.
 ADDITIVE = ("add", "random")
 
@@ -189,6 +193,12 @@ def random_direction(vector: torch.Tensor, seed: int, *, key: str = "") -> torch
     return scaled.float()
 
 
+def check_scoring(scoring: str) -> str:
+    if scoring not in SCORING:
+        raise RolevecError(f"scoring must be one of {', '.join(SCORING)}, not {scoring!r}")
+    return scoring
+
+
 def applied(adapter: ModelAdapter, steering: Steering | None) -> AbstractContextManager[None]:
     """``steering`` applied to ``adapter``, or nothing (baseline and persona conditions)."""
     return nullcontext() if steering is None else steering.apply(adapter)
@@ -202,9 +212,10 @@ def score(
     vectors: RoleVectors | None = None,
     prompt_format: PromptFormat | None = None,
     batch_size: int = 16,
-    scorer: LetterScorer | None = None,
+    scorer: LetterScorer | ContinuationScorer | None = None,
     random_seed: int = 0,
     progress: bool = False,
+    scoring: str = "letter",
 ) -> list[ItemResult]:
     """Score questions under one condition; results in the order of ``items``.
 
@@ -218,6 +229,8 @@ def score(
         scorer: A :class:`LetterScorer` to reuse (default: a new one).
         random_seed: The seed of the ``random`` condition's direction (default 0).
         progress: Show a progress bar (default ``False``).
+        scoring: ``letter`` (default: the answer letters' logits) or ``continuation`` (each choice's
+            summed log-likelihood; ``pred_norm`` per character); ``scorer`` must match it.
 
     Returns:
         One result per item (``pred``, ``correct``, ``p_gold``, ``probs``, ...).
@@ -232,16 +245,39 @@ def score(
     from tqdm.auto import tqdm
 
     cond = Condition(condition) if isinstance(condition, str) else condition
-    prepared, _ = prepare(adapter, items, prompt_format, cond.system())
+    check_scoring(scoring)
     by_qid: dict[str, ItemResult] = {}
     with (
         applied(adapter, cond.steering(vectors, random_seed)),
-        tqdm(total=len(prepared), disable=not progress, desc=cond.kind, unit="q") as bar,
+        tqdm(total=len(items), disable=not progress, desc=cond.kind, unit="q") as bar,
     ):
-        for results in iter_scores(adapter, prepared, scorer=scorer, batch_size=batch_size):
+        for results in _scores(adapter, items, cond.system(), prompt_format, scorer, batch_size, scoring):
             by_qid.update((r.qid, r) for r in results)
             bar.update(len(results))
     return [by_qid[it.qid] for it in items]
+
+
+def _scores(
+    adapter: ModelAdapter,
+    items: Sequence[MCQItem],
+    system: str | None,
+    prompt_format: PromptFormat | None,
+    scorer: LetterScorer | ContinuationScorer | None,
+    batch_size: int,
+    scoring: str,
+) -> Any:
+    """Results batch by batch under the hooks now active, by the chosen scoring rule."""
+    if scoring == "continuation":
+        if isinstance(scorer, LetterScorer):
+            raise RolevecError(
+                "continuation scoring needs a ContinuationScorer (or none), not a LetterScorer"
+            )
+        choices, _ = prepare_choices(adapter, items, prompt_format, system)
+        return iter_continuations(adapter, choices, scorer=scorer, batch_size=batch_size)
+    if isinstance(scorer, ContinuationScorer):
+        raise RolevecError("letter scoring needs a LetterScorer (or none), not a ContinuationScorer")
+    prepared, _ = prepare(adapter, items, prompt_format, system)
+    return iter_scores(adapter, prepared, scorer=scorer, batch_size=batch_size)
 
 
 def to_record(condition: Condition, result: ItemResult, split: str) -> dict[str, Any]:
@@ -298,6 +334,7 @@ def evaluate_conditions(
     random_seed: int = 0,
     reuse: bool = True,
     progress: bool = True,
+    scoring: str = "letter",
 ) -> EvaluationReport:
     """Score every condition on every domain's ``split_name`` items, appending records per batch.
 
@@ -319,10 +356,13 @@ def evaluate_conditions(
         limit: Score only the first ``limit`` items of each domain's split.
         prompt_format: How a question becomes the prompt (default: :class:`PromptFormat`'s).
         batch_size: Questions per forward (default 16).
-        scorer: A :class:`LetterScorer` to reuse (default: a new one).
+        scorer: A :class:`LetterScorer` (or, for continuation scoring, a :class:`ContinuationScorer`)
+            to reuse (default: a new one).
         random_seed: The seed of the ``random`` condition's directions (default 0).
-        reuse: Run additions and random controls from a shared residual (default ``True``).
+        reuse: Run additions and random controls from a shared residual (default ``True``; letter
+            scoring only: continuation scoring runs each condition under its hooks).
         progress: Show a progress bar.
+        scoring: ``letter`` (default) or ``continuation`` (each choice's summed log-likelihood).
 
     Returns:
         An ``EvaluationReport``: records new and already stored, per condition, and the scorer mode.
@@ -337,7 +377,18 @@ def evaluate_conditions(
     """
     from tqdm.auto import tqdm
 
-    scorer = scorer or LetterScorer(adapter)
+    check_scoring(scoring)
+    continuation = scoring == "continuation"
+    if continuation:
+        if isinstance(scorer, LetterScorer):
+            raise RolevecError(
+                "continuation scoring needs a ContinuationScorer (or none), not a LetterScorer"
+            )
+        cscorer = scorer if isinstance(scorer, ContinuationScorer) else ContinuationScorer(adapter)
+        reuse = False
+    elif isinstance(scorer, ContinuationScorer):
+        raise RolevecError("letter scoring needs a LetterScorer (or none), not a ContinuationScorer")
+    lscorer = scorer if isinstance(scorer, LetterScorer) else LetterScorer(adapter)
     report = EvaluationReport()
     doms = list(domains) if domains is not None else mcq.domains
     plan: list[tuple[Condition, str, list[MCQItem], dict[str, str]]] = []
@@ -362,6 +413,17 @@ def evaluate_conditions(
             cache.update((p.item.qid, p) for p in prepared)
         return [cache[it.qid] for it in todo]
 
+    choices_cache: dict[str | None, dict[str, Choices]] = {}
+
+    def choices_for(todo: Sequence[MCQItem], system: str | None) -> list[Choices]:
+        cache = choices_cache.setdefault(system, {})
+        fresh = [it for it in todo if it.qid not in cache]
+        if fresh:
+            prepared, folded = prepare_choices(adapter, fresh, prompt_format, system)
+            report.persona_folded |= folded
+            cache.update((p.item.qid, p) for p in prepared)
+        return [cache[it.qid] for it in todo]
+
     def record(cond: Condition, results: Sequence[ItemResult], which: dict[str, str]) -> None:
         new = store.append(to_record(cond, r, which[r.qid]) for r in results)
         report.n_new += new
@@ -369,10 +431,16 @@ def evaluate_conditions(
         bar.update(len(results))
 
     def independent(cond: Condition, domain: str, todo: list[MCQItem], which: dict[str, str]) -> None:
-        prepared = prepared_for(todo, cond.system())
         bar.set_description(f"{cond.kind} {domain}")
+        if continuation:
+            choices = choices_for(todo, cond.system())
+            with applied(adapter, cond.steering(vectors, random_seed)):
+                for results in iter_continuations(adapter, choices, scorer=cscorer, batch_size=batch_size):
+                    record(cond, results, which)
+            return
+        prepared = prepared_for(todo, cond.system())
         with applied(adapter, cond.steering(vectors, random_seed)):
-            for results in iter_scores(adapter, prepared, scorer=scorer, batch_size=batch_size):
+            for results in iter_scores(adapter, prepared, scorer=lscorer, batch_size=batch_size):
                 record(cond, results, which)
 
     def resumed(domain: str, entries: list[tuple[Condition, str, list[MCQItem], dict[str, str]]]) -> bool:
@@ -389,7 +457,7 @@ def evaluate_conditions(
         layers = sorted({a.layer for a, _ in todo_map.values()})
         middle = layers[len(layers) // 2]
         candidate = next(a for a, _ in todo_map.values() if a.layer == middle)
-        ok, error = check_resume(adapter, prepared, (layers[0], middle, layers[-1]), candidate, scorer)
+        ok, error = check_resume(adapter, prepared, (layers[0], middle, layers[-1]), candidate, lscorer)
         if not ok:
             warnings.warn(
                 f"resuming the forward mid-stack does not reproduce full runs on {adapter.name} "
@@ -403,7 +471,7 @@ def evaluate_conditions(
             adapter,
             prepared,
             todo_map,
-            scorer,
+            lscorer,
             lambda cond, results: record(cond, results, which),
             batch_size=batch_size,
         )
@@ -421,7 +489,7 @@ def evaluate_conditions(
             if not resumed(domain, entries):
                 for entry in entries:
                     independent(*entry)
-    report.scorer_mode = scorer.mode
+    report.scorer_mode = cscorer.mode if continuation else lscorer.mode
     return report
 
 
@@ -433,6 +501,7 @@ def run_settings(
     *,
     vectors: RoleVectors | None = None,
     roles: Sequence[str] = (),
+    scoring: str = "letter",
 ) -> dict[str, Any]:
     """What must not change between runs that add records to one folder (see records.check_settings).
 
@@ -443,6 +512,7 @@ def run_settings(
         "model_fingerprint": adapter.fingerprint(),
         "dtype": str(adapter.dtype).replace("torch.", ""),
         "prompt": prompt_format.to_json(),
+        "scoring": check_scoring(scoring),
         "split": {"seed": split.seed, "val_fraction": split.val_fraction, "source": split.source},
     }
     if random_seed is not None:

@@ -34,7 +34,8 @@ from ..errors import RolevecError
 from ..model.loading import ModelAdapter
 from ..steering.interventions import Steering, zero_layers
 from ..vectors.role_vectors import RoleVectors
-from .conditions import Condition, applied, to_record
+from .conditions import Condition, applied, check_scoring, to_record
+from .continuation import Choices, ContinuationScorer, iter_continuations, prepare_choices
 from .scoring import (
     DEFAULT_MAX_CACHE_BYTES,
     ItemResult,
@@ -180,6 +181,7 @@ class _Sweep:
         scorer: LetterScorer,
         batch_size: int,
         bar: Any,
+        choices: list[Choices] | None = None,
     ) -> None:
         self.adapter = adapter
         self.vectors = vectors
@@ -190,16 +192,31 @@ class _Sweep:
         self.scorer = scorer
         self.batch_size = batch_size
         self.bar = bar
+        self.choices = choices  # continuation scoring: the questions' contexts and choices
+        self.continuation = ContinuationScorer(adapter) if choices is not None else None
         self.n_new = 0
         self.stats: dict[str, int] = {}
 
+    def qids(self) -> list[str]:
+        return [p.item.qid for p in (self.choices if self.choices is not None else self.prepared)]
+
     def pending(self, cond: Condition) -> set[str]:
         ident = cond.identity()
-        return {
-            p.item.qid for p in self.prepared if not self.store.done((*ident, self.split_label, p.item.qid))
-        }
+        return {q for q in self.qids() if not self.store.done((*ident, self.split_label, q))}
 
     def independent(self, cond: Condition, todo: set[str]) -> None:
+        if self.choices is not None:
+            assert self.continuation is not None
+            part = [p for p in self.choices if p.item.qid in todo]
+            if not part:
+                return
+            with applied(self.adapter, cond.steering(self.vectors)):
+                for results in iter_continuations(
+                    self.adapter, part, scorer=self.continuation, batch_size=self.batch_size
+                ):
+                    self.n_new += self.store.append(to_record(cond, r, self.split_label) for r in results)
+                    self.bar.update(len(results))
+            return
         chunk = [p for p in self.prepared if p.item.qid in todo]
         if not chunk:
             return
@@ -263,6 +280,7 @@ def run_sweep(
     scorer: LetterScorer | None = None,
     progress: bool = True,
     bar: Any = None,
+    scoring: str = "letter",
 ) -> SweepResult:
     """Score baseline, every addition candidate and the ablation sites of one role on ``items``.
 
@@ -272,6 +290,8 @@ def run_sweep(
     stacked copies of one question batch. ``ablate_scope``: ``all`` sites, only sites where some α beats the
     baseline (``passing``, enough for the selection criterion), or ``none``. ``bar`` is a tqdm-like bar to
     keep up to date instead of a new one (a distributed worker's reports its totals to the driver).
+    ``scoring="continuation"`` scores each choice's log-likelihood; every candidate then runs under its own
+    hooks (the shared-residual reuse is for letter scoring).
     """
     from contextlib import nullcontext
 
@@ -290,8 +310,14 @@ def run_sweep(
         vectors.position_index(p)
     alpha_list = tuple(dict.fromkeys(float(check_alpha(x)) for x in alphas))
     scorer = scorer or LetterScorer(adapter)
-    prepared, _ = prepare(adapter, items, prompt_format)
-    qids = [p.item.qid for p in prepared]
+    choices: list[Choices] | None = None
+    if check_scoring(scoring) == "continuation":
+        choices, _ = prepare_choices(adapter, items, prompt_format)
+        prepared: list[Prepared] = []
+        reuse = False
+    else:
+        prepared, _ = prepare(adapter, items, prompt_format)
+    qids = [it.qid for it in items]
     max_rows = max_rows or batch_size
 
     base_cond = Condition("baseline")
@@ -313,7 +339,7 @@ def run_sweep(
     ]
     own_bar = tqdm(total=0, disable=not progress, desc=f"sweep {role}", unit="q") if bar is None else None
     with own_bar if own_bar is not None else nullcontext(bar) as bar:
-        sweep = _Sweep(adapter, vectors, role, prepared, store, split_label, scorer, batch_size, bar)
+        sweep = _Sweep(adapter, vectors, role, prepared, store, split_label, scorer, batch_size, bar, choices)
         base_todo = sweep.pending(base_cond)
         pending = {
             c: sweep.pending(Condition.make("add", role=role, layer=c[0], position=c[1], alpha=c[2]))

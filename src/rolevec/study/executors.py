@@ -51,6 +51,7 @@ class SweepSettings:
     max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES
     reuse: bool = True
     ablate_scope: str = "all"
+    scoring: str = "letter"
 
     def run(
         self,
@@ -84,6 +85,7 @@ class SweepSettings:
             scorer=scorer,
             progress=progress,
             bar=bar,
+            scoring=self.scoring,
         )
 
 
@@ -98,6 +100,7 @@ class EvalSettings:
     batch_size: int = 16
     random_seed: int = 0
     reuse: bool = True
+    scoring: str = "letter"
 
     def run(
         self,
@@ -125,10 +128,12 @@ class EvalSettings:
             limit=self.limit,
             prompt_format=self.prompt_format,
             batch_size=self.batch_size,
-            scorer=scorer,
+            # the executors keep one LetterScorer per model; continuation scoring makes its own
+            scorer=scorer if self.scoring == "letter" else None,
             random_seed=self.random_seed,
             reuse=self.reuse,
             progress=progress,
+            scoring=self.scoring,
         )
 
 

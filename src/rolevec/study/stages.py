@@ -109,6 +109,7 @@ def select_sites(
     on_choice: Callable[[Choice], None] | None = None,
     log: Callable[[str], None] | None = None,
     executor: Executor | None = None,
+    scoring: str = "letter",
 ) -> SiteSelection:
     """The selection stage: sweep each role on its domain's validation questions and choose its site.
 
@@ -141,6 +142,7 @@ def select_sites(
         log: Receives notes such as a repaired records file (default: none).
         executor: Where the sweeps run (default :class:`LocalExecutor`, this process; a
             :class:`~rolevec.study.distributed.RayExecutor` spreads the roles over a Ray cluster).
+        scoring: ``letter`` (default) or ``continuation`` (each choice's log-likelihood).
 
     Returns:
         The ``SiteSelection``: each role's choice, its sweep and the validation question ids used.
@@ -174,6 +176,7 @@ def select_sites(
         max_cache_bytes=max_cache_bytes,
         reuse=reuse,
         ablate_scope=ablate_scope,
+        scoring=scoring,
     )
 
     def finished(result: SweepResult) -> None:
@@ -395,6 +398,7 @@ def load_questions(
     val_fraction: float = 0.2,
     random_seed: int | None = None,
     prompt_format: PromptFormat | None = None,
+    scoring: str = "letter",
 ) -> StudyQuestions:
     """The questions stage: load the domains' questions, make or extend ``split.json``, record the
     scoring settings (a folder scored with other settings is refused, not mixed).
@@ -408,6 +412,7 @@ def load_questions(
         val_fraction: The validation share of each domain.
         random_seed: The seed of the random-direction control, part of the settings (default: none).
         prompt_format: How a question becomes the prompt (default: :class:`PromptFormat`'s).
+        scoring: The scoring rule the records are made with (pinned in ``settings.json``).
 
     Returns:
         The ``StudyQuestions``.
@@ -422,7 +427,7 @@ def load_questions(
     mcq = load_mcq(source, list(domains))
     split = ensure_split(run_dir / "split.json", mcq, seed=split_seed, val_fraction=val_fraction)
     prompt_format = prompt_format or PromptFormat()
-    check_settings(run_dir, run_settings(adapter, prompt_format, split, random_seed))
+    check_settings(run_dir, run_settings(adapter, prompt_format, split, random_seed, scoring=scoring))
     return StudyQuestions(mcq, split, prompt_format)
 
 

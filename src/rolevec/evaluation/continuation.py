@@ -1,0 +1,337 @@
+"""Continuation scoring: each choice's log-likelihood after the prompt, for tasks whose choices are texts.
+
+lm-evaluation-harness scores a multiple-choice document by the summed log-probability of every choice's
+tokens (``delimiter + choice``) after the context: ``acc`` takes the argmax of the sums, ``acc_norm`` of the
+sums divided by each choice's length in characters. This module computes the same numbers with the
+prompt's forward shared across the choices: the contexts of a batch of questions run once (keys and values
+kept), then every choice's tokens run as one row attending to its question's cached context. A choice of
+one token costs nothing beyond the context (its log-probability is read at the context's last position),
+which is what letter-answer tasks scored this way need.
+
+Pairs are tokenised as lm-eval does (``_encode_pair``): trailing whitespace of the context moves to the
+continuation, the continuation's tokens are those of ``context + continuation`` after the context's. The
+first batch is checked against plain full forwards of ``context + continuation``; on a mismatch the scorer
+warns and scores full rows from then on.
+
+Steering applies through the hooks active around the call (additions at all positions reach the choice
+tokens too). Entry points::
+
+    prepare_choices(adapter, items, prompt_format=None, system=None) -> tuple[list[Choices], bool]
+    ContinuationScorer(adapter, probe=True).logliks(batch_of_choices) -> list[list[float]]
+    iter_continuations(adapter, prepared, *, scorer=None, batch_size=16) -> Iterator[list[ItemResult]]
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..data.mcq import MCQItem
+from ..errors import RolevecError
+from ..model.batching import batch_overhead_tokens, logit_tolerance, plan_batches
+from ..model.hooks import StopForward, hooked, output_hook
+from ..model.loading import ModelAdapter
+from .scoring import ItemResult, PromptFormat
+
+#: Rows of choice tokens per forward, as a multiple of the batch size in questions.
+ROWS_PER_QUESTION = 4
+#: Positions whose full-vocabulary log-probabilities are formed at once.
+HEAD_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Choices:
+    """A question's context tokens and each choice's continuation tokens, tokenised as lm-eval pairs."""
+
+    item: MCQItem
+    context: tuple[int, ...]
+    continuations: tuple[tuple[int, ...], ...]
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """Each choice's length in characters (lm-eval's ``acc_norm`` divides by it)."""
+        return tuple(len(c) for c in self.item.choices)
+
+
+def encode_pair(adapter: ModelAdapter, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation tokens as lm-eval's ``_encode_pair`` makes them."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        continuation = context[-spaces:] + continuation
+        context = context[:-spaces]
+    special = adapter.chat.add_special_tokens
+
+    def encode(text: str) -> list[int]:
+        return [int(t) for t in adapter.tokenizer(text, add_special_tokens=special)["input_ids"]]
+
+    whole = encode(context + continuation)
+    head = encode(context)
+    return head, whole[len(head) :]
+
+
+def prepare_choices(
+    adapter: ModelAdapter,
+    items: Sequence[MCQItem],
+    prompt_format: PromptFormat | None = None,
+    system: str | None = None,
+) -> tuple[list[Choices], bool]:
+    """Tokenise every question's context and choices; also whether a system turn had to be folded."""
+    fmt = prompt_format or PromptFormat()
+    out: list[Choices] = []
+    folded_any = False
+    for item in items:
+        text, folded = fmt.prompt(adapter, item, system)
+        folded_any |= folded
+        context: list[int] | None = None
+        conts: list[tuple[int, ...]] = []
+        for choice in item.choices:
+            head, cont = encode_pair(adapter, text, item.delimiter + choice)
+            if not cont:
+                raise RolevecError(
+                    f"item {item.qid}: choice {choice!r} adds no token after the prompt; give every choice "
+                    "some text"
+                )
+            if context is not None and head != context:  # cannot happen: the context is encoded alone
+                raise RolevecError(f"item {item.qid}: its context tokenises differently per choice")
+            context = head
+            conts.append(tuple(cont))
+        if not context:
+            raise RolevecError(f"item {item.qid}: the prompt has no tokens")
+        out.append(Choices(item, tuple(context), tuple(conts)))
+    return out, folded_any
+
+
+class ContinuationScorer:
+    """Summed log-likelihood of each choice's tokens after its question's context, context run once.
+
+    Args:
+        adapter: The model to score with.
+        probe: Check the first batch against plain full forwards of context + choice (default ``True``).
+        shared: Run each context once for all its choices (default ``True``); ``False`` runs every
+            context + choice row whole (the reference).
+
+    Example:
+        ```python
+        prepared, _ = prepare_choices(adapter, items)
+        scorer = ContinuationScorer(adapter)
+        sums = scorer.logliks(prepared[:8])  # one list of sums per question, one sum per choice
+        ```
+    """
+
+    def __init__(self, adapter: ModelAdapter, *, probe: bool = True, shared: bool = True) -> None:
+        self.adapter = adapter
+        self.mode = "shared" if shared else "full"
+        self._probe = probe and shared
+        self.probe_error: float | None = None
+        cfg = adapter.config
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.scale = float(getattr(cfg, "logit_scale", None) or 1.0)
+        self.scale /= float(getattr(cfg, "logits_scaling", None) or 1.0)
+
+    # --- the head: log-probabilities of given tokens at given positions ----------------------------
+    def _log_probs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``log p(target)`` for each row of final-norm states ``hidden`` ``[N, H]`` (float32)."""
+        unembed = self.adapter.unembed
+        out = []
+        for start in range(0, int(hidden.shape[0]), HEAD_CHUNK):
+            logits = unembed(hidden[start : start + HEAD_CHUNK]).float()
+            if self.scale != 1.0:
+                logits = logits * self.scale
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            lp = torch.log_softmax(logits, dim=-1)
+            t = targets[start : start + HEAD_CHUNK].to(lp.device)
+            out.append(lp.gather(1, t.unsqueeze(1)).squeeze(1))
+        return torch.cat(out).to(self.adapter.device) if out else torch.zeros(0)
+
+    def _final_states(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        grabbed: dict[str, torch.Tensor] = {}
+
+        def grab(x: torch.Tensor) -> None:
+            grabbed["h"] = x
+            raise StopForward
+
+        with hooked(post=[(self.adapter.final_norm, output_hook(grab))]), suppress(StopForward):
+            self.adapter.model(**kwargs)
+        if "h" not in grabbed:
+            raise RolevecError("the forward never reached the final norm; the architecture map is wrong")
+        return grabbed["h"]
+
+    # --- the reference: every context + choice row whole -----------------------------------------
+    def full(self, prepared: Sequence[Choices]) -> list[list[float]]:
+        rows = [(q, c) for q, p in enumerate(prepared) for c in range(len(p.continuations))]
+        sums: list[list[float]] = [[0.0] * len(p.continuations) for p in prepared]
+        adapter = self.adapter
+        for start in range(0, len(rows), max(1, ROWS_PER_QUESTION * 4)):
+            part = rows[start : start + ROWS_PER_QUESTION * 4]
+            seqs = [list(prepared[q].context) + list(prepared[q].continuations[c]) for q, c in part]
+            batch = adapter.pad(seqs, padding_side="right")
+            with torch.inference_mode():
+                hidden = self._final_states({**batch.model_kwargs(), "use_cache": False})
+                picks, targets, owner = [], [], []
+                for r, (q, c) in enumerate(part):
+                    n_ctx, cont = len(prepared[q].context), prepared[q].continuations[c]
+                    for j, token in enumerate(cont):
+                        picks.append(hidden[r, n_ctx - 1 + j])
+                        targets.append(token)
+                        owner.append(r)
+                lp = self._log_probs(torch.stack(picks).float(), torch.tensor(targets, dtype=torch.long))
+            per_row = torch.zeros(len(part), dtype=torch.float64)
+            per_row.index_add_(0, torch.tensor(owner), lp.double().cpu())
+            for r, (q, c) in enumerate(part):
+                sums[q][c] = float(per_row[r])
+        return sums
+
+    # --- the fast path: contexts once, choices against their cached context -----------------------
+    def shared(self, prepared: Sequence[Choices]) -> list[list[float]]:
+        from transformers import DynamicCache
+
+        adapter = self.adapter
+        device = adapter.device
+        # Left padded: every context ends at the same cache index, so each choice's tokens follow their
+        # context without a gap (a sliding-window layer measures distance in cache indices).
+        contexts = adapter.pad([list(p.context) for p in prepared], padding_side="left")
+        cache = DynamicCache()
+        with torch.inference_mode():
+            hidden = self._final_states(
+                {**contexts.model_kwargs(), adapter.cache_argument: cache, "use_cache": True}
+            )
+            n_ctx = [len(p.context) for p in prepared]
+            last = hidden[:, -1]  # [Q, H]
+            first_targets = [
+                (q, c, p.continuations[c][0])
+                for q, p in enumerate(prepared)
+                for c in range(len(p.continuations))
+            ]
+            lp_first = self._log_probs(
+                last[torch.tensor([q for q, _, _ in first_targets])].float(),
+                torch.tensor([t for _, _, t in first_targets], dtype=torch.long),
+            )
+            sums = [[0.0] * len(p.continuations) for p in prepared]
+            for (q, c, _), v in zip(first_targets, lp_first.double().cpu().tolist(), strict=True):
+                sums[q][c] += v
+            layers = getattr(cache, "layers", None)
+            if layers is None:
+                raise RolevecError("this transformers release's cache has no per-layer states")
+            states = [(layer.keys, layer.values) for layer in layers]
+            ctx_mask = contexts.attention_mask
+            # rows: the choices with more than one token; their inputs are all tokens but the last
+            rows = [
+                (q, c)
+                for q, p in enumerate(prepared)
+                for c, cont in enumerate(p.continuations)
+                if len(cont) > 1
+            ]
+            per_forward = max(1, ROWS_PER_QUESTION * len(prepared))
+            for start in range(0, len(rows), per_forward):
+                part = rows[start : start + per_forward]
+                inputs = [list(prepared[q].continuations[c][:-1]) for q, c in part]
+                t_max = max(len(x) for x in inputs)
+                pad_id = int(adapter.tokenizer.pad_token_id)
+                ids = torch.tensor([x + [pad_id] * (t_max - len(x)) for x in inputs], device=device)
+                cont_mask = torch.tensor(
+                    [[1] * len(x) + [0] * (t_max - len(x)) for x in inputs],
+                    device=device,
+                    dtype=ctx_mask.dtype,
+                )
+                owners = torch.tensor([q for q, _ in part], device=device)
+                mask = torch.cat([ctx_mask.to(device).index_select(0, owners), cont_mask], dim=1)
+                offsets = torch.tensor([n_ctx[q] for q, _ in part], device=device).unsqueeze(1)
+                positions = offsets + torch.arange(t_max, device=device).unsqueeze(0)
+                data = [
+                    (k.index_select(0, owners.to(k.device)), v.index_select(0, owners.to(v.device)))
+                    for k, v in states
+                ]
+                kwargs = {
+                    "input_ids": ids,
+                    "attention_mask": mask,
+                    "position_ids": positions,
+                    adapter.cache_argument: DynamicCache(data),
+                    "use_cache": True,
+                }
+                out = self._final_states(kwargs)
+                picks, targets, owner = [], [], []
+                for r, (q, c) in enumerate(part):
+                    cont = prepared[q].continuations[c]
+                    for j in range(len(cont) - 1):
+                        picks.append(out[r, j])
+                        targets.append(cont[j + 1])
+                        owner.append(r)
+                lp = self._log_probs(torch.stack(picks).float(), torch.tensor(targets, dtype=torch.long))
+                per_row = torch.zeros(len(part), dtype=torch.float64)
+                per_row.index_add_(0, torch.tensor(owner), lp.double().cpu())
+                for r, (q, c) in enumerate(part):
+                    sums[q][c] += float(per_row[r])
+        return sums
+
+    def logliks(self, prepared: Sequence[Choices]) -> list[list[float]]:
+        """Per question, each choice's summed log-likelihood; the first call is checked against full rows."""
+        if self.mode == "full":
+            return self.full(prepared)
+        out = self.shared(prepared)
+        if not self._probe:
+            return out
+        self._probe = False
+        ref = self.full(prepared)
+        error = max(abs(a - b) for x, y in zip(out, ref, strict=True) for a, b in zip(x, y, strict=True))
+        self.probe_error = error
+        atol, rtol = logit_tolerance(self.adapter.dtype)
+        scale = max(1.0, max(abs(b) for y in ref for b in y))
+        if error <= atol + rtol * scale:
+            return out
+        warnings.warn(
+            f"sharing each question's context across its choices changes log-likelihoods by {error:.2e} on "
+            f"{self.adapter.name}; scoring every choice on its whole row instead (slower)",
+            stacklevel=2,
+        )
+        self.mode = "full"
+        return ref
+
+
+def results_from_logliks(prepared: Sequence[Choices], sums: Sequence[Sequence[float]]) -> list[ItemResult]:
+    """``pred``: argmax of the sums (``acc``); ``pred_norm``: of the sums per character (``acc_norm``);
+    ``probs``: the softmax over the sums (how sure the model is among the choices)."""
+    out: list[ItemResult] = []
+    for p, row in zip(prepared, sums, strict=True):
+        item = p.item
+        values = torch.tensor(list(row), dtype=torch.float64)
+        probs = torch.softmax(values, dim=0)
+        lengths = torch.tensor([max(1, n) for n in p.lengths], dtype=torch.float64)
+        pred = item.letters[int(values.argmax())]
+        pred_norm = item.letters[int((values / lengths).argmax())]
+        out.append(
+            ItemResult(
+                item.qid,
+                item.domain,
+                item.subject,
+                item.answer,
+                pred,
+                pred == item.answer,
+                float(probs[item.answer_index]),
+                tuple(float(x) for x in probs),
+                tuple(float(x) for x in values),
+                scoring="continuation",
+                pred_norm=pred_norm,
+            )
+        )
+    return out
+
+
+def iter_continuations(
+    adapter: ModelAdapter,
+    prepared: Sequence[Choices],
+    *,
+    scorer: ContinuationScorer | None = None,
+    batch_size: int = 16,
+) -> Iterator[list[ItemResult]]:
+    """Results batch by batch (batches of questions of similar context length, longest first)."""
+    scorer = scorer or ContinuationScorer(adapter)
+    lengths = [len(p.context) + max(len(c) for c in p.continuations) for p in prepared]
+    for idx in plan_batches(lengths, batch_size, overhead_tokens=batch_overhead_tokens(adapter.device)):
+        chunk = [prepared[i] for i in idx]
+        yield results_from_logliks(chunk, scorer.logliks(chunk))
