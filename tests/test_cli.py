@@ -244,7 +244,7 @@ def test_fields_in_library_messages_read_as_the_commands_flags() -> None:
     parser = build_parser()
     run, report, fold = (_command_parser(parser, c) for c in ("run", "report", "fold"))
     text = "`run_dir` /x is a file: pass `force=True`, `device=cpu` or another `mcq`"
-    assert to_flags(text, run) == "--out /x is a file: pass --force, --device cpu or another --mcq-dir"
+    assert to_flags(text, run) == "--out /x is a file: pass --force, --device cpu or another --mcq"
     assert to_flags("`run_dir` /x is a file", report) == "RUN_DIR /x is a file"
     assert to_flags("choose another `out`", fold) == "choose another --out"
     # quoted text that is no option of the command stays as it is (a model type, a field of another command)

@@ -102,8 +102,61 @@ def test_config_layers_and_errors(tmp_path: Path) -> None:
         config_from("huge", None, {})
     with pytest.raises(RolevecError, match="does not exist"):
         read_config_file(tmp_path / "missing.json")
-    with pytest.raises(RolevecError, match="no MMLU domain"):
+    with pytest.raises(RolevecError, match=r"no domain in the paper's table.*`role_domains`"):
         run_study(make_adapter("llama"), _tiny_config(roles="historian"), tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("scoring", ["letter", "continuation"])
+def test_study_on_domains_roles_and_choices_outside_the_paper(tmp_path: Path, scoring: str) -> None:
+    """Two domains of one's own (5 and 3 choices), a role the paper's table lacks mapped by a role ->
+    domain file, both scoring rules: every stage runs, records and settings say what was used."""
+    mcq = tmp_path / "mcq"
+    mcq.mkdir()
+    for domain, n in (("medqa", 5), ("arc", 3)):
+        rows = [
+            {
+                "question": f"{domain} question {i}?" + " Think." * (i % 3),
+                "choices": [f"option {j} for {i}" for j in range(n)],
+                "answer": i % n,
+                "subject": f"{domain}_{i % 2}",
+            }
+            for i in range(20)
+        ]
+        (mcq / f"{domain}.json").write_text(json.dumps(rows))
+    roles = tmp_path / "roles"
+    roles.mkdir()
+    for role in ("mathematician", "historian"):
+        (roles / f"{role}.json").write_text(
+            json.dumps([f"As a {role}, explain topic {i}." for i in range(8)])
+        )
+    role_map = tmp_path / "role_domains.json"
+    role_map.write_text(json.dumps({"mathematician": "medqa", "historian": "arc"}))
+    config = _tiny_config(
+        roles="mathematician,historian",
+        domains="all",
+        roles_dir=str(roles),
+        mcq=str(mcq),
+        role_domains=str(role_map),
+        scoring=scoring,
+        interpret=False,
+    )
+    run_dir = tmp_path / "run"
+    run_study(make_adapter("llama"), config, run_dir, progress=False, log=lambda _: None)
+    records = list(read_records(run_dir / "records.jsonl"))
+    test = [r for r in records if r["split"] == "test"]
+    assert {r["domain"] for r in test} == {"medqa", "arc"}
+    assert {r["scoring"] for r in records} == {scoring}
+    assert {len(r["probs"]) for r in test if r["domain"] == "medqa"} == {5}
+    assert {len(r["probs"]) for r in test if r["domain"] == "arc"} == {3}
+    assert ("pred_norm" in test[0]) == (scoring == "continuation")
+    settings = json.loads((run_dir / "settings.json").read_text())
+    assert settings["scoring"] == scoring
+    assert settings["role_domains"] == {"mathematician": "medqa", "historian": "arc"}
+    sweep = [json.loads(line) for line in (run_dir / "sweep.jsonl").read_text().splitlines()]
+    assert {(r["role"], r["domain"]) for r in sweep} == {("mathematician", "medqa"), ("historian", "arc")}
+    report = (run_dir / "report.md").read_text()
+    assert "medqa" in report and "arc" in report and scoring in report
+    assert "20.0%" in report or "20%" in report  # chance level of the 5-choice domain
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import RolevecError
 from .common import add_model_args, fraction, load_from_args, positive_int
 from .executor_args import add_executor_args, executor_from_args
-from .mcq_args import add_mcq_args, mcq_spec_from_args
+from .mcq_args import add_mcq_args, add_scoring_arg, mcq_spec_from_args, scoring_from_args
 
 if TYPE_CHECKING:
     from ..data.mcq import MCQSet
@@ -28,6 +28,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     """Question source, split and prompt options shared by `evaluate` and `sweep`."""
     data = parser.add_argument_group("questions")
     add_mcq_args(data)
+    add_scoring_arg(data)
     data.add_argument(
         "--skip-bad", action="store_true", help="skip malformed questions (counted) instead of failing"
     )
@@ -264,7 +265,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..core.outdir import check_run_folder, prepare, stored_path
     from ..core.records import SETTINGS_NAME, check_settings, compare_settings
     from ..data.mcq import ensure_split, parse_domains
-    from ..evaluation.conditions import run_settings
+    from ..evaluation.conditions import resolve_scoring, run_settings
     from ..evaluation.selection import check_held_out, load_selection
     from ..vectors.role_vectors import RoleVectors
 
@@ -293,6 +294,7 @@ def _run(args: argparse.Namespace) -> int:
         args.random_seed if uses_random else None,
         vectors=vectors,
         roles=sorted({str(c.role) for c in conditions if c.kind in ("add", "ablate", "random")}),
+        scoring=resolve_scoring(scoring_from_args(args), args.mcq),
     )
     if not args.force:
         compare_settings(
@@ -320,6 +322,7 @@ def _evaluate(
     from ..analysis.stats import format_table, per_subject, summarize
     from ..core.files import atomic_write
     from ..core.records import read_records, record_identity
+    from ..evaluation.conditions import resolve_scoring
     from ..evaluation.scoring import LetterScorer
     from ..study.executors import EvalSettings
     from ..study.stages import open_records
@@ -335,6 +338,7 @@ def _evaluate(
             batch_size=args.batch_size,
             random_seed=args.random_seed,
             reuse=not args.no_reuse,
+            scoring=resolve_scoring(scoring_from_args(args), args.mcq),
         )
         report = executor.evaluate(
             adapter,

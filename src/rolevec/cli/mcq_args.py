@@ -84,3 +84,22 @@ def mcq_spec_from_args(args: argparse.Namespace) -> MCQSpec | str | None:
             raise RolevecError(f"--{given[0].replace('_', '-')} needs --mcq: pass the questions too")
         return None  # the default sources carry no instructions: nothing to re-render differently
     return MCQSpec(str(args.mcq), rerender=rerender, **options)
+
+
+def add_scoring_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--scoring``: how a question is scored (see docs/evaluation.md)."""
+    parser.add_argument(
+        "--scoring",
+        choices=["auto", "letter", "continuation"],
+        default="auto",
+        help="letter: the answer letters' logits at the last prompt position; continuation: each choice's "
+        "summed log-likelihood after the prompt (lm-eval's acc and acc_norm); auto (default): continuation "
+        "for lm-eval: tasks, letter otherwise",
+    )
+
+
+def scoring_from_args(args: argparse.Namespace) -> str | None:
+    """``--scoring``; ``None`` for ``auto``, which the question source decides (lm-eval scores its
+    multiple-choice tasks by continuation; every other source lists lettered choices in its prompt)."""
+    scoring = getattr(args, "scoring", None)
+    return None if scoring in (None, "auto") else str(scoring)

@@ -9,7 +9,7 @@ from typing import Any
 
 from .common import add_model_args, fraction, load_from_args, positive_int
 from .executor_args import add_executor_args, executor_from_args
-from .mcq_args import add_mcq_args, mcq_spec_from_args
+from .mcq_args import add_mcq_args, add_scoring_arg, mcq_spec_from_args, scoring_from_args
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,6 +37,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--n", dest="n_prompts", type=positive_int, default=None, help="prompts per role")
     parser.add_argument("--n-base", type=positive_int, default=None, help="base prompts")
     add_mcq_args(parser)
+    add_scoring_arg(parser)
+    parser.add_argument(
+        "--role-domains",
+        default=None,
+        help="JSON file mapping roles to the domain each is selected on (roles outside the paper's table)",
+    )
     parser.add_argument(
         "--val-limit", type=positive_int, default=None, help="validation questions per domain"
     )
@@ -73,6 +79,8 @@ OVERRIDES = (
     "n_prompts",
     "n_base",
     "mcq",
+    "scoring",
+    "role_domains",
     "val_limit",
     "test_limit",
     "val_fraction",
@@ -95,6 +103,7 @@ def _run(args: argparse.Namespace) -> int:
 
     file_cfg = read_config_file(args.config) if args.config else None
     overrides: dict[str, Any] = {k: getattr(args, k) for k in OVERRIDES}
+    overrides["scoring"] = scoring_from_args(args)
     spec = mcq_spec_from_args(args)
     overrides["mcq"] = spec if spec is None or isinstance(spec, str) else spec.to_json()
     if args.no_interpret:
@@ -132,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(f"Sampled: {describe_sampling(study.state.sampled, study.roles, study.domains)}")
     print()
-    for line in console_summary(run_dir):
+    for line in console_summary(run_dir, role_map=config.role_map()):
         print(line)
     for note in study.state.notes:
         print(f"note: {note}")

@@ -22,6 +22,7 @@ from .evaluate import (
     write_command_manifest,
 )
 from .executor_args import add_executor_args, executor_from_args
+from .mcq_args import scoring_from_args
 
 NEGATIVE_LIST = re.compile(r"^-\d+(\.\d+)?(,\s*-?\d+(\.\d+)?)*$|^-\d*\.\d+$")
 
@@ -78,6 +79,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="bound on cached residuals + stacked copies of one question batch, in MiB (default 512)",
     )
     add_data_args(parser)
+    parser.add_argument(
+        "--role-domains",
+        default=None,
+        help="JSON file mapping roles to the domain each is swept on (roles outside the paper's table)",
+    )
     add_executor_args(parser)
     # accept `--positions -1,-2` (argparse would take "-1,-2" for an option): lists of negative numbers
     # count as values, like a single negative number does
@@ -94,8 +100,8 @@ def _run(args: argparse.Namespace) -> int:
     from ..core.records import SETTINGS_NAME, check_settings, compare_settings
     from ..core.spec import parse_alphas, parse_layer_range, parse_positions
     from ..data.mcq import ensure_split
-    from ..data.sources import role_domain
-    from ..evaluation.conditions import run_settings
+    from ..data.sources import load_role_domains, role_domain
+    from ..evaluation.conditions import resolve_scoring, run_settings
     from ..vectors.role_vectors import RoleVectors
 
     # Every input is checked before the folder changes: flags and files first, before the model loads.
@@ -109,7 +115,9 @@ def _run(args: argparse.Namespace) -> int:
         raise RolevecError(
             f"role(s) {', '.join(missing)} not in {args.vectors} (it has: {', '.join(vectors.roles)})"
         )
-    domain_of = {r: args.domain or role_domain(r, strict=True) for r in roles}
+    role_map = load_role_domains(args.role_domains) if args.role_domains else None
+    domain_of = {r: args.domain or role_domain(r, strict=True, mapping=role_map) for r in roles}
+    scoring = resolve_scoring(scoring_from_args(args), args.mcq)
     with as_flags(alphas="--alphas", positions="--positions"):
         alphas = parse_alphas(args.alphas)
         positions = parse_positions(args.positions, vectors.positions)
@@ -121,7 +129,7 @@ def _run(args: argparse.Namespace) -> int:
     vectors.check_compatible(adapter, allow_other_model=args.allow_other_model)
     with as_flags(layers="--layers"):
         layers = parse_layer_range(args.layers, adapter.n_layers)
-    settings = run_settings(adapter, prompt_format, split, vectors=vectors, roles=roles)
+    settings = run_settings(adapter, prompt_format, split, vectors=vectors, roles=roles, scoring=scoring)
     if not args.force:
         compare_settings(
             run_dir, settings, stored_at=stored_path(run_dir, SETTINGS_NAME, "sweep", force=False)
@@ -143,6 +151,7 @@ def _run(args: argparse.Namespace) -> int:
             prompt_format,
             mcq,
             split,
+            scoring,
         )
     return 0
 
@@ -161,6 +170,7 @@ def _sweep(
     prompt_format: Any,
     mcq: Any,
     split: Any,
+    scoring: str = "letter",
 ) -> None:
     from ..analysis.stats import format_table, summarize
     from ..core.records import read_records
@@ -203,6 +213,7 @@ def _sweep(
         on_choice=warn_unmet,
         log=lambda line: print(f"rolevec: {line}", file=sys.stderr),
         executor=executor,
+        scoring=scoring,
     )
     choices, results = picked.choices, picked.sweeps
     write_command_manifest(

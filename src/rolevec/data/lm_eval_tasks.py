@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RolevecError
-from .mcq import ALL_LETTERS, MCQItem, MCQSet, _Bad, check_choices
+from .items import ALL_LETTERS, MCQItem, MCQSet, _Bad, check_choices
 
 #: The scoring rule lm-eval applies to multiple-choice tasks: each choice's summed log-likelihood after the
 #: prompt (``acc``; ``acc_norm`` divides by the choice's length in characters).

@@ -25,7 +25,7 @@ from ..core.files import read_text
 from ..errors import RolevecError, path_problem
 
 if TYPE_CHECKING:
-    from .mcq import MCQItem, MCQSet
+    from .items import MCQItem, MCQSet
 
 
 @dataclass(frozen=True)
@@ -309,7 +309,7 @@ def check_fields(where: str, row: Any, spec_fields: _Fields) -> None:
 
 def _labelled(raw: Any, columns: Sequence[str], row: Mapping[str, Any]) -> tuple[list[Any], list[str] | None]:
     """Choice texts and their labels (``None`` where the source gives none) from one row."""
-    from .mcq import _Bad
+    from .items import _Bad
 
     if len(columns) > 1:
         return [row.get(c) for c in columns], None
@@ -336,7 +336,7 @@ def _labelled(raw: Any, columns: Sequence[str], row: Mapping[str, Any]) -> tuple
 
 def _answer_index(value: Any, labels: Sequence[str] | None, choices: Sequence[str]) -> int:
     """A label, a letter, a 0-based index or a choice's exact text -> the choice's position."""
-    from .mcq import ALL_LETTERS, _Bad
+    from .items import ALL_LETTERS, _Bad
 
     n = len(choices)
     if isinstance(value, int) and not isinstance(value, bool):
@@ -369,7 +369,7 @@ def _answer_index(value: Any, labels: Sequence[str] | None, choices: Sequence[st
 
 def mapped_item(row: Any, f: _Fields, index: int, namespace: str) -> MCQItem | None:
     """One row as an item under the mapping ``f``; ``None`` where the domain map leaves its subject out."""
-    from .mcq import ALL_LETTERS, SUBJECT_DOMAIN, MCQItem, _Bad, check_choices
+    from .items import ALL_LETTERS, SUBJECT_DOMAIN, MCQItem, _Bad, check_choices
 
     if not isinstance(row, Mapping):
         raise _Bad(f"is a {type(row).__name__}, not an object")
@@ -406,7 +406,7 @@ def mapped_items(
     rows: Any, spec: MCQSpec, layout: Layout | None, where: str, namespace: str, default_domain: str
 ) -> tuple[dict[str, list[MCQItem]], int, int]:
     """Items per domain, how many were malformed (skipped under ``skip_bad``) and how many were unmapped."""
-    from .mcq import _Bad
+    from .items import _Bad
 
     f = _fields(spec, layout, default_domain)
     out: dict[str, list[MCQItem]] = {}
@@ -451,7 +451,7 @@ def select_domains(
 
 def load_hf(spec: MCQSpec, domains: Sequence[str] | None) -> MCQSet:
     """A hub dataset read through its layout preset (by name, or ``layout``) or the field options."""
-    from .mcq import MCQSet
+    from .items import MCQSet
 
     src = parse_hf_source(spec.source)
     layout = layout_named(spec.layout) if spec.layout else layout_for_dataset(src.name)
@@ -478,7 +478,7 @@ def load_mapped_file(
     default_domain: str | None = None,
 ) -> MCQSet:
     """A JSON/JSONL/CSV file read through ``spec``'s fields or layout; ids ``file:<stem>/<domain>/<i>``."""
-    from .mcq import MCQSet
+    from .items import MCQSet
 
     layout = layout_named(spec.layout) if spec.layout else None
     default = default_domain or path.stem

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import RolevecError
 
 if TYPE_CHECKING:
-    from .mcq import MCQItem, MCQSet
+    from .items import MCQItem, MCQSet
     from .mcq_layouts import MCQSpec
 
 _CHOICE_LINE = re.compile(r"^\s*([A-Z])\.[ \t]?(.*)$")
@@ -82,7 +82,7 @@ def paper_items(rows: Sequence[Any], path: Path, spec: MCQSpec, domains: Sequenc
     An instruction whose choices cannot be parsed keeps its item (letters A-D, empty choice texts) for
     verbatim prompts, named in one warning; with ``spec.rerender`` it is an error naming the item.
     """
-    from .mcq import ALL_LETTERS, MCQItem, MCQSet, _answer_letter, _Bad, check_choices
+    from .items import ALL_LETTERS, MCQItem, MCQSet, _answer_letter, _Bad, check_choices
     from .mcq_layouts import _read_domain_map, select_domains
 
     domain_map = _read_domain_map(spec.domain_map) if spec.domain_map else None

@@ -193,6 +193,18 @@ def random_direction(vector: torch.Tensor, seed: int, *, key: str = "") -> torch
     return scaled.float()
 
 
+def default_scoring(source: object) -> str:
+    """The scoring rule ``auto`` stands for: ``continuation`` for an ``lm-eval:`` task (lm-eval scores its
+    multiple-choice tasks so), ``letter`` for any other source (their prompts list lettered choices)."""
+    text = getattr(source, "source", source)
+    return "continuation" if isinstance(text, str) and text.startswith("lm-eval:") else "letter"
+
+
+def resolve_scoring(scoring: str | None, source: object) -> str:
+    """``scoring`` checked, with ``auto`` (or ``None``) decided by :func:`default_scoring`."""
+    return default_scoring(source) if scoring in (None, "auto") else check_scoring(str(scoring))
+
+
 def check_scoring(scoring: str) -> str:
     if scoring not in SCORING:
         raise RolevecError(f"scoring must be one of {', '.join(SCORING)}, not {scoring!r}")
@@ -513,6 +525,7 @@ def run_settings(
         "dtype": str(adapter.dtype).replace("torch.", ""),
         "prompt": prompt_format.to_json(),
         "scoring": check_scoring(scoring),
+        "mcq": split.source,  # the question source (as the split names it: ids are only unique within it)
         "split": {"seed": split.seed, "val_fraction": split.val_fraction, "source": split.source},
     }
     if random_seed is not None:

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from ..core.files import read_text
 from ..core.spec import check_alpha
@@ -77,6 +77,8 @@ FIXED_KEYS = (
     "n_base",
     "prompt_seed",
     "mcq",
+    "scoring",
+    "role_domains",
     "val_limit",
     "layers",
     "layer_step",
@@ -107,6 +109,11 @@ class StudyConfig:
         mcq: The questions: a folder, a file, ``hf:NAME[:CONFIG][@SPLIT]`` or ``lm-eval:TASK``, or an
             :class:`~rolevec.data.mcq_layouts.MCQSpec`'s JSON form (a table with ``source`` and field
             mappings or a layout) (default: the paper's MMLU files when found, else the built-in sample).
+        scoring: ``letter`` (the answer letters' logits), ``continuation`` (each choice's summed
+            log-likelihood, lm-eval's acc and acc_norm) or ``auto`` (default: continuation for
+            ``lm-eval:`` questions, letter for any other).
+        role_domains: A JSON file mapping roles to the domain each is selected on (default: the paper's
+            table); roles and domains outside the paper's need it.
         split_seed: The seed of the validation/test split (default 0).
         val_fraction: The share of each domain's questions used for validation (default 0.2).
         val_limit: Validation questions per role domain used in the sweep (default: all).
@@ -146,6 +153,8 @@ class StudyConfig:
     prompt_seed: int = 42
     # None: the paper's MMLU domain files when found, else the built-in sample; a dict: an MCQSpec's JSON
     mcq: str | dict[str, Any] | None = None
+    scoring: str = "auto"
+    role_domains: str | None = None  # a JSON file role -> domain; None: the paper's table
     split_seed: int = 0
     val_fraction: float = 0.2
     val_limit: int | None = None
@@ -193,7 +202,9 @@ class StudyConfig:
             check_alpha(alpha, field="alphas")
         if self.ablate_scope not in ("all", "passing", "none"):
             raise RolevecError(f"ablate_scope must be all, passing or none, not {self.ablate_scope!r}")
-        for key in ("layers", "positions", "roles_dir", "base", "base_column", "judge_url"):
+        if self.scoring not in ("auto", "letter", "continuation"):
+            raise RolevecError(f"scoring must be auto, letter or continuation, not {self.scoring!r}")
+        for key in ("layers", "positions", "roles_dir", "base", "base_column", "judge_url", "role_domains"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
                 raise RolevecError(f"{key} must be a string, not {value!r}")
@@ -205,6 +216,7 @@ class StudyConfig:
             ("roles_dir", self.roles_dir, "folder"),
             ("base", self.base, "file"),
             ("mcq", mcq_path, "file or folder"),
+            ("role_domains", self.role_domains, "JSON file"),
         ):
             remote = value and value.startswith(("hf:", "lm-eval:") if key == "mcq" else "hf:")
             if value and not remote and not Path(value).expanduser().exists():
@@ -217,6 +229,18 @@ class StudyConfig:
         if isinstance(self.mcq, dict):
             return MCQSpec.from_json(self.mcq, where="mcq")
         return self.mcq
+
+    def scoring_rule(self) -> str:
+        """``scoring`` with ``auto`` decided by the question source."""
+        from ..evaluation.conditions import resolve_scoring
+
+        return resolve_scoring(self.scoring, self.mcq_source())
+
+    def role_map(self) -> dict[str, str] | None:
+        """The role -> domain map of ``role_domains`` (None: the paper's table alone)."""
+        from ..data.sources import load_role_domains
+
+        return None if self.role_domains is None else load_role_domains(self.role_domains)
 
     def fixed(self) -> dict[str, Any]:
         """The options a rerun on the same folder must keep (roles, domains and test size may grow)."""
@@ -329,29 +353,46 @@ def resolve_roles(config: StudyConfig) -> list[str]:
 
 
 def resolve_domains(config: StudyConfig) -> list[str]:
-    from ..data.mcq import DOMAINS
+    """The test domains: the paper's 8 for the paper's questions; for another source, any it defines
+    (``all``: every domain it has, read from the source)."""
+    from ..data.mcq import DOMAINS, load_mcq
 
+    if config.mcq is not None:
+        if config.domains == ("all",):
+            with warnings.catch_warnings():  # the questions stage warns about the same source
+                warnings.simplefilter("ignore")
+                return load_mcq(config.mcq_source()).domains
+        return list(config.domains)
     if config.domains == ("all",):
         return list(DOMAINS)
     unknown = [d for d in config.domains if d not in DOMAINS]
     if unknown:
         raise RolevecError(
-            f"unknown domain(s) {', '.join(unknown)}: pass some of {', '.join(DOMAINS)} or all"
+            f"unknown domain(s) {', '.join(unknown)}: pass some of {', '.join(DOMAINS)} or all (or questions "
+            "of your own in `mcq`)"
         )
     return list(config.domains)
 
 
-def check_roles(config: StudyConfig) -> tuple[list[str], list[str]]:
-    """The run's roles and domains; every role needs a domain to be selected on its validation split."""
+def domain_of(config: StudyConfig, roles: Sequence[str]) -> dict[str, str]:
+    """Each role's own domain (``role_domains`` first, then the paper's table); refuses a role with none."""
     from ..data.sources import role_domain
 
-    roles, domains = resolve_roles(config), resolve_domains(config)
-    orphans = [r for r in roles if role_domain(r) is None]
+    mapping = config.role_map()
+    found = {r: role_domain(r, mapping=mapping) for r in roles}
+    orphans = [r for r, d in found.items() if d is None]
     if orphans:
         raise RolevecError(
-            f"role(s) {', '.join(orphans)} have no MMLU domain in the paper's table, so they cannot be "
-            "selected on a validation split: drop them from `roles`"
+            f"role(s) {', '.join(orphans)} have no domain in the paper's table, so they cannot be "
+            "selected on a validation split: map them in `role_domains` or drop them from `roles`"
         )
+    return {r: str(d) for r, d in found.items()}
+
+
+def check_roles(config: StudyConfig) -> tuple[list[str], list[str]]:
+    """The run's roles and domains; every role needs a domain to be selected on its validation split."""
+    roles, domains = resolve_roles(config), resolve_domains(config)
+    domain_of(config, roles)
     return roles, domains
 
 
@@ -359,10 +400,11 @@ def check_inputs(config: StudyConfig) -> tuple[list[str], list[str]]:
     """Read every input a run needs (role prompts, base prompts, questions, persona templates) without
     the model: a bad file or value is refused before the model loads and before the run folder changes."""
     from ..data.mcq import load_mcq, make_split
-    from ..data.sources import load_base, load_role_prompts, role_domain
+    from ..data.sources import load_base, load_role_prompts
     from ..evaluation.conditions import persona_system
 
     roles, domains = check_roles(config)
+    own = domain_of(config, roles)
     if not 0.0 < config.val_fraction < 1.0:
         raise RolevecError(
             f"val_fraction must be between 0 and 1 (exclusive), not {config.val_fraction}: pass e.g. 0.2"
@@ -370,7 +412,7 @@ def check_inputs(config: StudyConfig) -> tuple[list[str], list[str]]:
     for role in roles:
         load_role_prompts(role, config.roles_dir)
     load_base(config.base, column=config.base_column)
-    mcq = load_mcq(config.mcq_source(), sorted(set(domains) | {str(role_domain(r)) for r in roles}))
+    mcq = load_mcq(config.mcq_source(), sorted(set(domains) | set(own.values())))
     with warnings.catch_warnings():  # load_mcq has warned about repeated questions already
         warnings.simplefilter("ignore")
         make_split(mcq, seed=config.split_seed, val_fraction=config.val_fraction)  # enough questions?
@@ -408,6 +450,7 @@ class Study:
         self.log = log
         self.state = StudyState()
         self.roles, self.domains = check_roles(config)
+        self.domain_of = domain_of(config, self.roles)
 
     # --- bookkeeping -----------------------------------------------------------------------------
     def _manifest(self) -> None:
@@ -452,7 +495,10 @@ class Study:
 
         self.check_grid()
         check_inputs(self.config)
-        study = {"study": self.config.fixed()}
+        study: dict[str, Any] = {"study": self.config.fixed()}
+        role_map = self.config.role_map()
+        if role_map is not None:  # the report reads the map from here
+            study["role_domains"] = role_map
         if not force:
             compare_settings(
                 self.run_dir, study, stored_at=stored_path(self.run_dir, SETTINGS_NAME, "run", force=False)
@@ -509,18 +555,18 @@ class Study:
         )
 
     def stage_questions(self) -> None:
-        from ..data.sources import role_domain
         from .stages import load_questions
 
         c = self.config
-        wanted = sorted(set(self.domains) | {str(role_domain(r)) for r in self.roles})
+        wanted = sorted(set(self.domains) | set(self.domain_of.values()))
         questions = load_questions(
             self.adapter,
             self.run_dir,
             wanted,
             # stages.load_questions passes its source on to load_mcq, which takes an MCQSpec too
-            source=cast(Any, c.mcq_source()),
+            source=c.mcq_source(),
             prompt_format=_rerender_format(c),
+            scoring=c.scoring_rule(),
             split_seed=c.split_seed,
             val_fraction=c.val_fraction,
             random_seed=c.random_seed,
@@ -554,7 +600,6 @@ class Study:
         return layers, positions
 
     def stage_selection(self) -> None:
-        from ..data.sources import role_domain
         from ..evaluation.scoring import LetterScorer
         from .stages import select_sites
 
@@ -576,7 +621,7 @@ class Study:
             self.mcq,
             self.split,
             self.run_dir,
-            domain_of={role: str(role_domain(role)) for role in self.roles},
+            domain_of=self.domain_of,
             layers=layers,
             positions=positions,
             alphas=c.alphas,
@@ -589,6 +634,7 @@ class Study:
             progress=self.progress,
             on_choice=report,
             executor=self.executor,
+            scoring=c.scoring_rule(),
         )
         self.choices = {ch.role: ch for ch in chosen.choices}
         self.state.sampled["grid"] = {
@@ -616,6 +662,7 @@ class Study:
             prompt_format=self.prompt_format,
             batch_size=self.config.batch_size,
             random_seed=self.config.random_seed,
+            scoring=self.config.scoring_rule(),
         )
         with open_records(self.run_dir) as store:
             report = self.executor.evaluate(
@@ -656,7 +703,7 @@ class Study:
     def stage_report(self) -> None:
         from ..analysis.report import write_report
 
-        files = write_report(self.run_dir, force=True)
+        files = write_report(self.run_dir, force=True, role_map=self.config.role_map())
         self.report_files = files
 
 

@@ -41,6 +41,7 @@ from ..core.files import atomic_write, read_text
 from ..core.records import RecordStore, check_settings
 from ..core.spec import check_alpha
 from ..data.mcq import MCQSet, Split, ensure_split, load_mcq
+from ..data.mcq_layouts import MCQSpec
 from ..data.sources import PromptSet, load_base, load_role_prompts, sample
 from ..errors import RolevecError
 from ..evaluation.conditions import Condition, run_settings
@@ -393,7 +394,7 @@ def load_questions(
     run_dir: str | Path,
     domains: Sequence[str],
     *,
-    source: str | Path | None = None,
+    source: str | Path | MCQSpec | Mapping[str, Any] | None = None,
     split_seed: int = 0,
     val_fraction: float = 0.2,
     random_seed: int | None = None,
