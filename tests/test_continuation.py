@@ -210,7 +210,7 @@ def test_sweep_scores_candidates_by_continuation(tmp_path: Path) -> None:
             scoring="continuation",
         )
         records = list(store.records())
-    assert result.reuse == "independent" and result.rows
+    assert result.reuse == "reuse" and result.rows
     assert {r["scoring"] for r in records} == {"continuation"}
     assert {r["condition"] for r in records} == {"baseline", "add", "ablate"}
     cond = Condition.make("add", role="r", layer=2, position=-1, alpha=2.0)
@@ -219,3 +219,35 @@ def test_sweep_scores_candidates_by_continuation(tmp_path: Path) -> None:
     for d in direct:
         assert stored[d.qid]["logliks"] == pytest.approx(list(d.logits), abs=1e-5)
         assert stored[d.qid]["pred_norm"] == d.pred_norm
+
+
+def test_additions_resumed_mid_stack_equal_hooked_runs(tiny: ModelAdapter) -> None:
+    """Each addition from the unsteered residual at its layer, for contexts and choices: the same sums as
+    the addition done by hooks, at the lowest, a middle and the top layer, also when the cache bound
+    allows one layer at a time."""
+    qs = items(6)
+    prepared, _ = prepare_choices(tiny, qs, TEMPLATE)
+    vecs = vectors_for(tiny)
+    layers = (0, tiny.n_layers // 2, tiny.n_layers - 1)
+    steerings = [
+        Condition.make("add", role="r", layer=layer, position=-1, alpha=alpha).steering(vecs)
+        for layer in layers
+        for alpha in (1.0, 4.0)
+    ]
+    scorer = ContinuationScorer(tiny, probe=False)
+    for bound in (512 * 1024**2, 1):
+        resumed = scorer.resumed(prepared, steerings, max_cache_bytes=bound)
+        assert len(resumed) == len(steerings)
+        for steering, got in zip(steerings, resumed, strict=True):
+            assert steering is not None
+            with steering.apply(tiny):
+                ref = scorer.shared(prepared)
+            for a, b in zip(got, ref, strict=True):
+                torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-4)
+    base = scorer.shared(prepared)
+    assert any(
+        abs(x - y) > 1e-3
+        for row, b in zip(resumed[-1], base, strict=True)
+        for x, y in zip(row, b, strict=True)
+    )
+    assert count_hooks(tiny.model) == 0

@@ -371,8 +371,8 @@ def evaluate_conditions(
         scorer: A :class:`LetterScorer` (or, for continuation scoring, a :class:`ContinuationScorer`)
             to reuse (default: a new one).
         random_seed: The seed of the ``random`` condition's directions (default 0).
-        reuse: Run additions and random controls from a shared residual (default ``True``; letter
-            scoring only: continuation scoring runs each condition under its hooks).
+        reuse: Run additions and random controls from a shared residual (default ``True``), for either
+            scoring rule.
         progress: Show a progress bar.
         scoring: ``letter`` (default) or ``continuation`` (each choice's summed log-likelihood).
 
@@ -397,7 +397,6 @@ def evaluate_conditions(
                 "continuation scoring needs a ContinuationScorer (or none), not a LetterScorer"
             )
         cscorer = scorer if isinstance(scorer, ContinuationScorer) else ContinuationScorer(adapter)
-        reuse = False
     elif isinstance(scorer, ContinuationScorer):
         raise RolevecError("letter scoring needs a LetterScorer (or none), not a ContinuationScorer")
     lscorer = scorer if isinstance(scorer, LetterScorer) else LetterScorer(adapter)
@@ -457,15 +456,27 @@ def evaluate_conditions(
 
     def resumed(domain: str, entries: list[tuple[Condition, str, list[MCQItem], dict[str, str]]]) -> bool:
         """The domain's additions from a shared residual; False where the parity check fails."""
+        from .continuation import score_continuation_additions
         from .scoring import check_resume, score_additions  # resume builds on this module
 
         union = list({it.qid: it for _, _, todo, _ in entries for it in todo}.values())
-        prepared = prepared_for(union, None)
         todo_map: dict[Condition, tuple[Steering, set[str]]] = {}
         for cond, _, todo, _ in entries:
             steering = cond.steering(vectors, random_seed)
             assert steering is not None
             todo_map[cond] = (steering, {it.qid for it in todo})
+        which = entries[0][3]
+        if continuation:
+            bar.set_description(f"add/random {domain}")
+            return score_continuation_additions(
+                adapter,
+                choices_for(union, None),
+                todo_map,
+                cscorer,
+                lambda cond, results: record(cond, results, which),
+                batch_size=batch_size,
+            )
+        prepared = prepared_for(union, None)
         layers = sorted({a.layer for a, _ in todo_map.values()})
         middle = layers[len(layers) // 2]
         candidate = next(a for a, _ in todo_map.values() if a.layer == middle)
@@ -477,7 +488,6 @@ def evaluate_conditions(
                 stacklevel=3,
             )
             return False
-        which = entries[0][3]
         bar.set_description(f"add/random {domain}")
         score_additions(
             adapter,

@@ -35,7 +35,13 @@ from ..model.loading import ModelAdapter
 from ..steering.interventions import Steering, zero_layers
 from ..vectors.role_vectors import RoleVectors
 from .conditions import Condition, applied, check_scoring, to_record
-from .continuation import Choices, ContinuationScorer, iter_continuations, prepare_choices
+from .continuation import (
+    Choices,
+    ContinuationScorer,
+    iter_continuations,
+    prepare_choices,
+    score_continuation_additions,
+)
 from .scoring import (
     DEFAULT_MAX_CACHE_BYTES,
     ItemResult,
@@ -225,7 +231,9 @@ class _Sweep:
                 self.n_new += self.store.append(to_record(cond, r, self.split_label) for r in results)
                 self.bar.update(len(results))
 
-    def reuse(self, pending: dict[Candidate, set[str]], max_rows: int, max_cache_bytes: int) -> None:
+    def reuse(self, pending: dict[Candidate, set[str]], max_rows: int, max_cache_bytes: int) -> bool:
+        """The addition candidates from the shared unsteered residual; False where continuation scoring's
+        first-batch check fails (nothing scored then)."""
         todo = {
             c: (
                 Steering.addition(
@@ -246,6 +254,17 @@ class _Sweep:
             self.n_new += self.store.append(to_record(cond, r, self.split_label) for r in results)
             self.bar.update(len(results))
 
+        if self.choices is not None:
+            assert self.continuation is not None
+            return score_continuation_additions(
+                self.adapter,
+                self.choices,
+                todo,
+                self.continuation,
+                emit,
+                batch_size=self.batch_size,
+                max_cache_bytes=max_cache_bytes,
+            )
         self.stats = score_additions(
             self.adapter,
             self.prepared,
@@ -256,6 +275,7 @@ class _Sweep:
             max_rows=max_rows,
             max_cache_bytes=max_cache_bytes,
         )
+        return True
 
 
 def run_sweep(
@@ -290,8 +310,8 @@ def run_sweep(
     stacked copies of one question batch. ``ablate_scope``: ``all`` sites, only sites where some α beats the
     baseline (``passing``, enough for the selection criterion), or ``none``. ``bar`` is a tqdm-like bar to
     keep up to date instead of a new one (a distributed worker's reports its totals to the driver).
-    ``scoring="continuation"`` scores each choice's log-likelihood; every candidate then runs under its own
-    hooks (the shared-residual reuse is for letter scoring).
+    ``scoring="continuation"`` scores each choice's log-likelihood; its addition candidates resume from
+    the unsteered residual too (:func:`~rolevec.evaluation.continuation.score_continuation_additions`).
     """
     from contextlib import nullcontext
 
@@ -314,7 +334,6 @@ def run_sweep(
     if check_scoring(scoring) == "continuation":
         choices, _ = prepare_choices(adapter, items, prompt_format)
         prepared: list[Prepared] = []
-        reuse = False
     else:
         prepared, _ = prepare(adapter, items, prompt_format)
     qids = [it.qid for it in items]
@@ -360,7 +379,7 @@ def run_sweep(
 
         mode = "reuse" if reuse else "independent"
         probe_error: float | None = None
-        if reuse and any(pending.values()):
+        if reuse and any(pending.values()) and choices is None:  # continuation checks its own first batch
             ok, probe_error = probe_reuse(
                 adapter, vectors, role, prepared, (a, b), pos[0], alpha_list[0], scorer
             )
@@ -372,9 +391,9 @@ def run_sweep(
                 )
                 mode = "independent"
         bar.set_description(f"sweep {role}: add")
-        if mode == "reuse":
-            sweep.reuse(pending, max_rows, max_cache_bytes)
-        else:
+        if mode == "reuse" and not sweep.reuse(pending, max_rows, max_cache_bytes):
+            mode = "independent"
+        if mode == "independent":
             for c, todo in pending.items():
                 sweep.independent(
                     Condition.make("add", role=role, layer=c[0], position=c[1], alpha=c[2]), todo
