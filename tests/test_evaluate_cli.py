@@ -398,3 +398,62 @@ def test_evaluate_paper_released_file(
     assert main([*base, "--rerender", "--skip-bad", "--out", str(tmp_path / "r")]) == 0
     assert "skipped 1 malformed" in capsys.readouterr().err
     assert len(list(read_records(tmp_path / "r" / "records.jsonl"))) == 7
+
+
+def test_evaluate_an_lm_eval_task_by_continuation(tiny_dir: Path, tmp_path: Path) -> None:
+    """`--mcq lm-eval:TASK --include-path DIR` scores by continuation by default (lm-eval's rule), every
+    condition, records say so, a rerun resumes, and `--scoring letter` on the same folder is refused."""
+    pytest.importorskip("lm_eval")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rows = [
+        {"ctx": f"Item {i}: the sky on a clear day is", "endings": ["blue", "green", "loud"], "label": i % 3}
+        for i in range(12)
+    ]
+    (tasks / "sky.json").write_text(json.dumps(rows))
+    (tasks / "sky.yaml").write_text(
+        "task: sky\ndataset_path: json\n"
+        f"dataset_kwargs: {{data_files: {{test: {json.dumps(str(tasks / 'sky.json'))}}}}}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{ctx}}"\ndoc_to_choice: "{{endings}}"\ndoc_to_target: label\n'
+        "metric_list: [{metric: acc}]\n"
+    )
+    out = tmp_path / "run"
+    argv = [
+        "evaluate",
+        "--model",
+        str(tiny_dir / "model"),
+        "--device",
+        "cpu",
+        "--mcq",
+        "lm-eval:sky",
+        "--include-path",
+        str(tasks),
+        "--vectors",
+        str(tiny_dir / "vectors.safetensors"),
+        "--conditions",
+        "baseline,add,ablate",
+        "--role",
+        "lawyer",
+        "--layer",
+        "1",
+        "--position",
+        "-1",
+        "--alpha",
+        "2",
+        "--split",
+        "all",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    records = list(read_records(out / "records.jsonl"))
+    assert len(records) == 3 * 12
+    assert {r["scoring"] for r in records} == {"continuation"}
+    assert all(r["qid"].startswith("lm-eval:sky/sky/") and len(r["logliks"]) == 3 for r in records)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["scoring"] == "continuation" and settings["mcq"] == "lm-eval:sky@test"
+    assert main(argv) == 0  # resumes: nothing new
+    assert len(list(read_records(out / "records.jsonl"))) == 3 * 12
+    assert main([*argv, "--scoring", "letter"]) == 2

@@ -64,8 +64,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "evaluate",
         help="score MCQ domains under baseline/persona/add/ablate/random conditions",
-        description="Score multiple-choice questions by the four answer-letter logits under the chosen "
-        "conditions; records go to RUN_DIR/records.jsonl and a summary table is printed.",
+        description="Score multiple-choice questions by their answer letters' logits (or, with --scoring "
+        "continuation, each choice's log-likelihood) under the chosen conditions; records go to "
+        "RUN_DIR/records.jsonl and a summary table is printed.",
     )
     add_model_args(parser)
     parser.add_argument("--vectors", default=None, help="role-vector file (needed for add, ablate, random)")

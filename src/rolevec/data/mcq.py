@@ -289,11 +289,14 @@ def _load(
         task = source[len("lm-eval:") :]
         if not task:
             raise RolevecError("`mcq` lm-eval: names no task: pass e.g. lm-eval:arc_easy")
+        # rolevec renders every prompt with the chat template: the items take the delimiter lm-eval uses
+        # with apply_chat_template (none), so the scores are lm-eval's under --apply_chat_template
         return load_lm_eval_task(
             task,
             spec.include_path if spec else None,
             domains,
             skip_bad=skip_bad or bool(spec and spec.skip_bad),
+            chat_template=True,
         )
     if isinstance(source, str) and source.startswith("hf:"):
         hf = parse_hf_source(source)
