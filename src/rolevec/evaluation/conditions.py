@@ -413,27 +413,25 @@ def evaluate_conditions(
             report.n_done_before += len(items) - len(todo)
             if todo:
                 plan.append((cond, domain, todo, which))
-    prepared_cache: dict[str | None, dict[str, Prepared]] = {}
+    # questions tokenised once per rule and system turn: (letters|choices, system) -> qid -> prepared
+    prepared_cache: dict[tuple[str, str | None], dict[str, Any]] = {}
+
+    def tokenised(rule: str, todo: Sequence[MCQItem], system: str | None) -> list[Any]:
+        cache = prepared_cache.setdefault((rule, system), {})
+        fresh = [it for it in todo if it.qid not in cache]
+        if fresh:
+            made, folded = (prepare_choices if rule == "choices" else prepare)(
+                adapter, fresh, prompt_format, system
+            )
+            report.persona_folded |= folded
+            cache.update((p.item.qid, p) for p in made)
+        return [cache[it.qid] for it in todo]
 
     def prepared_for(todo: Sequence[MCQItem], system: str | None) -> list[Prepared]:
-        cache = prepared_cache.setdefault(system, {})
-        fresh = [it for it in todo if it.qid not in cache]
-        if fresh:
-            prepared, folded = prepare(adapter, fresh, prompt_format, system)
-            report.persona_folded |= folded
-            cache.update((p.item.qid, p) for p in prepared)
-        return [cache[it.qid] for it in todo]
-
-    choices_cache: dict[str | None, dict[str, Choices]] = {}
+        return tokenised("letters", todo, system)
 
     def choices_for(todo: Sequence[MCQItem], system: str | None) -> list[Choices]:
-        cache = choices_cache.setdefault(system, {})
-        fresh = [it for it in todo if it.qid not in cache]
-        if fresh:
-            prepared, folded = prepare_choices(adapter, fresh, prompt_format, system)
-            report.persona_folded |= folded
-            cache.update((p.item.qid, p) for p in prepared)
-        return [cache[it.qid] for it in todo]
+        return tokenised("choices", todo, system)
 
     def record(cond: Condition, results: Sequence[ItemResult], which: dict[str, str]) -> None:
         new = store.append(to_record(cond, r, which[r.qid]) for r in results)
