@@ -171,6 +171,20 @@ def test_stages_on_ray_equal_local_and_survive_killed_workers(
         assert [w["shards"] > 0 for w in described["workers"]] == [True, True]
         assert sum(w["records"] for w in described["workers"]) == n
 
+        # continuation scoring travels with the settings: the same records, sums and acc_norm as locally
+        cont = EvalSettings(domains=("law", "math"), limit=4, batch_size=2, scoring="continuation")
+        for name, where in (("cont-local", LocalExecutor()), ("cont-ray", executor)):
+            with RecordStore(tmp_path / name / "records.jsonl") as disk:
+                where.evaluate(
+                    adapter, mcq, split, _conditions(), disk, cont, vectors=vectors, progress=False
+                )
+        here, there = (_records(tmp_path / name / "records.jsonl") for name in ("cont-local", "cont-ray"))
+        assert set(here) == set(there) and len(here) == 9 * 2 * 4
+        for key, r in here.items():
+            assert r["scoring"] == there[key]["scoring"] == "continuation"
+            assert (r["pred"], r["pred_norm"]) == (there[key]["pred"], there[key]["pred_norm"])
+            assert r["logliks"] == pytest.approx(there[key]["logliks"], abs=1e-4)
+
         # every worker SIGKILLed after the test stage's 5th batch: the shards in flight rerun from their
         # start, the driver drops what it already stored, and nothing is lost
         killed = tmp_path / "killed"

@@ -412,3 +412,42 @@ def test_accelerators_score_whole_rows_with_the_same_logits(
     monkeypatch.setattr(scoring, "shares_prefix", lambda device: True)
     score(tiny_llama, items(9), batch_size=4)
     assert len(runs) == 1  # the CPU policy: one head for the run
+
+
+def test_letters_that_are_not_single_tokens_name_the_item_or_are_skipped(tmp_path: Path) -> None:
+    """After "Answer:" the tiny tokenizer has " A".." D" as single tokens but not " E": a five-choice item
+    is one error naming the source and item, and with skip_bad it is left out and listed."""
+    adapter = make_adapter("llama")
+    four = [MCQItem(f"x/{i}", "x", f"Q{i}?", ("a", "b", "c", "d"), "A", "s") for i in range(6)]
+    five = [MCQItem(f"x/{i}", "x", f"Q{i}?", ("a", "b", "c", "d", "e"), "E", "s") for i in range(6, 8)]
+    mcq = MCQSet({"x": four + five}, "test:letters")
+    split = make_split(mcq, seed=0, val_fraction=0.25)
+    fmt = PromptFormat(answer_prefix="Answer:")
+    with RecordStore(tmp_path / "a.jsonl") as store, pytest.raises(RolevecError) as err:
+        evaluate_conditions(
+            adapter,
+            mcq,
+            split,
+            [Condition("baseline")],
+            store,
+            split_name="all",
+            prompt_format=fmt,
+            progress=False,
+        )
+    message = str(err.value)
+    assert message.startswith("test:letters item x/") and "'E' is not a single token" in message
+    assert "`skip_bad`" in message
+    with RecordStore(tmp_path / "b.jsonl") as store:
+        report = evaluate_conditions(
+            adapter,
+            mcq,
+            split,
+            [Condition("baseline")],
+            store,
+            split_name="all",
+            prompt_format=fmt,
+            progress=False,
+            skip_bad=True,
+        )
+    assert sorted(report.skipped) == ["x/6", "x/7"] and report.n_new == 6
+    assert {r["qid"] for r in read_records(tmp_path / "b.jsonl")} == {it.qid for it in four}

@@ -340,6 +340,7 @@ def _evaluate(
             random_seed=args.random_seed,
             reuse=not args.no_reuse,
             scoring=resolve_scoring(scoring_from_args(args), args.mcq),
+            skip_bad=args.skip_bad,
         )
         report = executor.evaluate(
             adapter,
@@ -357,6 +358,12 @@ def _evaluate(
             "rolevec: this chat template has no system turn; persona prompts were folded into the user turn",
             file=sys.stderr,
         )
+    if report.skipped:
+        print(
+            f"rolevec: skipped {len(report.skipped)} question(s) whose answer letters are not single tokens "
+            f"after the prompt (--skip-bad), e.g. {report.skipped[0]}",
+            file=sys.stderr,
+        )
     wanted = {c.identity() for c in conditions}
     qids = {it.qid for d in doms for it in split.select(mcq, d, args.split, args.limit)}
     records = [
@@ -371,6 +378,7 @@ def _evaluate(
         "n_new_records": report.n_new,
         "n_records_reused": report.n_done_before,
         "persona_folded": report.persona_folded,
+        "skipped_letters": list(report.skipped),
         "scorer": report.scorer_mode,
         "rows": [r.to_json() for r in rows],
         "per_subject": [r.to_json() for r in subjects],

@@ -327,6 +327,8 @@ class EvaluationReport:
     persona_folded: bool = False
     scorer_mode: str = "fast"
     per_condition: dict[str, int] = field(default_factory=dict)
+    #: Questions left out with ``skip_bad`` because their answer letters are not single tokens.
+    skipped: list[str] = field(default_factory=list)
 
 
 def evaluate_conditions(
@@ -347,6 +349,7 @@ def evaluate_conditions(
     reuse: bool = True,
     progress: bool = True,
     scoring: str = "letter",
+    skip_bad: bool = False,
 ) -> EvaluationReport:
     """Score every condition on every domain's ``split_name`` items, appending records per batch.
 
@@ -375,6 +378,8 @@ def evaluate_conditions(
             scoring rule.
         progress: Show a progress bar.
         scoring: ``letter`` (default) or ``continuation`` (each choice's summed log-likelihood).
+        skip_bad: Leave out (listed in the report's ``skipped``) questions whose answer letters are not
+            single tokens after their prompt, instead of raising.
 
     Returns:
         An ``EvaluationReport``: records new and already stored, per condition, and the scorer mode.
@@ -420,12 +425,20 @@ def evaluate_conditions(
         cache = prepared_cache.setdefault((rule, system), {})
         fresh = [it for it in todo if it.qid not in cache]
         if fresh:
-            made, folded = (prepare_choices if rule == "choices" else prepare)(
-                adapter, fresh, prompt_format, system
-            )
+            made: Sequence[Prepared | Choices]
+            if rule == "choices":
+                made, folded = prepare_choices(adapter, fresh, prompt_format, system)
+            else:
+                skipped: list[str] | None = [] if skip_bad else None
+                try:
+                    made, folded = prepare(adapter, fresh, prompt_format, system, skipped=skipped)
+                except RolevecError as exc:
+                    raise RolevecError(f"{mcq.source} {exc}; or `skip_bad` to skip such items") from None
+                report.skipped += [q for q in skipped or () if q not in report.skipped]
+                cache.update((q, None) for q in skipped or ())
             report.persona_folded |= folded
             cache.update((p.item.qid, p) for p in made)
-        return [cache[it.qid] for it in todo]
+        return [cache[it.qid] for it in todo if cache[it.qid] is not None]
 
     def prepared_for(todo: Sequence[MCQItem], system: str | None) -> list[Prepared]:
         return tokenised("letters", todo, system)
@@ -475,6 +488,8 @@ def evaluate_conditions(
                 batch_size=batch_size,
             )
         prepared = prepared_for(union, None)
+        if not prepared:  # every question skipped (skip_bad)
+            return True
         layers = sorted({a.layer for a, _ in todo_map.values()})
         middle = layers[len(layers) // 2]
         candidate = next(a for a, _ in todo_map.values() if a.layer == middle)

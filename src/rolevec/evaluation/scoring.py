@@ -158,12 +158,17 @@ def prepare(
     items: Sequence[MCQItem],
     prompt_format: PromptFormat | None = None,
     system: str | None = None,
+    *,
+    skipped: list[str] | None = None,
 ) -> tuple[list[Prepared], bool]:
-    """Tokenise every question once; returns the prepared items and whether the system turn was folded."""
+    """Tokenise every question once; returns the prepared items and whether the system turn was folded.
+
+    An item whose answer letters are not single tokens after its prompt is an error naming it, unless
+    ``skipped`` is given: then its id is appended there and the item left out."""
     fmt = prompt_format or PromptFormat()
     out: list[Prepared] = []
     folded_any = False
-    letter_cache: dict[tuple[str, int], list[int]] = {}
+    letter_cache: dict[tuple[str, int], list[int] | str] = {}
     for item in items:
         text, folded = fmt.prompt(adapter, item, system)
         folded_any |= folded
@@ -174,8 +179,14 @@ def prepare(
             try:
                 letter_cache[key] = adapter.letter_token_ids(text, item.letters)
             except RolevecError as exc:
-                raise RolevecError(f"item {item.qid}: {exc}") from None
-        out.append(Prepared(item, tuple(int(i) for i in ids), tuple(letter_cache[key])))
+                letter_cache[key] = str(exc)
+        letters = letter_cache[key]
+        if isinstance(letters, str):
+            if skipped is None:
+                raise RolevecError(f"item {item.qid}: {letters}")
+            skipped.append(item.qid)
+            continue
+        out.append(Prepared(item, tuple(int(i) for i in ids), tuple(letters)))
     return out, folded_any
 
 

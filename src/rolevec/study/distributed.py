@@ -223,7 +223,11 @@ class Worker:
                 domains=[domain],
                 progress=False,
             )
-            return {"persona_folded": report.persona_folded, "scorer_mode": report.scorer_mode}
+            return {
+                "persona_folded": report.persona_folded,
+                "scorer_mode": report.scorer_mode,
+                "skipped": list(report.skipped),
+            }
 
         yield from self._stream(work, (), done)
 
@@ -583,6 +587,7 @@ class RayExecutor:
 
         def finished(shard: _Shard, payload: Any) -> None:
             report.persona_folded |= bool(payload["persona_folded"])
+            report.skipped += [q for q in payload.get("skipped", ()) if q not in report.skipped]
             if payload["scorer_mode"] != "fast":
                 report.scorer_mode = payload["scorer_mode"]
 

@@ -101,6 +101,7 @@ class EvalSettings:
     random_seed: int = 0
     reuse: bool = True
     scoring: str = "letter"
+    skip_bad: bool = False
 
     def run(
         self,
@@ -134,6 +135,7 @@ class EvalSettings:
             reuse=self.reuse,
             progress=progress,
             scoring=self.scoring,
+            skip_bad=self.skip_bad,
         )
 
 
