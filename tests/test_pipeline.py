@@ -220,3 +220,47 @@ def test_rolevec_run_on_embedded_model(tmp_path: Path, capsys: pytest.CaptureFix
     rerun = json.loads((out / "manifest.json").read_text())
     assert rerun["sampling_details"]["test"]["new_records"] == 0
     assert len(list(read_records(out / "records.jsonl"))) == n_records
+
+
+def test_run_skip_bad_skips_malformed_questions_of_its_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rolevec run --mcq DIR` stops at a malformed item naming file and item; with --skip-bad it runs
+    without it."""
+    from rolevec.cli import main
+
+    adapter = make_adapter("llama")
+    model = tmp_path / "model"
+    adapter.model.save_pretrained(model)
+    adapter.tokenizer.save_pretrained(model)
+    mcq = tmp_path / "mcq"
+    mcq.mkdir()
+    rows = [
+        {"question": f"Q{i}?", "choices": ["a", "b", "c", "d"], "answer": i % 4, "subject": "s"}
+        for i in range(12)
+    ]
+    rows[3] = {"question": "Q3?", "choices": ["a"], "answer": 0}
+    (mcq / "math.json").write_text(json.dumps(rows))
+    argv = ["run", "--model", str(model), "--device", "cpu", "--dtype", "float32", "--mcq", str(mcq)]
+    argv += ["--roles", "mathematician", "--domains", "math", "--n", "4", "--n-base", "4", "--val-limit", "2"]
+    argv += [
+        "--test-limit",
+        "2",
+        "--layers",
+        "1:3",
+        "--layer-step",
+        "1",
+        "--positions",
+        "-1",
+        "--alphas",
+        "1",
+    ]
+    argv += ["--no-interpret"]
+    argv += ["--no-progress", "--out"]
+    assert main([*argv, str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "math.json item 3" in err and "--skip-bad" in err
+    assert not (tmp_path / "a").exists()
+    assert main([*argv, str(tmp_path / "b"), "--skip-bad"]) == 0
+    records = list(read_records(tmp_path / "b" / "records.jsonl"))
+    assert records and "math/3" not in {r["qid"] for r in records}

@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Any
 
+from ..errors import RolevecError
 from .common import add_model_args, fraction, load_from_args, positive_int
 from .executor_args import add_executor_args, executor_from_args
 from .mcq_args import add_mcq_args, add_scoring_arg, mcq_spec_from_args, scoring_from_args
@@ -38,6 +39,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--n-base", type=positive_int, default=None, help="base prompts")
     add_mcq_args(parser)
     add_scoring_arg(parser)
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip malformed questions of --mcq (counted) instead of failing",
+    )
     parser.add_argument(
         "--role-domains",
         default=None,
@@ -98,13 +104,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from ..core.outdir import check_run_folder
+    from ..data.mcq_layouts import MCQSpec
     from ..study.pipeline import check_inputs, config_from, describe_sampling, read_config_file, run_study
 
     file_cfg = read_config_file(args.config) if args.config else None
     overrides: dict[str, Any] = {k: getattr(args, k) for k in OVERRIDES}
     overrides["scoring"] = scoring_from_args(args)
     spec = mcq_spec_from_args(args)
+    if args.skip_bad:
+        if spec is None:
+            raise RolevecError("--skip-bad needs --mcq: the default questions have no malformed items")
+        spec = replace(spec, skip_bad=True) if not isinstance(spec, str) else MCQSpec(spec, skip_bad=True)
     overrides["mcq"] = spec if spec is None or isinstance(spec, str) else spec.to_json()
     if args.no_interpret:
         overrides["interpret"] = False
