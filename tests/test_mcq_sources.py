@@ -460,7 +460,16 @@ def test_lm_eval_dispatch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 
     seen: list[tuple[Any, ...]] = []
 
-    def fake(task: str, include_path: Any = None, domains: Any = None, *, skip_bad: bool = False) -> MCQSet:
+    def fake(
+        task: str,
+        include_path: Any = None,
+        domains: Any = None,
+        *,
+        skip_bad: bool = False,
+        chat_template: bool = False,
+    ) -> MCQSet:
+        # rolevec renders every prompt with the chat template: the dispatch asks for lm-eval's chat delimiter
+        assert chat_template is True
         seen.append((task, include_path, domains, skip_bad))
         item = MCQItem(f"lm-eval:{task}/{task}/0", task, "Q?", ("a", "b"), "A", task)
         return MCQSet({task: [item]}, f"lm-eval:{task}", 0, "lm-eval")
