@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .geometry import Geometry
-from .tables import Analysis, SweepPanel, star
+from .tables import Analysis, SweepPanel, condition_holm, star
 
 DPI = 110
 #: How the chance level is drawn on every accuracy figure.
@@ -125,12 +125,13 @@ def heatmap_figure(a: Analysis, label: str) -> bytes:
     roles = [r for r in a.roles if any(a.cell(r, label, d) for d in a.domains)]
     values = [[math.nan] * len(a.domains) for _ in roles]
     marks = [[""] * len(a.domains) for _ in roles]
+    adjusted = condition_holm(a, label)  # the stars of the matching table: Holm over this condition
     for i, role in enumerate(roles):
         for j, d in enumerate(a.domains):
             c = a.cell(role, label, d)
             if c is not None and not math.isnan(c.stats.rel_change):
                 values[i][j] = c.stats.rel_change
-                marks[i][j] = f"{c.stats.rel_change:+.0f}{star(c.stats.p_value)}"
+                marks[i][j] = f"{c.stats.rel_change:+.0f}{star(adjusted.get((role, d), 1.0))}"
     finite = [abs(v) for row in values for v in row if not math.isnan(v)]
     limit = max([1.0, *finite])
     fig = _figure(1.0 * len(a.domains) + 2.6, 0.34 * len(roles) + 1.6)
@@ -153,7 +154,7 @@ def heatmap_figure(a: Analysis, label: str) -> bytes:
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="k", linewidth=1.5))
     ax.set_xticks(range(len(a.domains)), [f"{d}\n{a.column_n(label, d)}" for d in a.domains], fontsize=7)
     ax.set_yticks(range(len(roles)), roles, fontsize=7)
-    ax.set_title(f"Relative change of accuracy (%): {label}  (* p<0.05, box = own domain)", fontsize=9)
+    ax.set_title(f"Relative change of accuracy (%): {label}  (* Holm p<0.05, box = own domain)", fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8).ax.tick_params(labelsize=7)
     fig.tight_layout()
     return png_bytes(fig)

@@ -31,15 +31,23 @@ from ..errors import RolevecError, path_problem
 from ..vectors.role_vectors import RoleVectors
 from . import figures
 from .geometry import Geometry, role_geometry
+from .stats import RESAMPLES, holm
 from .tables import (
+    SIGNIFICANCE,
     SMALL_N,
     Analysis,
+    Cell,
+    Pooled,
     Record,
     SweepPanel,
+    adjust,
     analyse,
     chance_levels,
     choice_counts,
+    condition_holm,
     load_records,
+    main_label,
+    pool,
     role_domains,
     star,
     sweep_panels,
@@ -383,19 +391,38 @@ def summary_table(a: Analysis) -> Table:
             Column("chance", "acc"),
             Column("rel. change", "rel"),
             Column("rel. 95% CI", "relci"),
+            Column("rel. 95% CI (bootstrap)", "relci"),
             Column("McNemar p", "p"),
+            Column("p Holm", "p"),
+            Column("p BH", "p"),
             Column("out-of-domain mean rel.", "rel"),
             Column("out-of-domain domains", "int"),
             Column("out-of-domain pooled n", "int"),
             Column("pooled rel.", "rel"),
+            Column("pooled rel. 95% CI (bootstrap)", "relci"),
             Column("pooled p", "p"),
+            Column("pooled p Holm", "p"),
+            Column("pooled p BH", "p"),
         ],
-        note="rel. change = 100·(acc − acc_base)/acc_base on the same questions; out-of-domain mean = "
-        "unweighted mean over the other domains; pooled = all out-of-domain questions together; "
-        + CHANCE_NOTE
-        + (" " + NORM_NOTE if a.continuation else ""),
     )
+    pvalues: list[float | None] = []
     for s in a.summaries:
+        pvalues.append(s.in_domain.p_value if s.in_domain else None)
+        pvalues.append(s.ood_pooled.p_value if s.ood_pooled.n else None)
+    adjusted = adjust(pvalues)
+    tests = sum(p is not None for p in pvalues)
+    t.note = (
+        f"Adjusted p (Holm, Benjamini–Hochberg): family: the {tests:,} McNemar tests of this table (each "
+        "row's in-domain and pooled out-of-domain test). rel. change = 100·(acc − acc_base)/acc_base on "
+        "the same questions; rel. 95% CI = Wald interval of the paired difference over acc_base; "
+        f"bootstrap = paired bootstrap ({RESAMPLES} resamples of the questions, condition and baseline "
+        "together, seeded); out-of-domain mean = unweighted mean over the other domains; pooled = all "
+        "out-of-domain questions of the role together (one role, so no question counts twice). "
+        + CHANCE_NOTE
+        + (" " + NORM_NOTE if a.continuation else "")
+    )
+    for index, s in enumerate(a.summaries):
+        inside_adj, pooled_adj = adjusted[2 * index], adjusted[2 * index + 1]
         inside = s.in_domain
         inorm = s.in_domain_norm
         norm_values = [inorm.accuracy, inorm.base_accuracy] if inorm else [None, None]
@@ -412,12 +439,18 @@ def summary_table(a: Analysis) -> Table:
                 a.chance.get(str(s.role_domain)),
                 inside.rel_change if inside else None,
                 inside.rel_ci if inside else None,
+                inside.rel_ci_bootstrap if inside else None,
                 inside.p_value if inside else None,
+                inside_adj.holm,
+                inside_adj.bh,
                 s.ood_mean_rel,
                 s.ood_domains,
                 s.ood_pooled.n,
                 s.ood_pooled.rel_change,
+                s.ood_pooled.rel_ci_bootstrap if s.ood_pooled.n else None,
                 s.ood_pooled.p_value if s.ood_pooled.n else None,
+                pooled_adj.holm,
+                pooled_adj.bh,
             ]
         )
     return t
@@ -465,12 +498,14 @@ def relative_table(a: Analysis, label: str) -> Table:
     """Role × domain relative change for one condition (what the heatmap shows)."""
     cols = [Column("role"), Column("domain")]
     cols += [Column(f"{d} ({a.column_n(label, d)})") for d in a.domains]
+    adjusted = condition_holm(a, label)
     t = Table(
         f"rel_{slug(label)}",
         f"Relative change (%) of accuracy vs baseline: {label}",
         cols,
-        note="Cells: relative change in %; * McNemar p < 0.05; [brackets] = the role's own domain. "
-        "CIs and n of every cell are in the full cell table.",
+        note=f"Cells: relative change in %; * Holm-adjusted McNemar p < {SIGNIFICANCE:g} (family: the "
+        f"{len(adjusted):,} role × domain cells of this table); [brackets] = the role's own domain. "
+        "CIs, n, raw and adjusted p of every cell are in the full cell table.",
     )
     for role in a.roles:
         row: list[Any] = [role, a.role_domain.get(role)]
@@ -481,7 +516,7 @@ def relative_table(a: Analysis, label: str) -> Table:
                 row.append(None)
                 continue
             present = True
-            text = fmt(c.stats.rel_change, "rel") + star(c.stats.p_value)
+            text = fmt(c.stats.rel_change, "rel") + star(adjusted.get((role, d), 1.0))
             row.append(f"[{text}]" if c.in_domain else text)
         if present:
             t.rows.append(row)
@@ -525,15 +560,21 @@ def cells_table(a: Analysis) -> Table:
             Column("chance", "acc"),
             Column("rel. change", "rel"),
             Column("rel. 95% CI", "relci"),
+            Column("rel. 95% CI (bootstrap)", "relci"),
             Column("gained", "int"),
             Column("lost", "int"),
             Column("McNemar p", "p"),
+            Column("p Holm", "p"),
+            Column("p BH", "p"),
         ],
-        note="gained = baseline wrong and condition right; lost = the reverse (McNemar's discordant pairs). "
+        note=f"Adjusted p (Holm, Benjamini–Hochberg): {cells_family(a)}. gained = baseline wrong and "
+        "condition right; lost = the reverse (McNemar's discordant pairs); bootstrap = paired bootstrap "
+        f"of the relative change ({RESAMPLES} resamples of the questions, seeded). "
         + CHANCE_NOTE
         + (" " + NORM_NOTE if a.continuation else ""),
     )
-    for c in a.cells:
+    adjusted = adjust([c.stats.p_value for c in a.cells])
+    for c, adj in zip(a.cells, adjusted, strict=True):
         s = c.stats
         key = c.condition
         norm = [c.norm.accuracy, c.norm.base_accuracy] if c.norm else [None, None]
@@ -555,12 +596,158 @@ def cells_table(a: Analysis) -> Table:
                 a.chance.get(c.domain),
                 s.rel_change,
                 s.rel_ci,
+                s.rel_ci_bootstrap,
                 s.gained,
                 s.lost,
                 s.p_value,
+                adj.holm,
+                adj.bh,
             ]
         )
     return t
+
+
+def cells_family(a: Analysis) -> str:
+    """The family of the cell table's adjusted p-values, in words (its caption and the banner say it)."""
+    return f"family: the {len(a.cells):,} role × domain × condition cells of this table"
+
+
+def significance_counts(a: Analysis) -> str:
+    """How many cells pass p < 0.05 raw, after Holm and after BH, against what chance alone gives."""
+    raw = [c.stats.p_value for c in a.cells]
+    adjusted = adjust(raw)
+    level = SIGNIFICANCE
+    holm_k = sum(x.holm is not None and x.holm < level for x in adjusted)
+    bh_k = sum(x.bh is not None and x.bh < level for x in adjusted)
+    raw_k = sum(p < level for p in raw)
+    return (
+        f"Significant cells: {holm_k} of {len(raw):,} after Holm and {bh_k} after Benjamini–Hochberg "
+        f"(adjusted p < {level:g}; {cells_family(a).replace('of this table', 'of the cell table')}); "
+        f"unadjusted, {raw_k} have McNemar p < {level:g}, where chance alone gives about "
+        f"{level * len(raw):.0f}."
+    )
+
+
+# --- the first screen: main findings in words ---------------------------------------------------------
+@dataclass(frozen=True)
+class Findings:
+    """The three summary lines of the first screen and the pooled tests behind them."""
+
+    lines: list[str]
+    note: str
+    tests: dict[str, Pooled]  # name -> pooled comparison, in the order Holm adjusts them
+    holm: dict[str, float]
+
+
+def _known(c: Cell) -> bool:
+    return c.role_domain is not None
+
+
+def finding_tests(a: Analysis) -> dict[str, Pooled]:
+    """The pooled comparisons the summary lines state, each over all roles (questions as clusters):
+    the main addition and ablation in- and out-of-domain, addition vs persona in-domain, random overall."""
+    tests: dict[str, Pooled] = {}
+    for kind in ("add", "ablate"):
+        label = main_label(a, kind)
+        if label is None:
+            continue
+        own = [c for c in a.cells if c.condition.label == label and _known(c)]
+        tests[f"{kind} in-domain"] = pool((c, None) for c in own if c.in_domain)
+        tests[f"{kind} out-of-domain"] = pool((c, None) for c in own if not c.in_domain)
+    add, persona = main_label(a, "add"), main_label(a, "persona")
+    if add is not None and persona is not None:
+        pairs = []
+        for c in a.cells:
+            if c.condition.label == add and c.in_domain:
+                other = a.cell(c.role, persona, c.domain)
+                if other is not None:
+                    pairs.append((c, other))
+        tests["add vs persona"] = pool(pairs)
+        tests["persona in-domain"] = pool((other, None) for _, other in pairs)
+        tests["add in-domain (persona roles)"] = pool((c, None) for c, _ in pairs)
+    random = main_label(a, "random")
+    if random is not None:
+        tests["random all domains"] = pool((c, None) for c in a.cells if c.condition.label == random)
+    return {name: t for name, t in tests.items() if t.n}
+
+
+#: The tests whose p-values the summary lines state (the others only give a relative change).
+STATED = (
+    "add in-domain",
+    "add out-of-domain",
+    "ablate in-domain",
+    "ablate out-of-domain",
+    "add vs persona",
+    "random all domains",
+)
+
+
+def _rel_text(t: Pooled) -> str:
+    return f"{fmt(t.rel_change, 'rel')} (95% CI {fmt(t.ci, 'relci')})"
+
+
+def _p_words(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
+
+
+def _test_text(t: Pooled, p: float) -> str:
+    roles = f"{t.roles} role" + ("" if t.roles == 1 else "s")
+    return f"{_rel_text(t)}, n = {t.n:,} pairs on {t.questions:,} questions, {roles}, Holm p {_p_words(p)}"
+
+
+def findings(a: Analysis) -> Findings:
+    """The main findings in three lines, from the same cells as the tables; p-values Holm-adjusted over
+    the pooled tests these lines state."""
+    tests = finding_tests(a)
+    stated = [name for name in STATED if name in tests]
+    adjusted = dict(zip(stated, holm([tests[n].p_value for n in stated]), strict=True))
+    padj = {n: p for n, p in adjusted.items() if p is not None}
+    lines = []
+    parts = []
+    for kind in ("add", "ablate"):
+        inside, outside = tests.get(f"{kind} in-domain"), tests.get(f"{kind} out-of-domain")
+        label = main_label(a, kind)
+        if inside is None and outside is None:
+            continue
+        words = [f"{label}:"]
+        if inside is not None:
+            words.append(f"{_test_text(inside, padj[f'{kind} in-domain'])} in the roles' own domains")
+        if outside is not None:
+            sep = "vs " if inside is not None else ""
+            words.append(f"{sep}{_test_text(outside, padj[f'{kind} out-of-domain'])} in the other domains")
+        parts.append(" ".join(words))
+    lines.append(
+        "In-domain vs out-of-domain: "
+        + ("; ".join(parts) if parts else "no addition or ablation cells in this run")
+        + "."
+    )
+    versus = tests.get("add vs persona")
+    if versus is not None:
+        add, persona = main_label(a, "add"), main_label(a, "persona")
+        lines.append(
+            f"Persona vs vector (own domains): the {persona} prompt changes accuracy by "
+            f"{_rel_text(tests['persona in-domain'])} and {add} by "
+            f"{_rel_text(tests['add in-domain (persona roles)'])} against the baseline; {add} against the "
+            f"{persona} prompt: {_test_text(versus, padj['add vs persona'])}."
+        )
+    else:
+        lines.append("Persona vs vector: the run has no persona and addition cells on the same questions.")
+    random = tests.get("random all domains")
+    if random is not None:
+        lines.append(
+            f"Random control: {main_label(a, 'random')} changes accuracy by "
+            f"{_test_text(random, padj['random all domains'])} over all domains."
+        )
+    else:
+        lines.append("Random control: the run has no random-direction cells.")
+    note = (
+        f"Each line pools the roles' pairs with the baseline; roles answering the same questions make "
+        f"their pairs dependent, so each question is one cluster: the 95% CI is a cluster bootstrap "
+        f"({RESAMPLES} resamples of question ids, the same resample for every role's pairs, seeded) and p "
+        f"is the clustered McNemar test, Holm-adjusted (family: the {len(stated)} pooled tests of these "
+        "lines)."
+    )
+    return Findings(lines, note, tests, padj)
 
 
 def persona_vs_vector_table(a: Analysis) -> Table:
@@ -789,6 +976,9 @@ class Report:
     banner: list[str]
     sections: list[Section]
     csv_tables: list[Table]  # what goes to tables/*.csv (numeric variants where they differ)
+    #: The first screen's summary lines of the main findings, and how they were computed.
+    findings: list[str] = field(default_factory=list)
+    findings_note: str = ""
 
     @property
     def figures(self) -> list[FigurePNG]:
@@ -889,13 +1079,17 @@ def build(data: RunData) -> Report:
     banner = [
         "How to read: accuracies are on the test split with n questions and a 95% Wilson interval; "
         "every condition is paired with the baseline on the same questions; p is McNemar's test "
-        "(exact below 25 discordant pairs); chance = 1/number of choices, averaged over the questions."
+        "(exact below 25 discordant pairs), shown beside its Holm and Benjamini–Hochberg adjusted values "
+        "over the family each table states; chance = 1/number of choices, averaged over the questions."
     ]
     if a.min_n < SMALL_N:
         banner.append(
             f"Small sample: the smallest cell has n = {a.min_n} questions (< {SMALL_N}). Differences "
-            "are not significant unless McNemar p < 0.05 — most are noise at this size."
+            f"are not significant unless the adjusted p (Holm) < {SIGNIFICANCE:g} — most are noise at "
+            "this size."
         )
+    if a.cells:
+        banner.append(significance_counts(a))
     if a.unpaired:
         banner.append(f"{a.unpaired} condition rows had no baseline row for their question and are left out.")
     csv_tables: list[Table] = []
@@ -932,7 +1126,8 @@ def build(data: RunData) -> Report:
             "Role × domain relative change",
             text=[
                 "Relative change of accuracy against the baseline, per role (rows) and domain "
-                "(columns); boxed/bracketed = the role's own domain; * = McNemar p < 0.05."
+                "(columns); boxed/bracketed = the role's own domain; * = McNemar p < 0.05 after Holm's "
+                "adjustment over the role × domain cells of that condition (each table states its family)."
             ],
         )
         for label in a.labels:
@@ -1013,7 +1208,15 @@ def build(data: RunData) -> Report:
         csv_tables += geo.collapsed
     sections.append(geo)
     title = f"rolevec report: {data.run_dir.name}"
-    return Report(title, banner, sections, csv_tables)
+    found = findings(a) if a.cells else None
+    return Report(
+        title,
+        banner,
+        sections,
+        csv_tables,
+        findings=found.lines if found else [],
+        findings_note=found.note if found else "",
+    )
 
 
 CSS = """
@@ -1023,6 +1226,7 @@ th,td{border:1px solid #ccc;padding:2px 6px;vertical-align:top}
 th{background:#f3f3f3;position:sticky;top:0}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .scroll{overflow-x:auto;max-height:40em}
+.findings{background:#eef5ff;border:1px solid #7aa7e0;padding:.6em 1em;margin:1em 0}
 .banner{background:#fff4d6;border:1px solid #e0b84a;padding:.6em 1em;margin:1em 0}
 .note{color:#555;font-size:12px}
 img{max-width:100%;height:auto;display:block;margin:.5em 0}
@@ -1039,6 +1243,12 @@ def render_html(report: Report) -> str:
         f"<title>{_e(report.title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{_e(report.title)}</h1>",
     ]
+    if report.findings:
+        items = "".join(f"<li>{_e(line)}</li>" for line in report.findings)
+        parts.append(
+            f'<div class="findings"><strong>Main findings</strong><ul>{items}</ul>'
+            f'<p class="note">{_e(report.findings_note)}</p></div>'
+        )
     parts += [f'<div class="banner">{_e(line)}</div>' for line in report.banner]
     for section in report.sections:
         parts.append(f"<h2>{_e(section.title)}</h2>")
@@ -1058,6 +1268,10 @@ def render_html(report: Report) -> str:
 
 def render_markdown(report: Report) -> str:
     parts = [f"# {report.title}", ""]
+    if report.findings:
+        parts += ["**Main findings**", ""]
+        parts += [f"- {html.escape(printable(line), quote=False)}" for line in report.findings]
+        parts += ["", html.escape(printable(report.findings_note), quote=False), ""]
     parts += [f"> {line}\n" for line in report.banner]
     for section in report.sections:
         parts += [f"## {section.title}", ""]

@@ -6,6 +6,10 @@ often within noise, so every table carries a 95% interval and a paired p-value. 
     wilson(k, n, z=1.96) -> tuple[float, float]
     relative_change(acc, base) -> float | None          # 100 * (acc - base) / base
     mcnemar(b, c) -> float                               # two-sided p-value
+    clustered_mcnemar(differences) -> float              # McNemar when pairs share questions
+    holm(pvalues) / benjamini_hochberg(pvalues)          # adjusted p-values over one family
+    paired_bootstrap(both, gained, lost, neither)        # 95% interval of the relative change
+    cluster_bootstrap(clusters)                          # the same, resampling whole questions
     summarize(records, *, by=("domain",)) -> list[SummaryRow]
     per_subject(records) -> list[SummaryRow]
     format_table(rows) -> str
@@ -17,6 +21,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import numpy as np
 
 #: Below this many discordant pairs the exact binomial test is used, above it chi-square (1 dof, with
 #: continuity correction), the usual rule of thumb.
@@ -65,6 +71,143 @@ def mcnemar(b: int, c: int, *, exact_below: int = EXACT_BELOW) -> float:
         return _binom_two_sided(b, n)
     stat = max(0, abs(b - c) - 1) ** 2 / n  # the correction never pushes |b − c| = 0 below zero
     return math.erfc(math.sqrt(stat / 2.0))  # survival function of chi-square with 1 dof
+
+
+def clustered_mcnemar(differences: Iterable[int]) -> float:
+    """Two-sided p of McNemar's test when pairs come in clusters (Durkalski et al., 2003).
+
+    ``differences`` holds, per cluster (a question shared by several roles' pairs), its gained minus lost
+    pairs. Pooling roles that answered the same questions makes their pairs dependent, so the variance
+    is taken over clusters: chi-square (Σd)²/Σd² with 1 dof. With one pair per cluster this is McNemar's
+    statistic without continuity correction. 1.0 when no cluster has a discordant pair.
+    """
+    total = squares = 0
+    for d in differences:
+        total += d
+        squares += d * d
+    if squares == 0:
+        return 1.0
+    return math.erfc(math.sqrt(total * total / squares / 2.0))
+
+
+# --- many comparisons ---------------------------------------------------------------------------------
+def _family(pvalues: Sequence[float | None]) -> list[tuple[int, float]]:
+    """(index, p) of the p-values that take part (None and NaN do not), sorted by p, ties by index."""
+    found = [(i, float(p)) for i, p in enumerate(pvalues) if p is not None and not math.isnan(p)]
+    for _, p in found:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p-value {p} is outside [0, 1]")
+    return sorted(found, key=lambda item: (item[1], item[0]))
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (family-wise error), in the input's order.
+
+    The family is every p that is not None/NaN; those stay None. Holm controls the chance of any false
+    finding among the family, without assuming the tests are independent.
+    """
+    ranked = _family(pvalues)
+    m = len(ranked)
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (i, p) in enumerate(ranked):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+def benjamini_hochberg(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Benjamini–Hochberg adjusted p-values (false discovery rate), in the input's order; None/NaN stay
+    None. Less strict than Holm: it bounds the expected share of false findings among those reported."""
+    ranked = _family(pvalues)
+    m = len(ranked)
+    out: list[float | None] = [None] * len(pvalues)
+    running = 1.0
+    for rank in range(m - 1, -1, -1):
+        i, p = ranked[rank]
+        running = min(running, m * p / (rank + 1))
+        out[i] = running
+    return out
+
+
+# --- bootstrap intervals ------------------------------------------------------------------------------
+#: Bootstrap resamples and seed of every interval in the report: fixed, so a report rebuilds identically.
+RESAMPLES = 2000
+SEED = 0
+
+
+def _percentile_interval(
+    cond: np.ndarray[Any, Any], base: np.ndarray[Any, Any], level: float
+) -> tuple[float, float]:
+    """Percentile interval of 100·(cond − base)/base over resamples whose baseline is not zero."""
+    keep = base > 0
+    if not keep.any():
+        return (math.nan, math.nan)
+    rel = 100.0 * (cond[keep] - base[keep]) / base[keep]
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(rel, [tail, 1.0 - tail])
+    return (float(low), float(high))
+
+
+def paired_bootstrap(
+    both: int,
+    gained: int,
+    lost: int,
+    neither: int,
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Bootstrap interval of the relative change 100·(acc − acc_base)/acc_base from paired counts.
+
+    Resampling n pairs with replacement only matters through how many of each kind (right under both,
+    gained, lost, wrong under both) are drawn, so each resample is one multinomial draw: the same as
+    resampling questions, condition and baseline together. NaN bounds without pairs or baseline hits.
+    """
+    counts = (both, gained, lost, neither)
+    if min(counts) < 0:
+        raise ValueError("pair counts must be non-negative")
+    n = sum(counts)
+    if n == 0 or both + lost == 0:
+        return (math.nan, math.nan)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    draws = rng.multinomial(n, [c / n for c in counts], size=resamples)
+    cond = draws[:, 0] + draws[:, 1]
+    base = draws[:, 0] + draws[:, 2]
+    return _percentile_interval(cond.astype(float), base.astype(float), level)
+
+
+def cluster_bootstrap(
+    clusters: Sequence[tuple[int, int]],
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Bootstrap interval of the pooled relative change, resampling whole clusters with replacement.
+
+    ``clusters`` holds per question (cluster) its number of pairs right under the condition and right
+    under the baseline, summed over every role that answered it: one resample of question ids applies to
+    all roles' pairs, so roles sharing questions do not count as independent evidence. With one pair
+    per cluster it is the plain paired bootstrap.
+    """
+    m = len(clusters)
+    if m == 0:
+        return (math.nan, math.nan)
+    values = np.asarray(clusters, dtype=float).reshape(m, 2)
+    if values[:, 1].sum() == 0:
+        return (math.nan, math.nan)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    chunk = max(1, 2_000_000 // m)  # bounded memory for tables of many questions
+    cond_parts, base_parts = [], []
+    for start in range(0, resamples, chunk):
+        size = min(chunk, resamples - start)
+        picks = rng.integers(0, m, size=(size, m))
+        sums = values[picks].sum(axis=1)
+        cond_parts.append(sums[:, 0])
+        base_parts.append(sums[:, 1])
+    return _percentile_interval(np.concatenate(cond_parts), np.concatenate(base_parts), level)
 
 
 # --- tables ------------------------------------------------------------------------------------------

@@ -23,7 +23,15 @@ from typing import Any
 from ..core.records import read_records
 from ..data.sources import domain_roles, normalise_role
 from ..errors import RolevecError
-from .stats import mcnemar, wilson
+from .stats import (
+    benjamini_hochberg,
+    cluster_bootstrap,
+    clustered_mcnemar,
+    holm,
+    mcnemar,
+    paired_bootstrap,
+    wilson,
+)
 
 CONDITIONS = ("baseline", "persona", "add", "ablate", "random")
 #: Below this many paired questions per cell the report warns that differences are noise unless p < 0.05.
@@ -298,6 +306,14 @@ class Paired:
         return (100.0 * low / base, 100.0 * high / base)
 
     @property
+    def rel_ci_bootstrap(self) -> tuple[float, float]:
+        """Paired bootstrap 95% interval of the relative change (questions resampled, condition and
+        baseline together; seeded, so the same run gives the same interval)."""
+        both = self.base_correct - self.lost
+        neither = self.n - self.base_correct - self.gained
+        return paired_bootstrap(both, self.gained, self.lost, neither)
+
+    @property
     def p_value(self) -> float:
         return mcnemar(self.gained, self.lost)
 
@@ -312,6 +328,19 @@ class Paired:
 
 
 EMPTY = Paired(0, 0, 0, 0, 0)
+
+
+#: Per-question outcome codes of a cell, aligned with ``Analysis.questions[domain]``: 2·condition + baseline
+#: for a paired question, ABSENT where the condition has no row for it.
+ABSENT = 4
+
+
+def outcome_codes(condition: Mapping[str, bool], baseline: Mapping[str, bool]) -> bytes:
+    """One byte per baseline question (in the baseline's order): what the cluster bootstrap resamples."""
+    return bytes(
+        ABSENT if qid not in condition else 2 * bool(condition[qid]) + bool(base)
+        for qid, base in baseline.items()
+    )
 
 
 def pair(condition: Mapping[str, bool], baseline: Mapping[str, bool]) -> Paired:
@@ -341,6 +370,8 @@ class Cell:
     stats: Paired
     #: acc_norm paired the same way, for continuation-scored records (None for letter scoring).
     norm: Paired | None = None
+    #: Per-question outcomes (:func:`outcome_codes`), so pooled tables can resample by question.
+    outcomes: bytes = field(default=b"", repr=False, compare=False)
 
     @property
     def in_domain(self) -> bool:
@@ -438,6 +469,95 @@ def star(p: float) -> str:
     return "*" if p < SIGNIFICANCE else ""
 
 
+# --- many comparisons and pooled comparisons -----------------------------------------------------------
+@dataclass(frozen=True)
+class Adjusted:
+    """Holm and Benjamini–Hochberg adjusted p-values of one test within its family."""
+
+    holm: float | None
+    bh: float | None
+
+
+def adjust(pvalues: Sequence[float | None]) -> list[Adjusted]:
+    """Both adjustments of one family of p-values (None stays None), in the input's order."""
+    return [Adjusted(h, b) for h, b in zip(holm(pvalues), benjamini_hochberg(pvalues), strict=True)]
+
+
+def condition_holm(a: Analysis, label: str) -> dict[tuple[str, str], float]:
+    """(role, domain) -> Holm-adjusted p over the role × domain cells of one condition (one heatmap's
+    family, so the table and the figure mark the same cells)."""
+    cells = [c for c in a.cells if c.condition.label == label]
+    adjusted = holm([c.stats.p_value for c in cells])
+    return {(c.role, c.domain): p for c, p in zip(cells, adjusted, strict=True) if p is not None}
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """Pairs of several cells pooled, with questions as clusters (roles of a domain share questions)."""
+
+    cells: int
+    roles: int
+    n: int  # pairs
+    questions: int  # distinct questions (clusters)
+    correct: int  # right under the condition, over all pairs
+    reference_correct: int  # right under the reference (the baseline, or another condition)
+    ci: tuple[float, float]  # cluster bootstrap 95% interval of rel_change
+    p_value: float  # clustered McNemar
+
+    @property
+    def rel_change(self) -> float:
+        if self.reference_correct == 0:
+            return math.nan
+        return 100.0 * (self.correct - self.reference_correct) / self.reference_correct
+
+
+def pool(comparisons: Iterable[tuple[Cell, Cell | None]]) -> Pooled:
+    """Pool (cell, reference) comparisons by question: the reference is the baseline when None, else
+    another cell of the same role and domain (paired on the questions both answered).
+
+    Each question is one cluster whatever the number of roles that answered it, so the interval (cluster
+    bootstrap: one resample of question ids for every role's pairs) and the p-value (clustered McNemar)
+    do not treat roles sharing the same questions as independent evidence.
+    """
+    sums: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0])
+    cells = 0
+    roles: set[str] = set()
+    n = 0
+    for cell, reference in comparisons:
+        ref = reference.outcomes if reference is not None else None
+        used = False
+        for i, code in enumerate(cell.outcomes):
+            if code == ABSENT:
+                continue
+            ok = code >> 1
+            if ref is None:
+                other = code & 1
+            elif ref[i] == ABSENT:
+                continue
+            else:
+                other = ref[i] >> 1
+            entry = sums[(cell.domain, i)]
+            entry[0] += ok
+            entry[1] += other
+            entry[2] += ok - other
+            n += 1
+            used = True
+        if used:
+            cells += 1
+            roles.add(cell.role)
+    clusters = [(c, r) for c, r, _ in sums.values()]
+    return Pooled(
+        cells=cells,
+        roles=len(roles),
+        n=n,
+        questions=len(sums),
+        correct=sum(c for c, _ in clusters),
+        reference_correct=sum(r for _, r in clusters),
+        ci=cluster_bootstrap(clusters),
+        p_value=clustered_mcnemar(d for _, _, d in sums.values()),
+    )
+
+
 def order_domains(found: Iterable[str], table: Mapping[str, Sequence[str]] | None = None) -> tuple[str, ...]:
     """The domain table's order first, then any other domain alphabetically."""
     canonical = list(builtin_domains() if table is None else table)
@@ -518,7 +638,8 @@ def analyse(
             norm_answers = grouped_norm.get((role, raw, domain))
             norm = pair(norm_answers, baseline_norm.get(domain, {})) if norm_answers else None
             norm = norm if norm is not None and norm.n else None
-            cells.append(Cell(role, domain_of.get(role), keys[raw], domain, stats, norm))
+            codes = outcome_codes(answers, baseline.get(domain, {}))
+            cells.append(Cell(role, domain_of.get(role), keys[raw], domain, stats, norm, codes))
     cells.sort(key=lambda c: (roles.index(c.role), c.condition, all_domains.index(c.domain)))
     summaries = []
     for role in roles:
@@ -646,3 +767,16 @@ def sweep_panels(
             )
         )
     return panels
+
+
+def main_label(a: Analysis, kind: str) -> str | None:
+    """The condition of one kind that the headline summary speaks for: the one with most cells, then the
+    largest |α| (the paper's strongest setting); None when the run has no such condition."""
+    found: dict[str, tuple[int, float]] = {}
+    for c in a.cells:
+        if c.condition.kind == kind:
+            count, alpha = found.get(c.condition.label, (0, abs(c.condition.alpha)))
+            found[c.condition.label] = (count + 1, alpha)
+    if not found:
+        return None
+    return max(found, key=lambda label: (*found[label], label))
