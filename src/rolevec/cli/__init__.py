@@ -16,7 +16,19 @@ from collections.abc import Sequence
 from ..errors import RolevecError
 
 #: Subcommand modules, in the order they appear in --help.
-COMMANDS = ("info", "extract", "prompts", "generate", "fold", "export", "sweep", "evaluate", "run", "report")
+COMMANDS = (
+    "info",
+    "extract",
+    "prompts",
+    "generate",
+    "fold",
+    "export",
+    "sweep",
+    "evaluate",
+    "run",
+    "report",
+    "rank",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
