@@ -191,6 +191,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "no_progress": True,
     },
     "report": {"_pos": "{t}/run"},
+    "rank": {
+        **MODEL,
+        "vectors": "{t}/v.safetensors",
+        "role": "mathematician",
+        "layer": "2",
+        "out": "{t}/rank",
+        "no_progress": True,
+        "_pos": "{t}/prompts.json",
+    },
 }
 DEFAULT_FILES: dict[str, dict[str, Any]] = {
     "info": {},
@@ -203,6 +212,10 @@ DEFAULT_FILES: dict[str, dict[str, Any]] = {
     "evaluate": {**VEC, **MCQ},
     "run": {**ROLES, **BASE, **MCQ},
     "report": {**RUN},
+    "rank": {
+        **VEC,
+        "prompts.json": json.dumps(["Explain an integral.", "Tell me a joke.", "What is a prime?"]),
+    },
 }
 
 
@@ -331,6 +344,16 @@ case("info-block-pattern-wrong", "info", block_pattern="model.nope", expect="mod
 case("info-unknown-flag", "info", extra=("--jsn",), expect="--jsn")
 
 # --- extract: prompt sets of every format, counts, outputs ---------------------------------------------
+# --- rank: prompts scored by their projection on a role vector ------------------------------------
+K = "rank"
+case("rank-role-unknown", K, role="mathematican", expect="mathematican")
+case("rank-layer-out-of-range", K, layer="99", expect="99")
+case("rank-no-layer", K, layer=None, expect="--layer")
+case("rank-position-missing", K, position="-99", expect="-99")
+case("rank-prompts-empty", K, {"prompts.json": "[]"}, expect="prompts.json")
+case("rank-prompts-missing", K, _pos="{t}/nope.json", expect="nope.json")
+case("rank-base-without-zscore", K, base="{t}/prompts.json", expect="--zscore")
+
 X = "extract"
 case("extract-roles-dir-missing", X, roles_dir="{t}/nope", expect="nope")
 case("extract-roles-dir-is-file", X, {"r.txt": "x\n"}, roles_dir="{t}/r.txt", expect="r.txt")
