@@ -8,12 +8,15 @@ import sys
 from .common import add_model_args, load_from_args
 from .steer_args import (
     DEFAULT_LAYER_FRACTION,
+    add_cap_args,
     add_strength_args,
     add_vector_args,
     check_alpha_arg,
     check_selection_model,
     choose,
     load_vectors,
+    parse_cap,
+    parse_cap_layers,
 )
 
 
@@ -40,6 +43,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--selection", default=None, help="selection JSON giving layer/position/alpha per role"
     )
     add_strength_args(parser, required=False)
+    add_cap_args(parser)
     parser.add_argument(
         "--where",
         default="all",
@@ -72,6 +76,14 @@ def _run(args: argparse.Namespace) -> int:
     from ..steering.interventions import Steering, resolve_steering
 
     check_alpha_arg(args.alpha)
+    cap = None if args.cap is None else parse_cap(args.cap)
+    cap_layers = None if args.cap_layers is None else parse_cap_layers(args.cap_layers)
+    if cap_layers is not None and cap is None:
+        raise RolevecError("--cap-layers only applies to capping: pass --cap LO:HI too")
+    if cap is not None and (args.alpha is not None or args.ablate or args.control_vector):
+        raise RolevecError(
+            "--cap replaces the addition: pass one of --cap, --alpha or --ablate (and no --control-vector)"
+        )
     if args.max_new_tokens < 1:
         raise RolevecError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
     if not args.temperature >= 0.0 or args.temperature == float("inf"):
@@ -104,14 +116,17 @@ def _run(args: argparse.Namespace) -> int:
         if not args.vectors or not args.role:
             raise RolevecError("pass --vectors FILE and --role ROLE (or --control-vector FILE.gguf)")
         vectors = load_vectors(args.vectors)
-        choice, selection = choose(args, vectors, need_alpha=True)
+        choice, selection = choose(args, vectors, need_alpha=cap is None)
+        alpha = None if cap is not None else choice.alpha
         resolve_steering(
             vectors,
             args.role,
             layers=choice.layer,
             position=choice.position,
-            alpha=choice.alpha,
+            alpha=alpha,
             ablate=args.ablate,
+            cap=cap,
+            cap_layers=cap_layers,
         )
         adapter = load_from_args(args)
         check_selection_model(selection, adapter, args.allow_other_model)
@@ -120,11 +135,13 @@ def _run(args: argparse.Namespace) -> int:
             args.role,
             layers=choice.layer,
             position=choice.position,
-            alpha=choice.alpha,
+            alpha=alpha,
             ablate=args.ablate,
             adapter=adapter,
             allow_other_model=args.allow_other_model,
             warn_zero=False,  # warned above, before the model loaded
+            cap=cap,
+            cap_layers=cap_layers,
         )
     options = {
         "max_new_tokens": args.max_new_tokens,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,3 +151,47 @@ def check_selection_model(selection: dict[str, Any] | None, adapter: ModelAdapte
             f"the selection was made on {selection.get('model')!r} (fingerprint {theirs}), not on "
             f"{adapter.name!r} ({adapter.fingerprint()}): pass that model, or --allow-other-model"
         )
+
+
+def add_cap_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("projection capping")
+    group.add_argument(
+        "--cap",
+        default=None,
+        metavar="LO:HI",
+        help="cap the projection x·d̂ on the role's unit direction to [LO, HI] instead of adding "
+        "(activation capping; write --cap=-2:5 when LO is negative); replaces --alpha/--ablate",
+    )
+    group.add_argument(
+        "--cap-layers",
+        default=None,
+        metavar="L,L,...",
+        help="layers whose input is capped (default: the steering layer alone)",
+    )
+
+
+def parse_cap(text: str) -> tuple[float, float]:
+    """``LO:HI`` as two finite numbers with LO ≤ HI (checked before the model loads)."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        lo, hi = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise RolevecError(f"--cap takes LO:HI, two numbers (e.g. -2:5), not {text!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise RolevecError(f"--cap takes two finite numbers LO:HI (e.g. -2:5), not {text!r}")
+    if lo > hi:
+        raise RolevecError(f"--cap range {text!r} has LO > HI: pass LO:HI with LO ≤ HI (e.g. -2:5)")
+    return lo, hi
+
+
+def parse_cap_layers(text: str) -> list[int]:
+    """``10,11,12`` as a list of layers (their range is checked against the vector file)."""
+    try:
+        layers = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise RolevecError(
+            f"--cap-layers takes layers separated by commas (e.g. 10,11,12), not {text!r}"
+        ) from None
+    return layers

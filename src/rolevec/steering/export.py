@@ -21,7 +21,7 @@ import torch
 from ..core.files import atomic_write
 from ..errors import RolevecError, path_problem
 from ..model.loading import ModelAdapter
-from .interventions import Steering
+from .interventions import Steering, not_added
 
 GGUF_ARCH = "controlvector"
 PT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -183,6 +183,10 @@ def export_control_vector(
     """
     from .._version import __version__
 
+    if steering.mode == "cap":
+        raise RolevecError(
+            f"a capping steering cannot be exported as a control vector: {not_added(steering)}"
+        )
     if steering.mode != "add":
         raise RolevecError("only addition can be exported as a control vector (llama.cpp adds vectors)")
     provenance = {
@@ -221,6 +225,10 @@ def lm_eval_config(
     steering: Steering, adapter: ModelAdapter, *, dtype: torch.dtype = torch.float32
 ) -> dict[str, dict[str, Any]]:
     """The dict lm-evaluation-harness's ``steered`` model loads: ``{hookpoint: {action, steering_...}}``."""
+    if steering.mode == "cap":
+        raise RolevecError(
+            f"a capping steering cannot be exported for lm-evaluation-harness: {not_added(steering)}"
+        )
     if steering.mode != "add":
         raise RolevecError("only addition can be exported for lm-evaluation-harness")
     steering.check_model(adapter, allow_other_model=True, warn_other_model=False)

@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import RolevecError
 from ..model.hooks import StopForward, hooked, input_hook, output_hook
 from ..model.loading import ModelAdapter
-from .interventions import Steering
+from .interventions import Steering, not_added
 from .writers import BIAS_SWITCHES
 from .writers import bias_plan as _bias_plan
 
@@ -97,6 +97,8 @@ def drop_gguf_quantizer_(adapter: ModelAdapter) -> bool:
 
 def fold_problem(adapter: ModelAdapter, steering: Steering) -> str | None:
     """Why ``steering`` cannot be folded exactly into this model, or ``None`` when it can."""
+    if steering.mode == "cap":
+        return f"a capping steering cannot be folded into weights: {not_added(steering)}"
     if adapter.offloaded:
         return (
             "the model's weights are offloaded (its device map puts some on disk or in CPU memory, and "
@@ -521,6 +523,8 @@ def save_folded(
     """
     from ..model.manifest import MANIFEST_NAME, write_manifest
 
+    if check is not None and check[1].mode == "cap":
+        raise RolevecError(f"a capping steering cannot be folded into weights: {not_added(check[1])}")
     quantization = _quantization(folded)
     if quantization is not None:
         raise RolevecError(

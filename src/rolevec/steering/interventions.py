@@ -1,9 +1,14 @@
-"""The one intervention type: :class:`Steering`, addition or ablation, applied as a scoped context manager.
+"""The one intervention type: :class:`Steering`, addition, ablation or capping, applied as a scoped context
+manager.
 
 * Activation addition: x ← x + α·d at the input of the chosen layer(s), at every position by default
   (or only at given prompt tokens, as patch-scoping does).
 * Directional ablation: x ← x − d̂d̂ᵀx at every block input, the final norm input, and on every module
   output written into the residual stream, so the direction never re-enters it.
+* Projection capping: x ← x + (clamp(x·d̂, lo, hi) − x·d̂)·d̂ at the input of the chosen layer(s), at every
+  position: the projection on d̂ is kept within [lo, hi] and everything orthogonal to d̂ is left alone.
+  The change depends on the activation, so capping is never a fixed addition and cannot be folded or
+  exported.
 
 A :class:`Steering` is validated once, when it is made (α finite, vectors 1-D and finite); generation,
 folding, export, interpretation, the sweep and the test stage all use it, and the resumed scorer adds its
@@ -12,6 +17,7 @@ folding, export, interpretation, the sweep and the test stage all use it, and th
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -27,7 +33,7 @@ from ..model.loading import ModelAdapter
 from ..vectors.role_vectors import RoleVectors, check_fingerprint
 
 WHERE = ("all", "prompt", "generated")
-MODES = ("add", "ablate")
+MODES = ("add", "ablate", "cap")
 
 
 def check_vector(adapter: ModelAdapter, vector: torch.Tensor) -> torch.Tensor:
@@ -41,34 +47,39 @@ def check_vector(adapter: ModelAdapter, vector: torch.Tensor) -> torch.Tensor:
     return vector.detach()
 
 
-def unit(vector: torch.Tensor) -> torch.Tensor:
+def unit(vector: torch.Tensor, *, what: str = "ablate") -> torch.Tensor:
     norm = vector.norm()
     if not torch.isfinite(norm) or float(norm) == 0.0:
-        raise RolevecError("cannot ablate a zero (or non-finite) direction")
+        raise RolevecError(f"cannot {what} a zero (or non-finite) direction")
     out: torch.Tensor = vector / norm
     return out
 
 
 @dataclass(frozen=True)
 class Steering:
-    """One intervention: α·d added at its layer(s), or the direction d̂ removed everywhere.
+    """One intervention: α·d added at its layer(s), the direction d̂ removed everywhere, or the
+    projection on d̂ capped to [lo, hi] at chosen layers.
 
     ``vectors`` maps each layer to its (unscaled) vector. For ``add`` every entry is applied at its own
     layer, scaled by ``alpha``; for ``ablate`` there is one entry, the layer the direction was taken from,
-    and the direction is removed at every layer. ``tokens`` (addition only) restricts the addition to
-    those token indices of the prompt forward; decoding steps are left alone.
+    and the direction is removed at every layer; for ``cap`` each entry is a layer whose input is capped,
+    along the unit direction of its vector. ``tokens`` (addition only) restricts the addition to those
+    token indices of the prompt forward; decoding steps are left alone.
 
-    Build one with :meth:`addition`, :meth:`ablation` or :func:`resolve_steering`, and steer with
-    ``with steering.apply(adapter): ...``.
+    Build one with :meth:`addition`, :meth:`ablation`, :meth:`capping` or :func:`resolve_steering`, and
+    steer with ``with steering.apply(adapter): ...``.
 
     Args:
-        mode: ``add`` or ``ablate``.
+        mode: ``add``, ``ablate`` or ``cap``.
         vectors: Layer -> its unscaled vector (one entry for ``ablate``: the layer of the direction).
-        alpha: The scale α of an addition (default 0; unused by ``ablate``).
+        alpha: The scale α of an addition (default 0; unused by ``ablate`` and ``cap``).
         role: The role the vector is from; used in descriptions.
         position: The post-instruction position the vector was taken at (default -1); used in descriptions.
         source: The model (and its fingerprint) the vectors come from, checked by ``check_model``.
         tokens: For an addition: only these token indices of the prompt forward are steered (default: all).
+        lo: For ``cap``: the lowest projection x·d̂ kept (``-inf`` for no lower bound is refused: pass a
+            number).
+        hi: For ``cap``: the highest projection x·d̂ kept.
 
     Example:
         >>> import torch
@@ -84,6 +95,8 @@ class Steering:
     position: int = -1
     source: Mapping[str, Any] = field(default_factory=dict)
     tokens: tuple[int, ...] | None = None
+    lo: float | None = None
+    hi: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -98,9 +111,23 @@ class Steering:
                 raise RolevecError(f"a steering vector must be 1-D, not of shape {tuple(vector.shape)}")
             if not torch.isfinite(vector).all():
                 raise RolevecError("steering vector contains NaN or infinite values")
+        if self.mode == "cap":
+            object.__setattr__(self, "lo", _check_bound(self.lo, "lo"))
+            object.__setattr__(self, "hi", _check_bound(self.hi, "hi"))
+            if self.lo is not None and self.hi is not None and self.lo > self.hi:
+                raise RolevecError(
+                    f"capping range has lo {self.lo:g} > hi {self.hi:g}: pass `cap` as LO:HI with LO ≤ HI"
+                )
+            for vector in self.vectors.values():
+                unit(vector.float(), what="cap along")
+        elif self.lo is not None or self.hi is not None:
+            raise RolevecError(f"only capping takes `lo`/`hi`; a {self.mode} steering takes none")
         if self.tokens is not None:
             if self.mode != "add":
-                raise RolevecError("ablation acts on every token: pass no tokens")
+                raise RolevecError(
+                    f"{'ablation' if self.mode == 'ablate' else 'capping'} acts on every token: "
+                    "pass no tokens"
+                )
             if not self.tokens or min(self.tokens) < 0:
                 raise RolevecError(f"tokens must be non-negative prompt indices, not {list(self.tokens)}")
 
@@ -132,6 +159,25 @@ class Steering:
         """Remove ``direction`` (taken from ``layer``; the layer only labels it) everywhere."""
         return cls("ablate", {layer: direction}, role=role, position=position)
 
+    @classmethod
+    def capping(
+        cls,
+        vector: torch.Tensor,
+        *,
+        layers: int | Sequence[int],
+        lo: float,
+        hi: float,
+        role: str = "",
+        position: int = -1,
+    ) -> Steering:
+        """Keep the projection on ``vector``'s unit direction within [lo, hi] at the input of ``layers``."""
+        layer_list = [layers] if isinstance(layers, int) else list(layers)
+        if not layer_list:
+            raise RolevecError("capping needs at least one layer: pass `cap_layers` (e.g. 10,11,12)")
+        return cls(
+            "cap", dict.fromkeys(layer_list, vector), role=role, position=position, lo=float(lo), hi=float(hi)
+        )
+
     @property
     def layers(self) -> list[int]:
         return sorted(self.vectors)
@@ -149,13 +195,13 @@ class Steering:
 
     @property
     def direction(self) -> torch.Tensor:
-        """The unit direction an ablation removes."""
+        """The unit direction an ablation removes (or a capping caps along)."""
         return unit(self.vectors[self.layers[0]].float())
 
     def scaled(self) -> dict[int, torch.Tensor]:
         """α·d per layer: exactly what addition puts into the residual stream."""
         if self.mode != "add":
-            raise RolevecError("only addition has scaled vectors; ablation removes a direction")
+            raise RolevecError(f"only addition has scaled vectors, not {self.mode}: {_NOT_ADDED[self.mode]}")
         return {layer: self.alpha * self.vectors[layer].float() for layer in self.layers}
 
     def shift(self, like: torch.Tensor) -> torch.Tensor:
@@ -169,6 +215,9 @@ class Steering:
         who = f"role {self.role!r}, " if self.role else ""
         if self.mode == "add":
             return f"add α={self.alpha:g} ({who}layer {layers}, position {self.position})"
+        if self.mode == "cap":
+            bounds = f"[{self.lo:g}, {self.hi:g}]"
+            return f"cap projection to {bounds} ({who}layer {layers}, position {self.position})"
         return f"ablate ({who}direction from layer {layers}, position {self.position})"
 
     def check_model(
@@ -211,6 +260,8 @@ class Steering:
             if self.mode == "add":
                 for layer in self.layers:
                     stack.enter_context(self._add_hooks(adapter, layer, where))
+            elif self.mode == "cap":
+                stack.enter_context(self._cap_hooks(adapter, where))
             else:
                 if where != "all":
                     raise RolevecError("ablation acts on every position: pass `where=all`")
@@ -241,6 +292,28 @@ class Steering:
 
         return hooked(pre=[(adapter.residual_site(layer), input_hook(steer))])
 
+    def _cap_hooks(self, adapter: ModelAdapter, where: str) -> Any:
+        assert self.lo is not None and self.hi is not None  # checked in __post_init__
+        lo, hi = self.lo, self.hi
+        pre = []
+        for layer in self.layers:
+            d = unit(self.vectors[layer].detach().float(), what="cap along").to(adapter.device)
+
+            def cap(x: torch.Tensor, d: torch.Tensor = d) -> torch.Tensor | None:
+                if where == "prompt" and x.shape[1] == 1:
+                    return None
+                if where == "generated" and x.shape[1] != 1:
+                    return None
+                # The projection and its correction in float32 (a bf16 dot product over the hidden size
+                # is too coarse to compare with the bounds), added back in the residual's dtype.
+                dd = d.to(x.device)
+                proj = x.float() @ dd
+                delta = proj.clamp(lo, hi) - proj
+                return x + (delta.unsqueeze(-1) * dd).to(x.dtype)
+
+            pre.append((adapter.residual_site(layer), input_hook(cap)))
+        return hooked(pre=pre)
+
     def _ablate_hooks(self, adapter: ModelAdapter) -> Any:
         d = unit(self.vectors[self.layers[0]].detach().to(device=adapter.device, dtype=adapter.dtype).float())
         d = d.to(adapter.dtype)
@@ -263,8 +336,38 @@ class Steering:
             "layers": self.layers,
             "position": self.position,
             "alpha": self.alpha if self.mode == "add" else None,
+            **({"lo": self.lo, "hi": self.hi} if self.mode == "cap" else {}),
             "vector_norms": {str(k): float(v.float().norm()) for k, v in sorted(self.vectors.items())},
         }
+
+
+#: Why a steering that is not an addition has no fixed vector to fold or export, per mode.
+_NOT_ADDED = {
+    "add": "",
+    "ablate": "ablation removes a direction",
+    "cap": (
+        "capping changes each activation by an amount that depends on its projection, so no fixed vector or "
+        "weight edit reproduces it; steer with hooks (`Steering.apply`, `rolevec generate --cap`)"
+    ),
+}
+
+
+def _check_bound(value: float | None, name: str) -> float:
+    """A capping bound as a finite float: an infinite one is no cap, a NaN compares false everywhere."""
+    try:
+        bound = float(value) if value is not None else float("nan")
+    except (TypeError, ValueError):
+        raise RolevecError(f"capping bound `{name}` must be a number, not {value!r}") from None
+    if not math.isfinite(bound):
+        raise RolevecError(
+            f"capping bound `{name}` must be a finite number, not {value!r}: pass `cap` as LO:HI"
+        )
+    return bound
+
+
+def not_added(steering: Steering) -> str | None:
+    """Why ``steering`` has no fixed vector (for fold and export), or ``None`` for an addition."""
+    return _NOT_ADDED[steering.mode] or None
 
 
 def add(
@@ -342,6 +445,8 @@ def resolve_steering(
     adapter: ModelAdapter | None = None,
     allow_other_model: bool = False,
     warn_zero: bool = True,
+    cap: tuple[float, float] | None = None,
+    cap_layers: Sequence[int] | None = None,
 ) -> Steering:
     """Pick role vectors out of a file and check them (and, if given, against the model).
 
@@ -359,6 +464,9 @@ def resolve_steering(
         adapter: The model to check the vectors against (depth, hidden size, fingerprint).
         allow_other_model: Accept vectors from a model with another fingerprint, with a warning.
         warn_zero: Warn when an added vector is zero (default ``True``).
+        cap: ``(lo, hi)``: cap the projection on the (single layer's) unit direction to [lo, hi] instead of
+            adding; ``alpha`` must be ``None``.
+        cap_layers: For ``cap``: the layers whose input is capped (default: the one layer in ``layers``).
 
     Returns:
         The checked :class:`Steering`.
@@ -372,6 +480,12 @@ def resolve_steering(
         ```
     """
     layer_list = [layers] if isinstance(layers, int) else list(layers)
+    if cap is not None:
+        return _resolve_capping(
+            vectors, role, layer_list, position, alpha, ablate, adapter, allow_other_model, cap, cap_layers
+        )
+    if cap_layers is not None:
+        raise RolevecError("`cap_layers` only applies to capping: pass `cap` LO:HI too")
     if ablate and alpha is not None:
         raise RolevecError("ablation takes no alpha: pass either `alpha` A or `ablate`")
     if not ablate and alpha is None:
@@ -394,6 +508,58 @@ def resolve_steering(
         role=role,
         position=position,
         source=source,
+    )
+    if adapter is not None:
+        if vectors.n_layers != adapter.n_layers:
+            raise RolevecError(
+                f"vectors were extracted from a model with {vectors.n_layers} layers but {adapter.name} has "
+                f"{adapter.n_layers}: extract vectors for this model with `rolevec extract`"
+            )
+        steering.check_model(adapter, allow_other_model=allow_other_model)
+    return steering
+
+
+def _resolve_capping(
+    vectors: RoleVectors,
+    role: str,
+    layer_list: Sequence[int],
+    position: int,
+    alpha: float | None,
+    ablate: bool,
+    adapter: ModelAdapter | None,
+    allow_other_model: bool,
+    cap: tuple[float, float],
+    cap_layers: Sequence[int] | None,
+) -> Steering:
+    """The capping branch of :func:`resolve_steering`: one direction, capped at each of ``cap_layers``."""
+    if alpha is not None or ablate:
+        raise RolevecError("capping takes no `alpha` and no `ablate`: pass one of `cap`, `alpha` or `ablate`")
+    if len(layer_list) != 1:
+        raise RolevecError(
+            "capping caps along one direction: pass a single `layer` (and `cap_layers` to cap at several)"
+        )
+    layer = layer_list[0]
+    targets = [layer] if cap_layers is None else [int(x) for x in cap_layers]
+    if not targets:
+        raise RolevecError("capping needs at least one layer: pass `cap_layers` (e.g. 10,11,12)")
+    for target in targets:
+        vectors.check_layer(target)
+    direction = vectors.vector(role, layer, position).float()
+    if zero_layers(vectors, role, [layer], position):
+        raise RolevecError(
+            f"{_why_zero(role, [layer], position)}, and a zero vector has no direction to cap along: pass "
+            f"another `layer` (1..{vectors.n_layers})"
+        )
+    lo, hi = cap
+    source = {k: vectors.metadata[k] for k in ("model", "model_fingerprint") if k in vectors.metadata}
+    steering = Steering(
+        "cap",
+        dict.fromkeys(targets, direction),
+        role=role,
+        position=position,
+        source=source,
+        lo=lo,
+        hi=hi,
     )
     if adapter is not None:
         if vectors.n_layers != adapter.n_layers:

@@ -37,7 +37,7 @@ import torch
 
 from ..errors import RolevecError
 from ..model.loading import ModelAdapter
-from .interventions import Steering
+from .interventions import Steering, not_added
 from .writers import bias_plan as _bias_plan
 
 TARGETS = ("transformers", "llama.cpp", "vllm")
@@ -227,6 +227,9 @@ def target_verdict(
             "`target=vllm`"
         )
     model_type = str(getattr(adapter.config, "model_type", type(adapter.model).__name__))
+    if steering.mode == "cap":  # no engine can serve it: there is no weight edit to load
+        reason = f"a capping steering cannot be folded into weights: {not_added(steering)}"
+        return TargetVerdict(target, "refused", (reason,), model_type=model_type)
     if target == "transformers":
         return TargetVerdict(
             target,
