@@ -41,9 +41,13 @@ def _inputs_around(
         return input_hook(lambda x: into.append(x.detach().float().clone()))
 
     batch = adapter.encode([adapter.render(t) for t in TEXTS])
-    with torch.inference_mode(), hooked(pre=[(s, keeper(before)) for s in sites]):
-        with steering.apply(adapter), hooked(pre=[(s, keeper(after)) for s in sites]):
-            adapter.model(**batch.model_kwargs())
+    with (
+        torch.inference_mode(),
+        hooked(pre=[(s, keeper(before)) for s in sites]),
+        steering.apply(adapter),
+        hooked(pre=[(s, keeper(after)) for s in sites]),
+    ):
+        adapter.model(**batch.model_kwargs())
     return before, after
 
 

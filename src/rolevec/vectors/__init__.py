@@ -1,5 +1,6 @@
-"""Role vectors: the vector file and its checks (:mod:`.role_vectors`) and their extraction from mean
-activations over prompt sets (:mod:`.extraction`).
+"""Role vectors: the vector file and its checks (:mod:`.role_vectors`), their extraction from mean
+activations over prompt sets (:mod:`.extraction`), and arithmetic on them (:mod:`.arithmetic`: weighted
+and orthogonalised sums, differences, scaling, projecting one role out of another, with provenance).
 
 It may import :mod:`rolevec.data`, :mod:`rolevec.model` and :mod:`rolevec.core`. The names of the former
 ``rolevec.vectors`` module (``RoleVectors``, ``check_fingerprint``) still import from here.
