@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,18 @@ def test_study_writes_diagnostics_resumes_and_reports_them(
     run_study(adapter, _tiny_config(), tmp_path, progress=False, log=lambda _: None)
     stages.diagnose_sites(adapter, _prompts(tmp_path), tmp_path, ["lawyer"], progress=False)
     assert (tmp_path / "diagnostics.json").read_bytes() == before
+    monkeypatch.undo()
+    other = _prompts(tmp_path)  # other prompts for one role (as a forced rerun may sample): it is redone
+    changed = {
+        **other.roles,
+        "lawyer": replace(other.roles["lawyer"], prompts=other.roles["lawyer"].prompts[:-1]),
+    }
+    redone = stages.diagnose_sites(
+        adapter, replace(other, roles=changed), tmp_path, ["lawyer", "mathematician"], progress=False
+    )
+    assert redone["roles"]["lawyer"]["n_role"] == data["roles"]["lawyer"]["n_role"] - 1
+    assert redone["roles"]["mathematician"] == data["roles"]["mathematician"]
+    (tmp_path / "diagnostics.json").write_bytes(before)
 
     md = (tmp_path / "report.md").read_text()
     assert "## Which vectors to trust" in md and "consistency random 95%" in md

@@ -30,6 +30,7 @@ Entry points::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -559,8 +560,8 @@ def diagnose_sites(
     is checked for consistency, separation and stability against random directions, into
     ``diagnostics.json`` (see :mod:`rolevec.vectors.diagnostics`).
 
-    A role already in the file is kept when its site and the file's model and settings are unchanged;
-    the base prompts are read once per site that some missing role needs.
+    A role already in the file is kept when its site, its prompts and the file's model and settings are
+    unchanged; the base prompts are read once per site that some missing role needs.
 
     Args:
         adapter: The model the vectors came from.
@@ -613,9 +614,17 @@ def diagnose_sites(
             raise RolevecError(f"selection.json has no site for role {role!r}: rerun the selection stage")
         return int(entry["layer"]), int(entry["position"])
 
+    def digest(role: str) -> str:
+        """The role's and the base prompts, hashed: other prompts (a forced rerun) redo the role."""
+        text = json.dumps([prompts.roles[role].prompts, prompts.base.prompts], ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
     def current(role: str) -> bool:
         got = done.get(role)
-        return isinstance(got, dict) and (got.get("layer"), got.get("position")) == site(role)
+        return isinstance(got, dict) and (got.get("layer"), got.get("position"), got.get("prompts")) == (
+            *site(role),
+            digest(role),
+        )
 
     missing = [r for r in roles if not current(r)]
     if stored is not None and not missing and done == stored.get("roles"):
@@ -652,7 +661,7 @@ def diagnose_sites(
             n_random=DEFAULT_RANDOM,
             seed=DEFAULT_SEED,
         )
-        done[role] = {"domain": sites[role].get("domain"), **diag.to_json()}
+        done[role] = {"domain": sites[role].get("domain"), "prompts": digest(role), **diag.to_json()}
     result = {**header, "roles": done}
     _write_json(path, result)
     return result
