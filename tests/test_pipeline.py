@@ -21,6 +21,7 @@ ARTEFACTS = (
     "sweep.jsonl",
     "selection.json",
     "interpret.json",
+    "diagnostics.json",
     "report.html",
     "report.md",
     "manifest.json",

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .geometry import Geometry
-from .tables import Analysis, SweepPanel, condition_holm, star
+from .tables import DIAGNOSTICS, Analysis, DiagnosticRow, SweepPanel, condition_holm, star
 
 DPI = 110
 #: How the chance level is drawn on every accuracy figure.
@@ -265,5 +265,39 @@ def norms_figure(g: Geometry) -> bytes:
     ax.set_ylabel("‖d‖", fontsize=8)
     ax.set_title("Role-vector norm by layer (colour = domain)", fontsize=9)
     ax.legend(fontsize=6, ncol=2 if len(g.norms) > 12 else 1, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def diagnostics_figure(rows: Sequence[DiagnosticRow], effects: dict[str, float]) -> bytes:
+    """Each diagnostic (x) against the in-domain relative change of the role's chosen addition (y):
+    filled = beats its random threshold, hollow = does not; dotted = the roles' mean threshold."""
+    shown = [r for r in rows if r.role in effects and not math.isnan(effects[r.role])]
+    fig = _figure(10.5, 3.4)
+    axes = fig.subplots(1, len(DIAGNOSTICS), squeeze=False)[0]
+    labels = {
+        "consistency": "consistency (mean cosine)",
+        "separation": "separation (cross-fitted AUROC)",
+        "stability": "stability (bootstrap cosine)",
+    }
+    for ax, name in zip(axes, DIAGNOSTICS, strict=True):
+        for r in shown:
+            x, y = r.values[name], effects[r.role]
+            if math.isnan(x):
+                continue
+            passed = name not in r.flagged
+            ax.plot([x], [y], "o", color="tab:blue", markerfacecolor="tab:blue" if passed else "none")
+            ax.annotate(r.role, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        limits = [r.thresholds[name] for r in shown if not math.isnan(r.thresholds[name])]
+        if limits:
+            ax.axvline(sum(limits) / len(limits), color="grey", linestyle=":", linewidth=1)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xlabel(labels[name], fontsize=7)
+        ax.tick_params(labelsize=7)
+    axes[0].set_ylabel("in-domain rel. change of the chosen addition (%)", fontsize=7)
+    fig.suptitle(
+        "Diagnostics vs steering effect (filled = beats random directions; dotted = mean random threshold)",
+        fontsize=8,
+    )
     fig.tight_layout()
     return png_bytes(fig)

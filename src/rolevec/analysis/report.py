@@ -2,8 +2,8 @@
 
 It reads only the run folder's files, never the model, so it can be rebuilt at any time. Sample sizes and
 95% intervals sit next to every accuracy, and a banner warns when cells are small, so a difference that
-is noise never reads as a finding. Optional inputs that are absent (sweep, vectors, interpretation) turn
-their section into a note saying the stage was not run.
+is noise never reads as a finding. Optional inputs that are absent (sweep, vectors, interpretation,
+diagnostics) turn their section into a note saying the stage was not run.
 
 Any benchmark fits: the domains are those of the records, each accuracy sits next to its chance level
 (1/number of choices, averaged over the questions), continuation-scored runs show acc_norm too, and the
@@ -33,10 +33,12 @@ from . import figures
 from .geometry import Geometry, role_geometry
 from .stats import RESAMPLES, holm
 from .tables import (
+    DIAGNOSTICS,
     SIGNIFICANCE,
     SMALL_N,
     Analysis,
     Cell,
+    DiagnosticRow,
     Pooled,
     Record,
     SweepPanel,
@@ -45,6 +47,7 @@ from .tables import (
     chance_levels,
     choice_counts,
     condition_holm,
+    diagnostic_rows,
     load_records,
     main_label,
     pool,
@@ -211,6 +214,8 @@ class RunData:
     choices: dict[int, int] = field(default_factory=dict)
     #: The scoring rules the records name; empty for records older than the choice (letter scored).
     record_scoring: tuple[str, ...] = ()
+    #: diagnostics.json (absent in runs made before the diagnostics step).
+    diagnostics: Input = field(default_factory=lambda: Input(missing="no diagnostics.json"))
 
 
 def _read_json(path: Path) -> Input:
@@ -272,6 +277,9 @@ def load_run(run_dir: str | Path, *, role_map: Mapping[str, str] | None = None) 
         except RolevecError as exc:
             vectors = Input(missing=str(exc))
     interpret = _read_json(root / "interpret.json")
+    diagnostics = _read_json(root / "diagnostics.json")
+    if diagnostics.missing == "no diagnostics.json":
+        diagnostics.missing = "no diagnostics.json (the run predates the diagnostics step)"
     if interpret.missing == "no interpret.json":
         interpret.missing = "no interpret.json (interpretation was not run)"
     elif interpret.value is not None and not isinstance(interpret.value.get("roles"), dict):
@@ -289,6 +297,7 @@ def load_run(run_dir: str | Path, *, role_map: Mapping[str, str] | None = None) 
         val_chance=val_chance,
         choices=choice_counts(records),
         record_scoring=_record_scoring(records),
+        diagnostics=diagnostics,
     )
 
 
@@ -858,7 +867,12 @@ def logit_lens_table(interp: Mapping[str, Any]) -> Table:
 
 def improving_roles(data: RunData) -> dict[str, bool]:
     """Whether each role's selected addition improves its own domain on the test split (rel. change > 0)."""
-    out: dict[str, bool] = {}
+    return {role: change > 0 for role, change in chosen_effects(data).items()}
+
+
+def chosen_effects(data: RunData) -> dict[str, float]:
+    """Each role's in-domain relative change (test split, %) under its selected addition."""
+    out: dict[str, float] = {}
     chosen = data.selection.get("roles") or {}
     for role in data.analysis.roles:
         alpha = (chosen.get(role) or {}).get("alpha")
@@ -873,8 +887,37 @@ def improving_roles(data: RunData) -> dict[str, bool]:
         if candidates:
             s = candidates[-1]
             assert s.in_domain is not None
-            out[role] = s.in_domain.rel_change > 0
+            out[role] = s.in_domain.rel_change
     return out
+
+
+def diagnostics_table(rows: Sequence[DiagnosticRow], effects: Mapping[str, float]) -> Table:
+    """Per role: the diagnostics at its chosen site, each beside its random-direction threshold."""
+    columns = [Column("role"), Column("layer", "int"), Column("position", "int")]
+    for name in DIAGNOSTICS:
+        columns += [Column(name, "float"), Column(f"{name} random 95%", "float")]
+    columns += [
+        Column("split-half cosine", "float"),
+        Column("flagged"),
+        Column("in-domain rel. change", "rel"),
+    ]
+    t = Table(
+        "diagnostics",
+        "Which vectors to trust: diagnostics at each role's chosen site",
+        columns,
+        note="consistency = mean cosine of each role prompt's difference from the base mean with the "
+        "vector; separation = cross-fitted AUROC of role vs base prompts on the vector (0.5 = none); "
+        "stability = mean cosine between bootstrap vectors. 'random 95%' = the 95th percentile of the same "
+        "statistic over random directions of the vector's norm; flagged = what the vector does not beat. "
+        "in-domain rel. change = the chosen addition on the test split.",
+    )
+    for r in rows:
+        row: list[Any] = [r.role, r.layer, r.position]
+        for name in DIAGNOSTICS:
+            row += [r.values[name], r.thresholds[name]]
+        row += [r.split_half, ", ".join(r.flagged) or "no", effects.get(r.role)]
+        t.rows.append(row)
+    return t
 
 
 def judge_table(data: RunData) -> Table | None:
@@ -1145,6 +1188,30 @@ def build(data: RunData) -> Report:
         bars.tables.append(persona_vs_vector_table(a))
         csv_tables += bars.tables
         sections.append(bars)
+
+    trust = Section("Which vectors to trust")
+    rows = diagnostic_rows(data.diagnostics.value or {}, a.roles)
+    if rows:
+        effects = chosen_effects(data)
+        trust.text.append(
+            "Each chosen vector is checked at its site against random directions of the same norm: a "
+            "vector that does not beat them on a diagnostic is flagged. The figure sets each diagnostic "
+            "against the vector's effect on its own domain, so one sees whether reliable vectors steer "
+            "better."
+        )
+        if any(r.role in effects for r in rows):
+            trust.figures.append(
+                FigurePNG("diagnostics", "diagnostics vs effect", figures.diagnostics_figure(rows, effects))
+            )
+        else:
+            trust.text.append("No test records of the chosen additions yet: the figure needs them.")
+        trust.tables.append(diagnostics_table(rows, effects))
+        csv_tables += trust.tables
+    elif data.diagnostics.value is not None:
+        trust.text.append("diagnostics.json holds no roles.")
+    else:
+        trust.text.append(f"Diagnostics are absent: {data.diagnostics.missing}.")
+    sections.append(trust)
 
     sweep = Section("Layer sweep (validation split)")
     if data.sweep.value:

@@ -780,3 +780,57 @@ def main_label(a: Analysis, kind: str) -> str | None:
     if not found:
         return None
     return max(found, key=lambda label: (*found[label], label))
+
+
+#: The diagnostics of ``diagnostics.json`` a vector must beat random directions on, in table order.
+DIAGNOSTICS = ("consistency", "separation", "stability")
+
+
+@dataclass(frozen=True)
+class DiagnosticRow:
+    """One role's entry of ``diagnostics.json`` (NaN where a value is missing or not a number)."""
+
+    role: str
+    layer: int | None
+    position: int | None
+    values: dict[str, float]
+    thresholds: dict[str, float]
+    split_half: float
+    flagged: tuple[str, ...]
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+
+
+def _whole(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def diagnostic_rows(data: Mapping[str, Any], roles: Sequence[str] = ()) -> list[DiagnosticRow]:
+    """The roles of ``diagnostics.json`` (``roles`` first, in their order, then the rest), read leniently:
+    a malformed entry is left out rather than failing the report."""
+    entries = data.get("roles")
+    if not isinstance(entries, Mapping):
+        return []
+    order = [r for r in roles if r in entries] + sorted(r for r in entries if r not in roles)
+    rows = []
+    for role in order:
+        entry = entries[role]
+        if not isinstance(entry, Mapping):
+            continue
+        thresholds = entry.get("thresholds")
+        thresholds = thresholds if isinstance(thresholds, Mapping) else {}
+        flagged = entry.get("flagged")
+        rows.append(
+            DiagnosticRow(
+                role=str(role),
+                layer=_whole(entry.get("layer")),
+                position=_whole(entry.get("position")),
+                values={k: _number(entry.get(k)) for k in DIAGNOSTICS},
+                thresholds={k: _number(thresholds.get(k)) for k in DIAGNOSTICS},
+                split_half=_number(entry.get("split_half")),
+                flagged=tuple(str(f) for f in flagged) if isinstance(flagged, list) else (),
+            )
+        )
+    return rows

@@ -1,4 +1,5 @@
-"""The paper's whole study as one resumable pipeline: prompts, vectors, selection, test, analysis, report.
+"""The paper's whole study as one resumable pipeline: prompts, vectors, selection (then its diagnostics),
+test, analysis, report.
 
 Each stage writes its artefact into the run folder and is skipped on a rerun when that artefact exists
 (per-question records resume inside a stage), so an interrupted ``rolevec run`` continues where it stopped.
@@ -477,6 +478,14 @@ class Study:
         self.state.timings[name] = self.state.timings.get(name, 0.0) + time.perf_counter() - start
         self._manifest()
 
+    def _step(self, name: str, fn: Callable[[], None]) -> None:
+        """A step inside the stage before it (logged under it, timed and written to the manifest)."""
+        self.log(f"    {name}")
+        start = time.perf_counter()
+        fn()
+        self.state.timings[name] = self.state.timings.get(name, 0.0) + time.perf_counter() - start
+        self._manifest()
+
     def check_grid(self) -> None:
         """The layer range and positions against this model, before anything is written."""
         from ..core.spec import parse_layer_range, parse_positions
@@ -510,6 +519,7 @@ class Study:
             self._stage("vectors", self.stage_vectors)
             self._stage("questions", self.stage_questions)
             self._stage("selection", self.stage_selection)
+            self._step("diagnostics", self.stage_diagnostics)
             self._stage("test", self.stage_test)
             if self.config.interpret:
                 self._stage("interpret", self.stage_interpret)
@@ -644,6 +654,22 @@ class Study:
             "ablation": c.ablate_scope,
             "sweep_mode": {r.role: r.reuse for r in chosen.sweeps},
         }
+
+    def stage_diagnostics(self) -> None:
+        """Whether each chosen vector beats random directions at its site (``diagnostics.json``)."""
+        from .stages import diagnose_sites
+
+        result = diagnose_sites(
+            self.adapter,
+            self.prompts,
+            self.run_dir,
+            self.roles,
+            batch_size=self.config.batch_size,
+            progress=self.progress,
+        )
+        flagged = {r: result["roles"][r]["flagged"] for r in self.roles if result["roles"][r]["flagged"]}
+        for role, names in flagged.items():
+            self.log(f"    {role}: does not beat random directions on {', '.join(names)}")
 
     def stage_test(self) -> None:
         from .executors import EvalSettings

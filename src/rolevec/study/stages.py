@@ -13,6 +13,7 @@ How subsets merge into the one run folder:
 - ``sweep.jsonl``: the rows of a (role, domain) pair replace that pair's old rows.
 - ``selection.json``: entries merge by role (same model, split seed and layer range).
 - ``interpret.json``: entries merge by role when the settings (prompt, α, model) match.
+- ``diagnostics.json``: entries merge by role while the role's site, the model and the settings match.
 
 Entry points::
 
@@ -20,6 +21,7 @@ Entry points::
     extract_vectors(adapter, prompts, run_dir, roles, *, batch_size=16) -> RoleVectors
     load_questions(adapter, run_dir, domains, *, source, split_seed, val_fraction, ...) -> StudyQuestions
     select_sites(adapter, vectors, roles, mcq, split, run_dir, *, domain_of, layers, ...) -> SiteSelection
+    diagnose_sites(adapter, prompts, run_dir, roles, *, batch_size=16) -> dict   # after selection
     study_conditions(choices, *, alphas, persona_templates, random_control) -> list[Condition]
     open_records(run_dir, log=None) -> RecordStore   # the test stage: evaluate_conditions(..., store, ...)
     interpret_vectors(adapter, vectors, run_dir, roles, *, alpha=3.0, ...) -> dict
@@ -28,6 +30,7 @@ Entry points::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -537,4 +540,128 @@ def interpret_vectors(
     if stored is not None and same:
         result["roles"] = {**stored["roles"], **result["roles"]}
     save_interpret(result, path, force=True)
+    return result
+
+
+#: The layout of ``diagnostics.json``; a file of another layout is redone.
+DIAGNOSTICS_FORMAT = 1
+
+
+def diagnose_sites(
+    adapter: ModelAdapter,
+    prompts: StudyPrompts,
+    run_dir: str | Path,
+    roles: Sequence[str],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The diagnostics step after selection: each role's vector at its chosen site (``selection.json``)
+    is checked for consistency, separation and stability against random directions, into
+    ``diagnostics.json`` (see :mod:`rolevec.vectors.diagnostics`).
+
+    A role already in the file is kept when its site, its prompts and the file's model and settings are
+    unchanged; the base prompts are read once per site that some missing role needs.
+
+    Args:
+        adapter: The model the vectors came from.
+        prompts: The run's sampled prompts (``prompts.json``), the ones the vectors were extracted from.
+        run_dir: The run folder (reads ``selection.json``, writes ``diagnostics.json``).
+        roles: The roles to diagnose.
+        batch_size: Prompts per forward.
+        progress: Show a progress bar.
+
+    Returns:
+        The content of ``diagnostics.json``.
+
+    Example:
+        ```python
+        result = diagnose_sites(adapter, prompts, "runs/mine", ["doctor"])
+        print(result["roles"]["doctor"]["separation"], result["roles"]["doctor"]["flagged"])
+        ```
+    """
+    from ..vectors.diagnostics import (
+        DEFAULT_BOOTSTRAPS,
+        DEFAULT_FOLDS,
+        DEFAULT_RANDOM,
+        DEFAULT_SEED,
+        diagnose_activations,
+        site_activations,
+    )
+
+    run_dir = Path(run_dir)
+    selection = read_stored(run_dir / "selection.json")
+    sites = selection.get("roles")
+    if not isinstance(sites, dict):
+        raise RolevecError(f"{run_dir / 'selection.json'} has no 'roles': rerun the selection stage")
+    header = {
+        "format": DIAGNOSTICS_FORMAT,
+        "model_fingerprint": adapter.fingerprint(),
+        "folds": DEFAULT_FOLDS,
+        "bootstraps": DEFAULT_BOOTSTRAPS,
+        "n_random": DEFAULT_RANDOM,
+        "seed": DEFAULT_SEED,
+    }
+    path = run_dir / "diagnostics.json"
+    stored = read_stored(path) if path.exists() else None
+    done: dict[str, Any] = {}
+    if stored is not None and all(stored.get(k) == v for k, v in header.items()):
+        done = dict(stored.get("roles") or {})
+
+    def site(role: str) -> tuple[int, int]:
+        entry = sites.get(role)
+        if not isinstance(entry, dict):
+            raise RolevecError(f"selection.json has no site for role {role!r}: rerun the selection stage")
+        return int(entry["layer"]), int(entry["position"])
+
+    def digest(role: str) -> str:
+        """The role's and the base prompts, hashed: other prompts (a forced rerun) redo the role."""
+        text = json.dumps([prompts.roles[role].prompts, prompts.base.prompts], ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+    def current(role: str) -> bool:
+        got = done.get(role)
+        return isinstance(got, dict) and (got.get("layer"), got.get("position"), got.get("prompts")) == (
+            *site(role),
+            digest(role),
+        )
+
+    missing = [r for r in roles if not current(r)]
+    if stored is not None and not missing and done == stored.get("roles"):
+        return stored
+    base_at: dict[tuple[int, int], Any] = {}
+    for role in missing:
+        layer, position = site(role)
+        if (layer, position) not in base_at:
+            base_at[layer, position] = site_activations(
+                adapter,
+                prompts.base.prompts,
+                layer,
+                position,
+                batch_size=batch_size,
+                progress=progress,
+                desc=f"base @ {layer},{position}",
+            )
+        acts = site_activations(
+            adapter,
+            prompts.roles[role].prompts,
+            layer,
+            position,
+            batch_size=batch_size,
+            progress=progress,
+            desc=role,
+        )
+        diag = diagnose_activations(
+            acts,
+            base_at[layer, position],
+            layer=layer,
+            position=position,
+            folds=DEFAULT_FOLDS,
+            bootstraps=DEFAULT_BOOTSTRAPS,
+            n_random=DEFAULT_RANDOM,
+            seed=DEFAULT_SEED,
+        )
+        done[role] = {"domain": sites[role].get("domain"), "prompts": digest(role), **diag.to_json()}
+    result = {**header, "roles": done}
+    _write_json(path, result)
     return result
