@@ -43,6 +43,7 @@ WRITES: dict[str, tuple[str, ...]] = {
         *_EVALUATION,
         "sweep.jsonl",
         "selection.json",
+        "diagnostics.json",
         "interpret.json",
         "manifest.json",
         *REPORT_FILES,
@@ -54,7 +55,7 @@ WRITES: dict[str, tuple[str, ...]] = {
 #: Files derived from what a command replaces: stale once it replaces them, so they go too.
 STALE: dict[str, tuple[str, ...]] = {
     "run": (),
-    "sweep": ("interpret.json", "summary.json", *REPORT_FILES),
+    "sweep": ("interpret.json", "diagnostics.json", "summary.json", *REPORT_FILES),
     "evaluate": REPORT_FILES,
     "report": (),
 }
