@@ -265,3 +265,21 @@ def test_run_skip_bad_skips_malformed_questions_of_its_source(
     assert main([*argv, str(tmp_path / "b"), "--skip-bad"]) == 0
     records = list(read_records(tmp_path / "b" / "records.jsonl"))
     assert records and "math/3" not in {r["qid"] for r in records}
+
+
+def test_all_domains_of_a_source_still_refuse_a_role_domain_it_lacks(tmp_path: Path) -> None:
+    """`domains=all` reads the domains from the source once; a mapped role whose domain the source lacks is
+    refused by the source's own line."""
+    from rolevec.study.pipeline import check_inputs
+
+    mcq = tmp_path / "mcq"
+    mcq.mkdir()
+    rows = [{"question": f"Q{i}?", "choices": ["a", "b", "c"], "answer": i % 3} for i in range(10)]
+    (mcq / "arc.json").write_text(json.dumps(rows))
+    role_map = tmp_path / "role_domains.json"
+    role_map.write_text(json.dumps({"mathematician": "medqa"}))
+    config = _tiny_config(roles="mathematician", domains="all", mcq=str(mcq), role_domains=str(role_map))
+    with pytest.raises(RolevecError, match=r"no question file for domain\(s\) medqa"):
+        check_inputs(config)
+    role_map.write_text(json.dumps({"mathematician": "arc"}))
+    assert check_inputs(config) == (["mathematician"], ["arc"])

@@ -211,6 +211,14 @@ def check_scoring(scoring: str) -> str:
     return scoring
 
 
+def check_scorer(scoring: str, scorer: LetterScorer | ContinuationScorer | None) -> None:
+    """Refuse a scorer of the other rule (each rule has its own head)."""
+    if scoring == "continuation" and isinstance(scorer, LetterScorer):
+        raise RolevecError("continuation scoring needs a ContinuationScorer (or none), not a LetterScorer")
+    if scoring == "letter" and isinstance(scorer, ContinuationScorer):
+        raise RolevecError("letter scoring needs a LetterScorer (or none), not a ContinuationScorer")
+
+
 def applied(adapter: ModelAdapter, steering: Steering | None) -> AbstractContextManager[None]:
     """``steering`` applied to ``adapter``, or nothing (baseline and persona conditions)."""
     return nullcontext() if steering is None else steering.apply(adapter)
@@ -279,15 +287,12 @@ def _scores(
     scoring: str,
 ) -> Any:
     """Results batch by batch under the hooks now active, by the chosen scoring rule."""
+    check_scorer(scoring, scorer)
     if scoring == "continuation":
-        if isinstance(scorer, LetterScorer):
-            raise RolevecError(
-                "continuation scoring needs a ContinuationScorer (or none), not a LetterScorer"
-            )
+        assert not isinstance(scorer, LetterScorer)  # check_scorer refused it
         choices, _ = prepare_choices(adapter, items, prompt_format, system)
         return iter_continuations(adapter, choices, scorer=scorer, batch_size=batch_size)
-    if isinstance(scorer, ContinuationScorer):
-        raise RolevecError("letter scoring needs a LetterScorer (or none), not a ContinuationScorer")
+    assert not isinstance(scorer, ContinuationScorer)
     prepared, _ = prepare(adapter, items, prompt_format, system)
     return iter_scores(adapter, prepared, scorer=scorer, batch_size=batch_size)
 
@@ -396,14 +401,8 @@ def evaluate_conditions(
 
     check_scoring(scoring)
     continuation = scoring == "continuation"
-    if continuation:
-        if isinstance(scorer, LetterScorer):
-            raise RolevecError(
-                "continuation scoring needs a ContinuationScorer (or none), not a LetterScorer"
-            )
-        cscorer = scorer if isinstance(scorer, ContinuationScorer) else ContinuationScorer(adapter)
-    elif isinstance(scorer, ContinuationScorer):
-        raise RolevecError("letter scoring needs a LetterScorer (or none), not a ContinuationScorer")
+    check_scorer(scoring, scorer)
+    cscorer = scorer if isinstance(scorer, ContinuationScorer) else ContinuationScorer(adapter)
     lscorer = scorer if isinstance(scorer, LetterScorer) else LetterScorer(adapter)
     report = EvaluationReport()
     doms = list(domains) if domains is not None else mcq.domains

@@ -44,7 +44,7 @@ from ..model.batching import batch_overhead_tokens, logit_tolerance, plan_batche
 from ..model.hooks import StopForward, hooked, input_hook, output_hook, skipped
 from ..model.loading import ModelAdapter
 from ..steering.interventions import Steering
-from .scoring import DEFAULT_MAX_CACHE_BYTES, ItemResult, PromptFormat
+from .scoring import DEFAULT_MAX_CACHE_BYTES, ItemResult, PromptFormat, finish_logits, logit_postprocess
 
 #: Rows of choice tokens per forward, as a multiple of the batch size in questions.
 ROWS_PER_QUESTION = 4
@@ -138,10 +138,7 @@ class ContinuationScorer:
         self.probe_error: float | None = None
         #: The first batch's difference between additions resumed mid-stack and done by hooks.
         self.resume_error: float | None = None
-        cfg = adapter.config
-        self.softcap = getattr(cfg, "final_logit_softcapping", None)
-        self.scale = float(getattr(cfg, "logit_scale", None) or 1.0)
-        self.scale /= float(getattr(cfg, "logits_scaling", None) or 1.0)
+        self.scale, self.softcap = logit_postprocess(adapter.config)
 
     # --- the head: log-probabilities of given tokens at given positions ----------------------------
     def _log_probs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -149,15 +146,22 @@ class ContinuationScorer:
         unembed = self.adapter.unembed
         out = []
         for start in range(0, int(hidden.shape[0]), HEAD_CHUNK):
-            logits = unembed(hidden[start : start + HEAD_CHUNK]).float()
-            if self.scale != 1.0:
-                logits = logits * self.scale
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
+            logits = finish_logits(
+                unembed(hidden[start : start + HEAD_CHUNK]).float(), self.scale, self.softcap
+            )
             lp = torch.log_softmax(logits, dim=-1)
             t = targets[start : start + HEAD_CHUNK].to(lp.device)
             out.append(lp.gather(1, t.unsqueeze(1)).squeeze(1))
         return torch.cat(out).to(self.adapter.device) if out else torch.zeros(0)
+
+    def _row_sums(
+        self, rows: int, picks: list[torch.Tensor], targets: list[int], owner: list[int]
+    ) -> list[float]:
+        """Per row, the summed ``log p(target)`` of the states ``picks`` it owns (float64)."""
+        lp = self._log_probs(torch.stack(picks).float(), torch.tensor(targets, dtype=torch.long))
+        per_row = torch.zeros(rows, dtype=torch.float64)
+        per_row.index_add_(0, torch.tensor(owner), lp.double().cpu())
+        return [float(x) for x in per_row]
 
     def _final_states(
         self, kwargs: dict[str, Any], resume: tuple[int, torch.Tensor] | None = None, keep: Sequence[int] = ()
@@ -210,11 +214,9 @@ class ContinuationScorer:
                         picks.append(hidden[r, n_ctx - 1 + j])
                         targets.append(token)
                         owner.append(r)
-                lp = self._log_probs(torch.stack(picks).float(), torch.tensor(targets, dtype=torch.long))
-            per_row = torch.zeros(len(part), dtype=torch.float64)
-            per_row.index_add_(0, torch.tensor(owner), lp.double().cpu())
+                per_row = self._row_sums(len(part), picks, targets, owner)
             for r, (q, c) in enumerate(part):
-                sums[q][c] = float(per_row[r])
+                sums[q][c] = per_row[r]
         return sums
 
     # --- the fast path: contexts once, choices against their cached context -----------------------
@@ -281,14 +283,12 @@ class ContinuationScorer:
             return out
         self._probe = False
         ref = self.full(prepared)
-        error = max(abs(a - b) for x, y in zip(out, ref, strict=True) for a, b in zip(x, y, strict=True))
-        self.probe_error = error
-        atol, rtol = logit_tolerance(self.adapter.dtype)
-        scale = max(1.0, max(abs(b) for y in ref for b in y))
-        if error <= atol + rtol * scale:
+        ok, self.probe_error = sums_agree(out, ref, self.adapter.dtype)
+        if ok:
             return out
         warnings.warn(
-            f"sharing each question's context across its choices changes log-likelihoods by {error:.2e} on "
+            f"sharing each question's context across its choices changes log-likelihoods by "
+            f"{self.probe_error:.2e} on "
             f"{self.adapter.name}; scoring every choice on its whole row instead (slower)",
             stacklevel=2,
         )
@@ -413,11 +413,9 @@ class _Passes:
                 picks.append(hidden[r, j])
                 targets.append(cont[j + 1])
                 owner.append(r)
-        lp = self.scorer._log_probs(torch.stack(picks).float(), torch.tensor(targets, dtype=torch.long))
-        per_row = torch.zeros(len(chunk.part), dtype=torch.float64)
-        per_row.index_add_(0, torch.tensor(owner), lp.double().cpu())
+        per_row = self.scorer._row_sums(len(chunk.part), picks, targets, owner)
         for r, (q, c) in enumerate(chunk.part):
-            sums[q][c] += float(per_row[r])
+            sums[q][c] += per_row[r]
 
 
 def results_from_logliks(prepared: Sequence[Choices], sums: Sequence[Sequence[float]]) -> list[ItemResult]:
@@ -458,10 +456,27 @@ def iter_continuations(
 ) -> Iterator[list[ItemResult]]:
     """Results batch by batch (batches of questions of similar context length, longest first)."""
     scorer = scorer or ContinuationScorer(adapter)
-    lengths = [len(p.context) + max(len(c) for c in p.continuations) for p in prepared]
-    for idx in plan_batches(lengths, batch_size, overhead_tokens=batch_overhead_tokens(adapter.device)):
-        chunk = [prepared[i] for i in idx]
+    for chunk in question_batches(adapter, prepared, batch_size):
         yield results_from_logliks(chunk, scorer.logliks(chunk))
+
+
+def question_batches(
+    adapter: ModelAdapter, prepared: Sequence[Choices], batch_size: int
+) -> list[list[Choices]]:
+    """Questions in batches of similar context + longest-choice length, longest first (less padding)."""
+    lengths = [len(p.context) + max(len(c) for c in p.continuations) for p in prepared]
+    plan = plan_batches(lengths, batch_size, overhead_tokens=batch_overhead_tokens(adapter.device))
+    return [[prepared[i] for i in idx] for idx in plan]
+
+
+def sums_agree(
+    got: Sequence[Sequence[float]], ref: Sequence[Sequence[float]], dtype: torch.dtype
+) -> tuple[bool, float]:
+    """Do two batches of summed log-likelihoods agree within the dtype's logit tolerance (relative to the
+    largest reference sum)? Also the largest difference."""
+    error = max(abs(a - b) for x, y in zip(got, ref, strict=True) for a, b in zip(x, y, strict=True))
+    atol, rtol = logit_tolerance(dtype)
+    return error <= atol + rtol * max(1.0, max(abs(b) for y in ref for b in y)), error
 
 
 K = TypeVar("K", bound=Hashable)
@@ -485,11 +500,8 @@ def score_continuation_additions(
     differ, nothing is emitted and the call returns False (the caller scores each addition by hooks).
     """
     wanted = {q for _, pending in todo.values() for q in pending}
-    chosen = [p for p in prepared if p.item.qid in wanted]
-    lengths = [len(p.context) + max(len(c) for c in p.continuations) for p in chosen]
     checked = False
-    for idx in plan_batches(lengths, batch_size, overhead_tokens=batch_overhead_tokens(adapter.device)):
-        chunk = [chosen[i] for i in idx]
+    for chunk in question_batches(adapter, [p for p in prepared if p.item.qid in wanted], batch_size):
         qids = {p.item.qid for p in chunk}
         keys = [key for key, (_, pending) in todo.items() if qids & pending]
         if not keys:
@@ -500,13 +512,9 @@ def score_continuation_additions(
             checked = True
             with steerings[0].apply(adapter):
                 ref = scorer.logliks(chunk)
-            error = max(
-                abs(a - b) for x, y in zip(sums[0], ref, strict=True) for a, b in zip(x, y, strict=True)
-            )
-            atol, rtol = logit_tolerance(adapter.dtype)
-            scale = max(1.0, max(abs(b) for y in ref for b in y))
+            ok, error = sums_agree(sums[0], ref, adapter.dtype)
             scorer.resume_error = error
-            if error > atol + rtol * scale:
+            if not ok:
                 warnings.warn(
                     f"resuming the forward mid-stack changes continuation log-likelihoods by {error:.2e} on "
                     f"{adapter.name}; scoring each addition by hooks instead (slower)",

@@ -248,6 +248,23 @@ def results_from_logits(items: Sequence[MCQItem], logits: torch.Tensor) -> list[
     return out
 
 
+def logit_postprocess(config: Any) -> tuple[float, float | None]:
+    """``(scale, softcap)`` a model applies after its head: Cohere multiplies by ``logit_scale``, Granite
+    divides by ``logits_scaling``, Gemma-2 soft-caps at ``final_logit_softcapping``."""
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    scale /= float(getattr(config, "logits_scaling", None) or 1.0)
+    return scale, getattr(config, "final_logit_softcapping", None)
+
+
+def finish_logits(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """Head outputs as the model's own forward returns them (see :func:`logit_postprocess`)."""
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
 @dataclass(frozen=True)
 class Resume:
     """Where a forward resumes mid-stack: blocks below ``layer`` are skipped and ``residual`` is put in
@@ -295,10 +312,7 @@ class LetterScorer:
         self.probe_error: float | None = None
         #: Mid-stack parity checks (resumed additions) by (checked layers, prefix shared): (passed, error).
         self.resume_checks: dict[tuple[tuple[int, ...], bool], tuple[bool, float]] = {}
-        cfg = adapter.config
-        self.softcap = getattr(cfg, "final_logit_softcapping", None)
-        self.scale = float(getattr(cfg, "logit_scale", None) or 1.0)  # Cohere multiplies
-        self.scale /= float(getattr(cfg, "logits_scaling", None) or 1.0)  # Granite divides
+        self.scale, self.softcap = logit_postprocess(adapter.config)
 
     def _start_hooks(self, start: Resume | None) -> tuple[Any, list[Any]]:
         if start is None:
@@ -385,10 +399,7 @@ class LetterScorer:
                 bias = getattr(unembed, "bias", None)
                 if isinstance(bias, torch.Tensor):
                     logits = logits + bias[ids].float()
-            if self.scale != 1.0:
-                logits = logits * self.scale
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
+            logits = finish_logits(logits, self.scale, self.softcap)
             return logits.float().to(adapter.device)  # where the plain forward's logits come out
 
     def letter_logits(

@@ -500,15 +500,26 @@ def resolve_steering(
             f"(1..{vectors.n_layers}) to steer",
             stacklevel=2,
         )
-    source = {k: vectors.metadata[k] for k in ("model", "model_fingerprint") if k in vectors.metadata}
     steering = Steering(
         mode="ablate" if ablate else "add",
         vectors=picked,
         alpha=0.0 if alpha is None else check_alpha(alpha),
         role=role,
         position=position,
-        source=source,
+        source=_source(vectors),
     )
+    return _checked(steering, vectors, adapter, allow_other_model)
+
+
+def _source(vectors: RoleVectors) -> dict[str, Any]:
+    """What a steering keeps of its vector file's origin (checked against the model it is applied to)."""
+    return {k: vectors.metadata[k] for k in ("model", "model_fingerprint") if k in vectors.metadata}
+
+
+def _checked(
+    steering: Steering, vectors: RoleVectors, adapter: ModelAdapter | None, allow_other_model: bool
+) -> Steering:
+    """``steering``, once the vector file is known to fit ``adapter`` (when one is given)."""
     if adapter is not None:
         if vectors.n_layers != adapter.n_layers:
             raise RolevecError(
@@ -551,21 +562,13 @@ def _resolve_capping(
             f"another `layer` (1..{vectors.n_layers})"
         )
     lo, hi = cap
-    source = {k: vectors.metadata[k] for k in ("model", "model_fingerprint") if k in vectors.metadata}
     steering = Steering(
         "cap",
         dict.fromkeys(targets, direction),
         role=role,
         position=position,
-        source=source,
+        source=_source(vectors),
         lo=lo,
         hi=hi,
     )
-    if adapter is not None:
-        if vectors.n_layers != adapter.n_layers:
-            raise RolevecError(
-                f"vectors were extracted from a model with {vectors.n_layers} layers but {adapter.name} has "
-                f"{adapter.n_layers}: extract vectors for this model with `rolevec extract`"
-            )
-        steering.check_model(adapter, allow_other_model=allow_other_model)
-    return steering
+    return _checked(steering, vectors, adapter, allow_other_model)

@@ -404,7 +404,10 @@ def check_inputs(config: StudyConfig) -> tuple[list[str], list[str]]:
     from ..data.sources import load_base, load_role_prompts
     from ..evaluation.conditions import persona_system
 
-    roles, domains = check_roles(config)
+    # every domain of a source of one's own: read from the source itself, loaded once below
+    every = config.mcq is not None and config.domains == ("all",)
+    roles = resolve_roles(config)
+    domains = [] if every else resolve_domains(config)
     own = domain_of(config, roles)
     if not 0.0 < config.val_fraction < 1.0:
         raise RolevecError(
@@ -413,7 +416,11 @@ def check_inputs(config: StudyConfig) -> tuple[list[str], list[str]]:
     for role in roles:
         load_role_prompts(role, config.roles_dir)
     load_base(config.base, column=config.base_column)
-    mcq = load_mcq(config.mcq_source(), sorted(set(domains) | set(own.values())))
+    mcq = load_mcq(config.mcq_source(), None if every else sorted(set(domains) | set(own.values())))
+    if every:
+        domains = mcq.domains
+        if not set(own.values()) <= set(domains):  # a role's own domain the source lacks: its own error
+            load_mcq(config.mcq_source(), sorted(set(domains) | set(own.values())))
     with warnings.catch_warnings():  # load_mcq has warned about repeated questions already
         warnings.simplefilter("ignore")
         make_split(mcq, seed=config.split_seed, val_fraction=config.val_fraction)  # enough questions?
