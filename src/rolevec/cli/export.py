@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .common import add_model_args, as_flags, check_out, load_from_args
-from .steer_args import add_vector_args, check_alpha_arg, load_vectors
+from .steer_args import add_vector_args, check_alpha_arg, steer_vectors
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -67,12 +67,12 @@ def _run(args: argparse.Namespace) -> int:
     elif 0 in layer_list:
         raise RolevecError("layer 0 cannot be exported for lm-evaluation-harness (it hooks block outputs)")
     position = -1 if args.position is None else args.position
-    vectors = load_vectors(args.vectors)
-    resolve_steering(vectors, args.role, layers=layer_list, position=position, alpha=args.alpha)
+    vectors, role = steer_vectors(args)
+    resolve_steering(vectors, role, layers=layer_list, position=position, alpha=args.alpha)
     adapter = load_from_args(args)
     steering = resolve_steering(
         vectors,
-        args.role,
+        role,
         layers=layer_list,
         position=position,
         alpha=args.alpha,

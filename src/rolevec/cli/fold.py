@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .common import add_model_args, load_from_args
-from .steer_args import add_strength_args, add_vector_args, check_alpha_arg, load_vectors
+from .steer_args import add_strength_args, add_vector_args, check_alpha_arg, steer_vectors
 
 #: rolevec.steering.targets.TARGETS, spelled out: importing that module here would import torch for --help.
 TARGETS = ("transformers", "llama.cpp", "vllm")
@@ -68,15 +68,15 @@ def _run(args: argparse.Namespace) -> int:
 
     out = check_folder_out(args.out, force=args.force)
     check_alpha_arg(args.alpha)
-    vectors = load_vectors(args.vectors)
+    vectors, role = steer_vectors(args)
     position = -1 if args.position is None else args.position
     steering = resolve_steering(
-        vectors, args.role, layers=args.layer, position=position, alpha=args.alpha, ablate=args.ablate
+        vectors, role, layers=args.layer, position=position, alpha=args.alpha, ablate=args.ablate
     )
     adapter = load_from_args(args)
     steering = resolve_steering(
         vectors,
-        args.role,
+        role,
         layers=args.layer,
         position=position,
         alpha=args.alpha,

@@ -14,9 +14,9 @@ from .steer_args import (
     check_alpha_arg,
     check_selection_model,
     choose,
-    load_vectors,
     parse_cap,
     parse_cap_layers,
+    steer_vectors,
 )
 
 
@@ -97,6 +97,7 @@ def _run(args: argparse.Namespace) -> int:
                 ("--selection", args.selection),
                 ("--ablate", args.ablate),
                 ("--role", args.role),
+                ("--compose", args.compose),
                 ("--layer", args.layer),
                 ("--position", args.position),
             )
@@ -113,14 +114,16 @@ def _run(args: argparse.Namespace) -> int:
         adapter = load_from_args(args)
         steering.check_model(adapter)
     else:
-        if not args.vectors or not args.role:
-            raise RolevecError("pass --vectors FILE and --role ROLE (or --control-vector FILE.gguf)")
-        vectors = load_vectors(args.vectors)
-        choice, selection = choose(args, vectors, need_alpha=cap is None)
+        if not args.vectors or not (args.role or args.compose):
+            raise RolevecError(
+                "pass --vectors FILE and --role ROLE or --compose ROLE:W,... (or --control-vector FILE.gguf)"
+            )
+        vectors, role = steer_vectors(args)
+        choice, selection = choose(args, vectors, need_alpha=cap is None, role=role)
         alpha = None if cap is not None else choice.alpha
         resolve_steering(
             vectors,
-            args.role,
+            role,
             layers=choice.layer,
             position=choice.position,
             alpha=alpha,
@@ -132,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
         check_selection_model(selection, adapter, args.allow_other_model)
         steering = resolve_steering(
             vectors,
-            args.role,
+            role,
             layers=choice.layer,
             position=choice.position,
             alpha=alpha,

@@ -29,7 +29,12 @@ def add_vector_args(parser: argparse.ArgumentParser, *, required: bool = True) -
     group.add_argument(
         "--vectors", required=required, default=None, help="vector file written by `rolevec extract`"
     )
-    group.add_argument("--role", required=required, default=None, help="role to steer toward (in the file)")
+    group.add_argument(
+        "--role",
+        default=None,
+        help="role to steer toward (in the file)" + ("; this or --compose is required" if required else ""),
+    )
+    add_compose_args(group)
     group.add_argument(
         "--position",
         type=int,
@@ -41,6 +46,60 @@ def add_vector_args(parser: argparse.ArgumentParser, *, required: bool = True) -
         action="store_true",
         help="apply vectors whose model fingerprint differs from the loaded model",
     )
+
+
+def add_compose_args(group: Any) -> None:
+    """``--compose ROLE:W,...`` and ``--compose-mode`` (to an argument group or parser)."""
+    group.add_argument(
+        "--compose",
+        default=None,
+        metavar="ROLE:W,...",
+        help="steer with several roles of the file at once, weighted (e.g. doctor:1,lawyer:-0.5; a role "
+        "without :W weighs 1); replaces --role",
+    )
+    group.add_argument(
+        "--compose-mode",
+        default="sum",
+        choices=["sum", "orthogonal"],
+        help="sum: Σ w·d (default); orthogonal: each role's vector with the earlier ones projected out first",
+    )
+
+
+def parse_compose_arg(text: str) -> list[tuple[str, float]]:
+    """``--compose`` parsed before anything loads (names and weights; the roles are checked on the file)."""
+    from ..vectors.arithmetic import parse_composition
+
+    try:
+        return parse_composition(text)
+    except RolevecError as exc:
+        raise RolevecError(f"--compose: {exc}") from None
+
+
+def steer_vectors(args: argparse.Namespace) -> tuple[RoleVectors, str]:
+    """The vector file and the role to steer with: ``--role`` as it is, or ``--compose``'s terms combined
+    into one role (named canonically, e.g. ``doctor:1,lawyer:-0.5``) whose provenance rides in its
+    metadata."""
+    compose_text = getattr(args, "compose", None)
+    if compose_text is not None and args.role:
+        raise RolevecError("pass either --role ROLE or --compose ROLE:W,..., not both")
+    if compose_text is None and not args.role:
+        raise RolevecError("pass --role ROLE (or --compose ROLE:W,... to steer with several roles)")
+    if compose_text is not None and getattr(args, "selection", None):
+        raise RolevecError(
+            "a selection file holds a site per role, not per composition: with --compose pass --layer "
+            "(and --alpha) instead of --selection"
+        )
+    terms = parse_compose_arg(compose_text) if compose_text is not None else None
+    vectors = load_vectors(args.vectors)
+    if terms is None:
+        return vectors, str(args.role)
+    from ..vectors.arithmetic import compose
+
+    try:
+        composed = compose(vectors, terms, mode=args.compose_mode)
+    except RolevecError as exc:
+        raise RolevecError(f"--compose {compose_text}: {exc}") from None
+    return composed, composed.roles[0]
 
 
 def add_strength_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
@@ -99,13 +158,14 @@ def read_selection(path: str, role: str) -> tuple[dict[str, Any], dict[str, Any]
 
 
 def choose(
-    args: argparse.Namespace, vectors: RoleVectors, *, need_alpha: bool
+    args: argparse.Namespace, vectors: RoleVectors, *, need_alpha: bool, role: str | None = None
 ) -> tuple[Choice, dict[str, Any] | None]:
     """Explicit options win; then the selection file; then the documented defaults."""
     selection: dict[str, Any] | None = None
     entry: dict[str, Any] = {}
+    role = role if role is not None else args.role
     if getattr(args, "selection", None):
-        selection, entry = read_selection(args.selection, args.role)
+        selection, entry = read_selection(args.selection, str(role))
     origin = f"selection {args.selection}" if selection is not None else "defaults"
     if selection is not None:
         given = {"layer": args.layer, "position": args.position, "alpha": args.alpha}
@@ -118,7 +178,7 @@ def choose(
         problem = entry_problem(entry, needed)
         if problem:
             raise RolevecError(
-                f"{origin}: the entry for {args.role!r} has {problem}: pass a selection.json written by "
+                f"{origin}: the entry for {role!r} has {problem}: pass a selection.json written by "
                 f"`rolevec sweep`, or {' '.join('--' + k for k in needed)}"
             )
     layer = args.layer if args.layer is not None else entry.get("layer")

@@ -176,3 +176,96 @@ def project_out(
         "onto": _term_record(ov, other, None, None),
     }
     return _result(vv, name or f"{role}-without-{other}", d, made)
+
+
+# --- compositions named on the command line ----------------------------------------------------------
+
+#: Separates a composition's terms and a term's role from its weight: ``doctor:1,lawyer:-0.5``.
+TERM_SEP, WEIGHT_SEP = ",", ":"
+#: Marks an orthogonal composition's name (a plain sum's name is its terms alone).
+MODE_SEP = "/"
+
+
+def parse_composition(text: str) -> list[tuple[str, float]]:
+    """``doctor:1,lawyer:-0.5`` as ``[("doctor", 1.0), ("lawyer", -0.5)]``; a term without ``:W`` weighs 1.
+
+    Only the syntax is checked here (names present and distinct, weights finite numbers); whether the roles
+    exist is checked against a vector file by :func:`compose`.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise RolevecError("a composition needs terms: pass ROLE:WEIGHT,... (e.g. doctor:1,lawyer:-0.5)")
+    terms: list[tuple[str, float]] = []
+    for raw in text.split(TERM_SEP):
+        part = raw.strip()
+        role, _, weight_text = part.rpartition(WEIGHT_SEP) if WEIGHT_SEP in part else (part, "", "1")
+        role = role.strip()
+        if not role:
+            raise RolevecError(
+                f"composition term {part!r} names no role: pass ROLE:WEIGHT,... (e.g. doctor:1,lawyer:-0.5)"
+            )
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            raise RolevecError(
+                f"the weight of role {role!r} in composition {text!r} is {weight_text.strip()!r}, not a "
+                "number: pass ROLE:WEIGHT with a number (e.g. lawyer:-0.5)"
+            ) from None
+        if not math.isfinite(weight):
+            raise RolevecError(f"the weight of role {role!r} must be a finite number, not {weight_text!r}")
+        if any(role == seen for seen, _ in terms):
+            raise RolevecError(f"role {role!r} appears twice in composition {text!r}: name each role once")
+        terms.append((role, weight))
+    return terms
+
+
+def composition_name(terms: Sequence[tuple[str, float]], mode: str = "sum") -> str:
+    """The canonical name of a composition: ``doctor:1,lawyer:-0.5`` (``.../orthogonal`` when orthogonal).
+
+    It is the role name the composed vector takes, so records, tables and files name it the same way
+    whichever spelling of the weights (``1`` or ``1.0``) the user typed.
+    """
+    if mode not in COMBINE_MODES:
+        raise RolevecError(f"combination mode must be one of {', '.join(COMBINE_MODES)}, not {mode!r}")
+    body = TERM_SEP.join(f"{role}{WEIGHT_SEP}{float(w):g}" for role, w in terms)
+    return body if mode == "sum" else f"{body}{MODE_SEP}{mode}"
+
+
+def compose(
+    vectors: RoleVectors,
+    terms: str | Sequence[tuple[str, float]],
+    *,
+    mode: str = "sum",
+    name: str | None = None,
+) -> RoleVectors:
+    """Several roles of one vector file as one composed role (weighted sum, or orthogonalised in order).
+
+    What ``--compose doctor:1,lawyer:-0.5`` steers with: the result is an ordinary one-role
+    :class:`RoleVectors` (named by :func:`composition_name` unless ``name`` is given), so addition,
+    ablation, capping, folding and export take it as they take any role.
+
+    Args:
+        vectors: The vector file holding every term's role.
+        terms: ``"doctor:1,lawyer:-0.5"``, or ``[("doctor", 1.0), ("lawyer", -0.5)]``.
+        mode: ``sum`` (default) or ``orthogonal`` (each direction with the earlier ones projected out).
+        name: The composed role's name (default: the canonical composition name).
+
+    Returns:
+        A :class:`RoleVectors` with the single composed role, provenance under ``arithmetic``.
+
+    Example:
+        ```python
+        mix = compose(RoleVectors.load("vectors.safetensors"), "doctor:1,lawyer:-0.5")
+        steering = resolve_steering(mix, mix.roles[0], layers=12, alpha=3.0)
+        ```
+    """
+    parsed = parse_composition(terms) if isinstance(terms, str) else [(str(r), float(w)) for r, w in terms]
+    if not parsed:
+        raise RolevecError("a composition needs at least one term: pass ROLE:WEIGHT,...")
+    missing = [role for role, _ in parsed if role not in vectors.roles]
+    if missing:
+        raise RolevecError(
+            f"composition names role{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} that "
+            f"the vector file lacks (it has: {', '.join(vectors.roles)})"
+        )
+    label = name or composition_name(parsed, mode)
+    return combine([(vectors, role, weight) for role, weight in parsed], label, mode=mode)
