@@ -657,6 +657,32 @@ case("generate-cap-layers-without-cap", G, cap_layers="1,2", expect="--cap-layer
 case("generate-cap-layers-text", G, alpha=None, cap="1:2", cap_layers="one,two", expect="--cap-layers")
 case("generate-cap-layer-beyond-depth", G, alpha=None, cap="1:2", cap_layers="1,99", expect="99")
 case("generate-temperature-nan", G, temperature="nan", expect="--temperature")
+case("generate-compose-unknown-role", G, role=None, compose="mathematician:1,pirat:2", expect="pirat")
+case("generate-compose-weight-text", G, role=None, compose="mathematician:lots", expect="lots")
+case("generate-compose-and-role", G, compose="doctor:1", expect="--compose")
+case("generate-compose-empty-term", G, role=None, compose="mathematician,,doctor", expect="--compose")
+case("generate-compose-twice-same-role", G, role=None, compose="doctor,doctor:2", expect="twice")
+case(
+    "generate-compose-with-selection",
+    G,
+    {**SEL},
+    role=None,
+    compose="doctor",
+    selection="{t}/sel.json",
+    expect="--selection",
+)
+case(
+    "generate-compose-cap-lo-above-hi", G, role=None, alpha=None, compose="doctor", cap="3:1", expect="--cap"
+)
+case("generate-compose-layer-beyond-depth", G, role=None, compose="doctor,pirate:-1", layer="99", expect="99")
+case(
+    "generate-compose-mode-choice",
+    G,
+    role=None,
+    compose="doctor",
+    compose_mode="gram",
+    expect="--compose-mode",
+)
 case("generate-temperature-inf", G, temperature="inf", expect="--temperature")
 case("generate-max-new-tokens-zero", G, max_new_tokens="0", expect="--max-new-tokens")
 case("generate-max-new-tokens-negative", G, max_new_tokens="-5", expect="--max-new-tokens")
@@ -848,6 +874,19 @@ case("fold-alpha-inf", F, alpha="-inf", expect="--alpha")
 case("fold-position-not-in-file", F, position="-50", expect="-50")
 case("fold-ablate-layer0-zero-vector", F, alpha=None, ablate=True, layer="0", expect="layer 0")
 case("fold-out-missing", F, out=None, expect="--out")
+case("fold-compose-unknown-role", F, role=None, compose="doctor:1,doctr:1", expect="doctr")
+case("fold-compose-weight-text", F, role=None, compose="doctor:half", expect="half")
+case("fold-no-role-no-compose", F, role=None, expect="--role")
+case(
+    "fold-compose-ablate-layer0",
+    F,
+    role=None,
+    alpha=None,
+    ablate=True,
+    compose="doctor,pirate",
+    layer="0",
+    expect="layer 0",
+)
 
 # --- export: formats, layers, outputs ------------------------------------------------------------------
 E = "export"
@@ -868,6 +907,9 @@ case("export-alpha-nan", E, alpha="nan", expect="--alpha")
 case("export-alpha-inf", E, alpha="inf", expect="--alpha")
 case("export-alpha-missing", E, alpha=None, expect="--alpha")
 case("export-role-unknown", E, role="pirat", expect="pirat")
+case("export-compose-unknown-role", E, role=None, compose="doctor,pirat", expect="pirat")
+case("export-compose-weight-inf", E, role=None, compose="doctor:inf", expect="finite")
+case("export-compose-and-role", E, compose="doctor", expect="--compose")
 case("export-position-not-in-file", E, position="-14", expect="-14")
 case(
     "export-vectors-garbage",
@@ -1077,6 +1119,28 @@ case(
     expect="--selection",
 )
 case("evaluate-role-not-in-vectors", V, role="lawyer", expect="lawyer")
+case("evaluate-compose-unknown-role", V, compose="doctor,lawyer", expect="lawyer")
+case("evaluate-compose-weight-text", V, compose="doctor:much", expect="much")
+case(
+    "evaluate-compose-only-persona", V, role=None, compose="doctor", conditions="persona", expect="--compose"
+)
+case(
+    "evaluate-compose-with-selection",
+    V,
+    SEL,
+    alpha=None,
+    position=None,
+    layer=None,
+    compose="doctor",
+    selection="{t}/sel.json",
+    expect="--selection",
+)
+case("evaluate-cap-without-range", V, conditions="cap", expect="--cap")
+case("evaluate-cap-lo-above-hi", V, conditions="cap", cap="4:-4", expect="--cap")
+case("evaluate-cap-not-numbers", V, conditions="cap", cap="a:b", expect="--cap")
+case("evaluate-cap-without-condition", V, cap="0:1", expect="--conditions")
+case("evaluate-cap-layers-beyond-depth", V, conditions="cap", cap="0:1", cap_layers="2,42", expect="42")
+case("evaluate-cap-layer0-zero-vector", V, conditions="cap", cap="0:1", layer="0", expect="layer 0")
 case("evaluate-persona-template-typo", V, persona_template="you_ar", expect="you_ar")
 case("evaluate-domains-unknown", V, domains="mathh", expect="mathh")
 case("evaluate-domains-empty", V, domains=",", expect="--domains")

@@ -241,15 +241,31 @@ class SummaryRow:
     chance: float | None = None
     #: Continuation scoring's acc_norm (share of ``correct_norm``); None for letter-scored records.
     accuracy_norm: float | None = None
+    #: What else tells this condition apart (a capping range and its layers, :func:`steer_variant`).
+    variant: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @property
     def label(self) -> str:
-        return condition_label(
+        label = condition_label(
             self.condition, self.role, self.layer, self.position, self.alpha, self.persona_template
         )
+        return label if self.variant is None else f"{label} {self.variant}"
+
+
+def steer_variant(record: Mapping[str, Any]) -> str | None:
+    """A capped record's range (and its capped layers when they are not the vector's own layer), e.g.
+    ``[-2, 5]`` or ``[-2, 5] at L10,11``; None for every other record (a composition is in its role)."""
+    cap = record.get("cap")
+    if cap is None:
+        return None
+    text = f"[{float(cap[0]):g}, {float(cap[1]):g}]"
+    layers = [int(x) for x in record.get("cap_layers") or ()]
+    if layers and layers != [record.get("layer")]:
+        text += " at L" + ",".join(map(str, layers))
+    return text
 
 
 def condition_label(
@@ -289,7 +305,7 @@ def summarize(records: Iterable[Mapping[str, Any]], *, by: Sequence[str] = ("dom
     norms: dict[tuple[Any, ...], dict[str, dict[str, bool]]] = {}
     chances: dict[str, dict[str, float]] = {}
     for r in records:
-        cond = tuple(r.get(k) for k in CONDITION_KEYS)
+        cond = (*(r.get(k) for k in CONDITION_KEYS), steer_variant(r))
         group, qid = _group_key(r, by), str(r["qid"])
         outcome.setdefault(cond, {}).setdefault(group, {})[qid] = bool(r["correct"])
         if r.get("correct_norm") is not None:
@@ -349,9 +365,10 @@ def summarize(records: Iterable[Mapping[str, Any]], *, by: Sequence[str] = ("dom
                     mcnemar_p=p,
                     chance=sum(levels.values()) / len(levels) if levels else None,
                     accuracy_norm=sum(norm.values()) / len(norm) if norm else None,
+                    variant=cond[6],
                 )
             )
-    order = {c: i for i, c in enumerate(("baseline", "persona", "add", "ablate", "random"))}
+    order = {c: i for i, c in enumerate(("baseline", "persona", "add", "ablate", "random", "cap"))}
     rows.sort(
         key=lambda r: (
             r.group,
@@ -360,6 +377,7 @@ def summarize(records: Iterable[Mapping[str, Any]], *, by: Sequence[str] = ("dom
             r.layer if r.layer is not None else -1,
             r.position if r.position is not None else 0,
             r.alpha if r.alpha is not None else 0.0,
+            r.variant or "",
         )
     )
     return rows

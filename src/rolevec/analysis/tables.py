@@ -30,10 +30,11 @@ from .stats import (
     holm,
     mcnemar,
     paired_bootstrap,
+    steer_variant,
     wilson,
 )
 
-CONDITIONS = ("baseline", "persona", "add", "ablate", "random")
+CONDITIONS = ("baseline", "persona", "add", "ablate", "random", "cap")
 #: Below this many paired questions per cell the report warns that differences are noise unless p < 0.05.
 SMALL_N = 100
 #: p-values below this get a star in tables and figures.
@@ -72,6 +73,8 @@ class Record:
     scoring: str | None = None
     #: Continuation scoring's per-character verdict (lm-eval's acc_norm); None for letter scoring.
     correct_norm: bool | None = None
+    #: A capped record's range, as :func:`rolevec.analysis.stats.steer_variant` writes it; else None.
+    variant: str | None = None
 
     @property
     def chance(self) -> float | None:
@@ -112,6 +115,7 @@ def parse_record(row: Mapping[str, Any]) -> Record:
         n_choices=len(probs) if probs else None,
         scoring=None if row.get("scoring") is None else str(row["scoring"]),
         correct_norm=None if norm is None else bool(norm),
+        variant=steer_variant(row),
     )
 
 
@@ -212,8 +216,9 @@ class ConditionKey:
     template: str
     layer: int
     position: int
-    kind: str = field(compare=False)
-    label: str = field(compare=False)
+    variant: str = ""
+    kind: str = field(compare=False, default="")
+    label: str = field(compare=False, default="")
 
 
 def _alpha_text(alpha: float) -> str:
@@ -227,7 +232,7 @@ def condition_keys(records: Sequence[Record]) -> dict[tuple[Any, ...], Condition
     for r in records:
         if r.condition == "baseline":
             continue
-        raw[(r.condition, r.alpha, r.persona_template, r.layer, r.position)].add(str(r.role))
+        raw[(r.condition, r.alpha, r.persona_template, r.layer, r.position, r.variant)].add(str(r.role))
     templates = sorted({k[2] for k in raw if k[0] == "persona" and k[2] is not None})
     base_labels: dict[tuple[Any, ...], str] = {}
     for key in raw:
@@ -238,6 +243,8 @@ def condition_keys(records: Sequence[Record]) -> dict[tuple[Any, ...], Condition
             label = f"{kind} α={_alpha_text(alpha)}"
         else:
             label = kind
+        if key[5]:
+            label = f"{label} {key[5]}"
         base_labels[key] = label
     # the same label at several (layer, position) sites for one role gets the site appended
     sites: dict[tuple[str, str], set[tuple[Any, Any]]] = defaultdict(set)
@@ -256,6 +263,7 @@ def condition_keys(records: Sequence[Record]) -> dict[tuple[Any, ...], Condition
             template=key[2] or "",
             layer=-1 if key[3] is None else int(key[3]),
             position=0 if key[4] is None else int(key[4]),
+            variant=key[5] or "",
             kind=kind,
             label=label,
         )
@@ -623,7 +631,7 @@ def analyse(
     for r in rows:
         if r.condition == "baseline":
             continue
-        raw = (r.condition, r.alpha, r.persona_template, r.layer, r.position)
+        raw = (r.condition, r.alpha, r.persona_template, r.layer, r.position, r.variant)
         grouped[(str(r.role), raw, r.domain)][r.qid] = r.correct
         if r.correct_norm is not None:
             grouped_norm[(str(r.role), raw, r.domain)][r.qid] = r.correct_norm

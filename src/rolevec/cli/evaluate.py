@@ -21,7 +21,9 @@ from .mcq_args import add_mcq_args, add_scoring_arg, mcq_spec_from_args, scoring
 if TYPE_CHECKING:
     from ..data.mcq import MCQSet
 
-CONDITION_NAMES = ("baseline", "persona", "add", "ablate", "random")
+CONDITION_NAMES = ("baseline", "persona", "add", "ablate", "random", "cap")
+#: Conditions that steer with a role vector (a composition can stand in for the role).
+STEERED_NAMES = ("add", "ablate", "random", "cap")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -79,15 +81,43 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--role", default=None, help="role, or comma-separated roles (needed except for baseline)"
     )
     parser.add_argument(
+        "--compose",
+        action="append",
+        default=None,
+        metavar="ROLE:W,...",
+        help="a composition of the file's roles (e.g. doctor:1,lawyer:-0.5) steered like one more role by "
+        "add, ablate, random and cap; repeat for several",
+    )
+    parser.add_argument(
+        "--compose-mode",
+        default="sum",
+        choices=["sum", "orthogonal"],
+        help="sum: Σ w·d (default); orthogonal: each role's vector with the earlier ones projected out first",
+    )
+    parser.add_argument(
         "--conditions",
         default="baseline,persona,add,ablate,random",
-        help="comma-separated subset of baseline,persona,add,ablate,random (default: all)",
+        help="comma-separated subset of baseline,persona,add,ablate,random,cap "
+        "(default: all but cap, which needs --cap)",
     )
     site = parser.add_argument_group("steering site (or --selection)")
     site.add_argument("--layer", type=int, default=None, help="layer L (input of block L)")
     site.add_argument("--position", type=int, default=None, help="post-instruction position, e.g. -1")
     site.add_argument("--alpha", type=float, default=None, help="addition strength α")
     site.add_argument("--selection", default=None, help="selection.json of a sweep (site per role)")
+    site.add_argument(
+        "--cap",
+        default=None,
+        metavar="LO:HI",
+        help="condition cap: keep the projection on the role's unit direction within [LO, HI] (write "
+        "--cap=-2:5 when LO is negative)",
+    )
+    site.add_argument(
+        "--cap-layers",
+        default=None,
+        metavar="L,L,...",
+        help="condition cap: the layers whose input is capped (default: the site's layer)",
+    )
     parser.add_argument(
         "--persona-template",
         default="you_are",
@@ -188,6 +218,7 @@ def _conditions(args: argparse.Namespace, adapter: Any, vectors: Any) -> list[An
     from ..evaluation.conditions import Condition
     from ..evaluation.selection import load_selection, selected_site
     from ..steering.interventions import ablation_problem
+    from .steer_args import parse_cap, parse_cap_layers, parse_compose_arg
 
     kinds = split_list(args.conditions)
     unknown = [k for k in kinds if k not in CONDITION_NAMES]
@@ -195,11 +226,30 @@ def _conditions(args: argparse.Namespace, adapter: Any, vectors: Any) -> list[An
         raise RolevecError(
             f"--conditions {args.conditions!r}: pass a comma-separated subset of {','.join(CONDITION_NAMES)}"
         )
+    cap = None if args.cap is None else parse_cap(args.cap)
+    cap_layers = None if args.cap_layers is None else parse_cap_layers(args.cap_layers)
+    if "cap" in kinds and cap is None:
+        raise RolevecError("condition cap needs a range: pass --cap LO:HI (e.g. --cap=-2:5)")
+    if "cap" not in kinds and (cap is not None or cap_layers is not None):
+        given = "--cap" if cap is not None else "--cap-layers"
+        raise RolevecError(f"{given} applies to condition cap: add cap to --conditions")
     roles = split_list(args.role)
+    compositions = [parse_compose_arg(text) for text in args.compose or ()]
     needs_role = [k for k in kinds if k != "baseline"]
-    if needs_role and not roles:
-        raise RolevecError(f"conditions {','.join(needs_role)} need --role")
-    steered = [k for k in kinds if k in ("add", "ablate", "random")]
+    if needs_role and not roles and not compositions:
+        raise RolevecError(f"conditions {','.join(needs_role)} need --role (or --compose ROLE:W,...)")
+    if compositions and not any(k in STEERED_NAMES for k in kinds):
+        raise RolevecError(
+            f"--compose steers, so it needs one of the conditions {','.join(STEERED_NAMES)} in --conditions"
+        )
+    if compositions and args.selection:
+        raise RolevecError(
+            "a selection file holds a site per role, not per composition: with --compose pass --layer, "
+            "--position (and --alpha) instead of --selection"
+        )
+    if "persona" in kinds and not roles:
+        raise RolevecError("condition persona needs a role: pass --role (a composition has no persona)")
+    steered = [k for k in kinds if k in STEERED_NAMES]
     explicit = args.layer is not None or args.position is not None or args.alpha is not None
     if steered:
         if vectors is None:
@@ -233,14 +283,49 @@ def _conditions(args: argparse.Namespace, adapter: Any, vectors: Any) -> list[An
             if kind == "persona":
                 out.extend(Condition.make("persona", role=role, persona_template=t) for t in templates)
             else:
-                out.append(Condition.make(kind, role=role, layer=layer, position=position, alpha=alpha))
+                out.append(
+                    Condition.make(
+                        kind,
+                        role=role,
+                        layer=layer,
+                        position=position,
+                        alpha=None if kind in ("ablate", "cap") else alpha,
+                        cap=cap if kind == "cap" else None,
+                        cap_layers=cap_layers if kind == "cap" else None,
+                    )
+                )
+    for terms in compositions:
+        missing = [r for r, _ in terms if r not in vectors.roles]
+        if missing:
+            raise RolevecError(
+                f"--compose names role{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} that "
+                f"{args.vectors} lacks (it has: {', '.join(vectors.roles)})"
+            )
+        for kind in steered:
+            out.append(
+                Condition.make(
+                    kind,
+                    compose=terms,
+                    compose_mode=args.compose_mode,
+                    layer=args.layer,
+                    position=args.position,
+                    alpha=None if kind in ("ablate", "cap") else args.alpha,
+                    cap=cap if kind == "cap" else None,
+                    cap_layers=cap_layers if kind == "cap" else None,
+                )
+            )
+    if len({c.identity() for c in out}) != len(out):
+        raise RolevecError("--role and --compose name the same condition twice: name each role once")
     for cond in out:  # refuse a site the file lacks, or a bad template, before the run folder is written
-        if cond.kind in ("add", "ablate", "random"):
+        if cond.kind in STEERED_NAMES:
+            for layer in cond.cap_layers or ():
+                vectors.check_layer(layer)
+            source = cond.source(vectors)
+            if cond.kind in ("ablate", "cap"):
+                problem = ablation_problem(source, str(cond.role), [int(cond.layer)], int(cond.position))
+                if problem:
+                    raise RolevecError(problem.replace("to ablate", f"to {cond.kind}"))
             cond.steering(vectors, args.random_seed)
-        if cond.kind == "ablate":
-            problem = ablation_problem(vectors, str(cond.role), [int(cond.layer)], int(cond.position))
-            if problem:
-                raise RolevecError(problem)
         elif cond.kind == "persona":
             cond.system()
     return out
@@ -294,7 +379,7 @@ def _run(args: argparse.Namespace) -> int:
         split,
         args.random_seed if uses_random else None,
         vectors=vectors,
-        roles=sorted({str(c.role) for c in conditions if c.kind in ("add", "ablate", "random")}),
+        roles=sorted({role for c in conditions if c.kind in STEERED_NAMES for role in c.roles}),
         scoring=resolve_scoring(scoring_from_args(args), args.mcq),
     )
     if not args.force:
@@ -369,7 +454,7 @@ def _evaluate(
     records = [
         r
         for r in read_records(run_dir / "records.jsonl")
-        if r["qid"] in qids and record_identity(r)[:6] in wanted
+        if r["qid"] in qids and record_identity(r)[:-2] in wanted
     ]
     rows = summarize(records)
     subjects = per_subject(records)

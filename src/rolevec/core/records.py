@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,13 +45,36 @@ FIELDS = (
 #: continuation scoring the per-character prediction (lm-eval's ``acc_norm``) and each choice's summed
 #: log-likelihood. Not part of a record's identity: a run folder pins its scoring rule in settings.json.
 EXTRA_FIELDS = ("scoring", "pred_norm", "correct_norm", "logliks")
-CONDITIONS = ("baseline", "persona", "add", "ablate", "random")
+#: Identity fields a record carries, after :data:`FIELDS`, only when its steering has them: a composition
+#: of several roles (``{"mode": "sum"|"orthogonal", "terms": [[role, weight], ...]}``; the record's
+#: ``role`` is then the composition's canonical name) and a capping range (``cap``: ``[lo, hi]``, with
+#: ``cap_layers``). Records without them keep the form they always had.
+STEER_FIELDS = ("compose", "cap", "cap_layers")
+CONDITIONS = ("baseline", "persona", "add", "ablate", "random", "cap")
 
 Identity = tuple[Any, ...]
 
 
 def _num(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def steer_identity(
+    compose: Mapping[str, Any] | None = None,
+    cap: Sequence[float] | None = None,
+    cap_layers: Sequence[int] | None = None,
+) -> tuple[Any, ...] | None:
+    """The :data:`STEER_FIELDS` of a record as one hashable value (None when it has none, as every record
+    written before compositions and capping had), numbers compared as floats and ints."""
+    if compose is None and cap is None and cap_layers is None:
+        return None
+    composed = None
+    if compose is not None:
+        terms = tuple((str(role), float(weight)) for role, weight in compose.get("terms", ()))
+        composed = (str(compose.get("mode", "sum")), terms)
+    capped = None if cap is None else tuple(float(x) for x in cap)
+    layers = None if cap_layers is None else tuple(int(x) for x in cap_layers)
+    return (composed, capped, layers)
 
 
 def condition_identity(
@@ -61,7 +84,9 @@ def condition_identity(
     layer: int | None,
     position: int | None,
     alpha: float | None,
+    steer: tuple[Any, ...] | None = None,
 ) -> Identity:
+    """What identifies a condition: its :data:`FIELDS` up to α, then :func:`steer_identity`'s value."""
     return (
         condition,
         role,
@@ -69,11 +94,13 @@ def condition_identity(
         None if layer is None else int(layer),
         None if position is None else int(position),
         _num(alpha),
+        steer,
     )
 
 
 def record_identity(record: Mapping[str, Any]) -> Identity:
-    """All fields before ``domain``, plus split and qid (α compared as a float: 1 == 1.0)."""
+    """All fields before ``domain`` and the :data:`STEER_FIELDS`, plus split and qid (α compared as a
+    float: 1 == 1.0). Its last two entries are always split and qid; the rest is the condition's."""
     return (
         *condition_identity(
             record["condition"],
@@ -82,6 +109,7 @@ def record_identity(record: Mapping[str, Any]) -> Identity:
             record.get("layer"),
             record.get("position"),
             record.get("alpha"),
+            steer_identity(record.get("compose"), record.get("cap"), record.get("cap_layers")),
         ),
         record["split"],
         record["qid"],
@@ -237,6 +265,7 @@ class RecordStore:
 def ordered(record: Mapping[str, Any]) -> dict[str, Any]:
     """The record in store order: :data:`FIELDS`, then the :data:`EXTRA_FIELDS` it has."""
     out = {k: record[k] for k in FIELDS}
+    out.update((k, record[k]) for k in STEER_FIELDS if record.get(k) is not None)
     out.update((k, record[k]) for k in EXTRA_FIELDS if k in record)
     return out
 

@@ -17,6 +17,7 @@ Entry points::
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -25,13 +26,14 @@ from typing import Any
 
 import torch
 
-from ..core.records import CONDITIONS, Store, condition_identity
+from ..core.records import CONDITIONS, Store, condition_identity, steer_identity
 from ..core.spec import check_alpha
 from ..data.mcq import MCQItem, MCQSet, Split
 from ..data.sources import role_display
 from ..errors import RolevecError
 from ..model.loading import ModelAdapter
 from ..steering.interventions import Steering
+from ..vectors.arithmetic import compose, composition_name
 from ..vectors.role_vectors import RoleVectors
 from .continuation import Choices, ContinuationScorer, iter_continuations, prepare_choices
 from .scoring import (
@@ -50,7 +52,7 @@ PERSONA_TEMPLATES = {
     "talking_to": "You are talking to {article} {role}.",
 }
 
-STEERED = ("add", "ablate", "random")
+STEERED = ("add", "ablate", "random", "cap")
 #: How a question is scored: its answer letters' logits at the last prompt position, or each choice's
 #: summed log-likelihood after the prompt (see :mod:`rolevec.evaluation.continuation`).
 SCORING = ("letter", "continuation")
@@ -78,17 +80,24 @@ def persona_system(role: str, template: str = "you_are") -> str:
 class Condition:
     """One evaluation condition; its fields are the identity part of a record.
 
-    Validated at construction: a steered condition needs a role and a site, ``add`` and ``random`` an α.
-    :meth:`make` sets the fields that do not apply to ``kind`` to ``None``.
+    Validated at construction: a steered condition needs a role and a site, ``add`` and ``random`` an α,
+    ``cap`` a range. :meth:`make` sets the fields that do not apply to ``kind`` to ``None``.
 
     Args:
-        kind: ``baseline``, ``persona``, ``add``, ``ablate`` or ``random`` (a random direction of the role
-            vector's norm, the control for ``add``).
-        role: The role whose persona or vector is used (not for ``baseline``).
+        kind: ``baseline``, ``persona``, ``add``, ``ablate``, ``random`` (a random direction of the role
+            vector's norm, the control for ``add``) or ``cap`` (the projection on the role's unit direction
+            kept within ``cap`` at ``cap_layers``).
+        role: The role whose persona or vector is used (not for ``baseline``); for a composition, its
+            canonical name (:func:`rolevec.vectors.arithmetic.composition_name`, set by :meth:`make`).
         persona_template: For ``persona``: ``you_are``, ``imagine`` or ``talking_to``.
-        layer: For steered kinds: the layer the role vector is taken from and added at.
+        layer: For steered kinds: the layer the role vector is taken from (and added at).
         position: For steered kinds: the post-instruction position of the vector (e.g. -1).
         alpha: For ``add`` and ``random``: the scale α of the added vector.
+        compose: For steered kinds: ``((role, weight), ...)``, steer with these roles' weighted vectors
+            combined (:func:`rolevec.vectors.arithmetic.compose`) instead of one role's.
+        compose_mode: With ``compose``: ``sum`` (default) or ``orthogonal``.
+        cap: For ``cap``: ``(lo, hi)``, the range the projection is kept in.
+        cap_layers: For ``cap``: the layers whose input is capped (default: ``layer`` alone).
 
     Example:
         ```python
@@ -96,6 +105,9 @@ class Condition:
             Condition("baseline"),
             Condition.make("persona", role="doctor"),
             Condition.make("add", role="doctor", layer=12, position=-1, alpha=3.0),
+            Condition.make("cap", role="doctor", layer=12, position=-1, cap=(-2.0, 5.0)),
+            Condition.make("add", compose=[("doctor", 1.0), ("lawyer", -0.5)], layer=12, position=-1,
+                           alpha=3.0),
         ]
         ```
     """
@@ -106,6 +118,10 @@ class Condition:
     layer: int | None = None
     position: int | None = None
     alpha: float | None = None
+    compose: tuple[tuple[str, float], ...] | None = None
+    compose_mode: str | None = None
+    cap: tuple[float, float] | None = None
+    cap_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in CONDITIONS:
@@ -120,6 +136,28 @@ class Condition:
             if self.alpha is None:
                 raise RolevecError(f"condition {self.kind} needs `alpha` (or `selection` FILE)")
             check_alpha(self.alpha)
+        if self.compose is not None:
+            if self.kind not in STEERED:
+                raise RolevecError(
+                    f"condition {self.kind} takes one role, not a composition: pass `role` (a composition "
+                    f"steers: {', '.join(STEERED)})"
+                )
+            if self.role != composition_name(self.compose, self.compose_mode or "sum"):
+                raise RolevecError(
+                    f"a composed condition's role must be its canonical name "
+                    f"{composition_name(self.compose, self.compose_mode or 'sum')!r}: build it with "
+                    "Condition.make(..., compose=...)"
+                )
+        elif self.compose_mode is not None:
+            raise RolevecError("`compose_mode` applies to a composition only: pass `compose` too")
+        if self.kind == "cap":
+            if self.cap is None or self.cap_layers is None:
+                raise RolevecError("condition cap needs a range `cap` (LO, HI); build it with Condition.make")
+            _check_cap(self.cap)
+            if not self.cap_layers:
+                raise RolevecError("condition cap needs at least one layer in `cap_layers`")
+        elif self.cap is not None or self.cap_layers is not None:
+            raise RolevecError(f"only condition cap takes `cap`/`cap_layers`, not {self.kind}")
 
     @classmethod
     def make(
@@ -131,19 +169,67 @@ class Condition:
         layer: int | None = None,
         position: int | None = None,
         alpha: float | None = None,
+        compose: Sequence[tuple[str, float]] | None = None,
+        compose_mode: str = "sum",
+        cap: tuple[float, float] | None = None,
+        cap_layers: Sequence[int] | None = None,
     ) -> Condition:
-        """A condition with the fields that do not apply to ``kind`` set to None."""
+        """A condition with the fields that do not apply to ``kind`` set to None.
+
+        With ``compose`` the role is the composition's canonical name (``role`` must then be omitted);
+        a ``cap`` condition caps at ``cap_layers``, by default at ``layer`` alone.
+        """
+        terms: tuple[tuple[str, float], ...] | None = None
+        mode: str | None = None
+        if compose is not None:
+            if role is not None:
+                raise RolevecError("pass either `role` or `compose`, not both")
+            terms = tuple((str(r), float(w)) for r, w in compose)
+            if not terms:
+                raise RolevecError("a composition needs at least one term: pass `compose` as (role, weight)")
+            mode = compose_mode
+            role = composition_name(terms, mode)
+        if kind != "cap" and (cap is not None or cap_layers is not None):
+            raise RolevecError(f"only condition cap takes `cap`/`cap_layers`, not {kind}")
         if kind == "baseline":
             return cls(kind)
         if kind == "persona":
+            if terms is not None:
+                raise RolevecError("a persona is one role's: pass `role`, not `compose`")
             return cls(kind, role, persona_template)
         if kind == "ablate":
-            return cls(kind, role, None, layer, position, None)
-        return cls(kind, role, None, layer, position, None if alpha is None else float(alpha))
+            return cls(kind, role, None, layer, position, None, terms, mode)
+        if kind == "cap":
+            if cap is None:
+                raise RolevecError("condition cap needs a range: pass `cap` as (LO, HI)")
+            capped = (float(cap[0]), float(cap[1]))
+            at = tuple(int(x) for x in cap_layers) if cap_layers is not None else None
+            if at is None and layer is not None:
+                at = (int(layer),)
+            return cls(kind, role, None, layer, position, None, terms, mode, capped, at)
+        return cls(kind, role, None, layer, position, None if alpha is None else float(alpha), terms, mode)
+
+    def steer_fields(self) -> dict[str, Any]:
+        """The :data:`rolevec.core.records.STEER_FIELDS` this condition sets (none for a single role's
+        addition, ablation or random control: their records keep their old form)."""
+        out: dict[str, Any] = {}
+        if self.compose is not None:
+            out["compose"] = {"mode": self.compose_mode or "sum", "terms": [[r, w] for r, w in self.compose]}
+        if self.cap is not None:
+            out["cap"] = [self.cap[0], self.cap[1]]
+            out["cap_layers"] = list(self.cap_layers or ())
+        return out
 
     def identity(self) -> tuple[Any, ...]:
+        extra = self.steer_fields()
         return condition_identity(
-            self.kind, self.role, self.persona_template, self.layer, self.position, self.alpha
+            self.kind,
+            self.role,
+            self.persona_template,
+            self.layer,
+            self.position,
+            self.alpha,
+            steer_identity(extra.get("compose"), extra.get("cap"), extra.get("cap_layers")),
         )
 
     def fields(self) -> dict[str, Any]:
@@ -154,7 +240,22 @@ class Condition:
             "layer": self.layer,
             "position": self.position,
             "alpha": None if self.alpha is None else float(self.alpha),
+            **self.steer_fields(),
         }
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The vector-file roles this condition reads: a composition's terms, else its one role."""
+        if self.compose is not None:
+            return tuple(r for r, _ in self.compose)
+        return () if self.role is None else (self.role,)
+
+    def source(self, vectors: RoleVectors) -> RoleVectors:
+        """The vectors holding this condition's ``role``: ``vectors`` itself, or the composition made from
+        it (so checks such as the zero-vector one read it like any role)."""
+        if self.compose is None:
+            return vectors
+        return compose(vectors, list(self.compose), mode=self.compose_mode or "sum")
 
     def system(self) -> str | None:
         if self.kind != "persona":
@@ -173,15 +274,34 @@ class Condition:
         if vectors is None:
             raise RolevecError(f"condition {self.kind} needs role vectors: pass `vectors` FILE")
         assert self.role is not None and self.layer is not None and self.position is not None
-        vec = vectors.vector(self.role, self.layer, self.position)
+        vec = self.source(vectors).vector(self.role, self.layer, self.position)
         if self.kind == "random":
             vec = random_direction(vec, random_seed, key=f"{self.role}:{self.layer}:{self.position}")
         if self.kind == "ablate":
             return Steering.ablation(vec, layer=self.layer, role=self.role, position=self.position)
+        if self.kind == "cap":
+            assert self.cap is not None and self.cap_layers is not None  # checked in __post_init__
+            return Steering.capping(
+                vec,
+                layers=list(self.cap_layers),
+                lo=self.cap[0],
+                hi=self.cap[1],
+                role=self.role,
+                position=self.position,
+            )
         assert self.alpha is not None
         return Steering.addition(
             vec, layer=self.layer, alpha=self.alpha, role=self.role, position=self.position
         )
+
+
+def _check_cap(cap: tuple[float, float]) -> None:
+    """A capping range as two finite numbers, lo ≤ hi (the Steering checks it again when it is built)."""
+    lo, hi = cap
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise RolevecError(f"capping range ({lo}, {hi}) must be two finite numbers LO ≤ HI")
+    if lo > hi:
+        raise RolevecError(f"capping range has lo {lo:g} > hi {hi:g}: pass `cap` as (LO, HI) with LO ≤ HI")
 
 
 def random_direction(vector: torch.Tensor, seed: int, *, key: str = "") -> torch.Tensor:

@@ -574,7 +574,7 @@ class RayExecutor:
                 report.n_done_before += len(keys) - pending
                 if not pending:
                     continue
-                seen = [k for k in done if k[:6] in ids and k[-1] in which]
+                seen = [k for k in done if k[:-2] in ids and k[-1] in which]
                 totals += pending
                 shards.append(
                     _Shard(
