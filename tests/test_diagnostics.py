@@ -75,7 +75,9 @@ def test_diagnostics_by_hand_on_a_tiny_model(tiny_llama: ModelAdapter) -> None:
     assert (got.n_role, got.n_base, got.folds, got.layer, got.position) == (4, 5, 3, 1, -1)
     assert 0.0 <= got.separation <= 1.0 and -1.0 <= got.stability <= 1.0
     assert set(got.thresholds) == set(diag.CHECKED)
-    assert got.flagged == tuple(n for n in diag.CHECKED if not getattr(got, n) > got.thresholds[n])
+    assert set(got.shuffle_thresholds) == set(diag.CHECKED) and got.shuffles == diag.DEFAULT_SHUFFLES
+    bars = {n: max(got.thresholds[n], got.shuffle_thresholds[n]) for n in diag.CHECKED}
+    assert got.flagged == tuple(n for n in diag.CHECKED if not getattr(got, n) > bars[n])
     assert count_hooks(tiny_llama.model) == 0
 
 
@@ -96,11 +98,15 @@ def test_a_planted_direction_beats_random_directions_and_noise_does_not() -> Non
     assert strong.separation > 0.95 and strong.stability > 0.8 and strong.split_half > 0.5
     for name in diag.CHECKED:
         assert getattr(strong, name) > strong.thresholds[name]
+        assert getattr(strong, name) > strong.shuffle_thresholds[name]
     noise = diagnose_activations(*_planted(gen, 0.0), layer=0, position=-1)
-    # Only the cross-fitted separation sees through noise: bootstrap resamples share most prompts and
-    # each prompt is part of the mean it is compared with, so stability and consistency of a noise
-    # vector can beat random directions (the docs say to read separation first).
-    assert "separation" in noise.flagged
+    # Against random directions only the cross-fitted separation sees through noise: bootstrap resamples
+    # share most prompts and each prompt is part of the mean it is compared with, so the stability and
+    # consistency of a noise vector beat random directions. Label shuffles have the same advantage, so
+    # against them the noise vector is flagged on every diagnostic.
+    assert noise.consistency > noise.thresholds["consistency"]
+    assert noise.stability > noise.thresholds["stability"]
+    assert noise.flagged == diag.CHECKED
     assert abs(noise.separation - 0.5) < 0.2  # cross-fitted: a direction fitted to noise scores ~0.5
     # The in-sample AUROC of the vector fitted to all prompts is optimistic; the cross-fitted one is not.
     role, base = _planted(torch.Generator().manual_seed(5), 0.0)
@@ -117,6 +123,21 @@ def test_random_null_thresholds_are_the_95th_percentile_of_random_directions() -
     assert 0.5 <= got.thresholds["separation"] <= 1.0
     wide = diagnose_activations(role, base, layer=0, position=-1, n_random=200, seed=4)
     assert abs(wide.thresholds["consistency"] - got.thresholds["consistency"]) < 0.3
+
+
+def test_shuffle_null_leaves_the_values_and_random_null_alone_and_scales_with_the_noise() -> None:
+    role, base = _planted(torch.Generator().manual_seed(3), 0.0, n=24, h=32)
+    few = diagnose_activations(role, base, layer=0, position=-1, shuffles=5)
+    many = diagnose_activations(role, base, layer=0, position=-1, shuffles=40)
+    # drawn after everything else: the shuffle count changes only the shuffle null
+    for name in (*diag.CHECKED, "split_half", "thresholds"):
+        assert getattr(few, name) == getattr(many, name)
+    assert few.shuffle_thresholds != many.shuffle_thresholds
+    # on noise, a shuffled split is as consistent as the real one: its bar sits far above the random one
+    assert many.shuffle_thresholds["consistency"] > many.thresholds["consistency"] + 0.05
+    assert abs(many.shuffle_thresholds["separation"] - 0.5) < 0.2
+    with pytest.raises(RolevecError, match="`shuffles`"):
+        diagnose_activations(role, base, layer=0, position=-1, shuffles=1)
 
 
 def test_diagnostics_are_deterministic_by_seed() -> None:

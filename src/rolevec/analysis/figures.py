@@ -288,7 +288,7 @@ def diagnostics_figure(rows: Sequence[DiagnosticRow], effects: dict[str, float])
             passed = name not in r.flagged
             ax.plot([x], [y], "o", color="tab:blue", markerfacecolor="tab:blue" if passed else "none")
             ax.annotate(r.role, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        limits = [r.thresholds[name] for r in shown if not math.isnan(r.thresholds[name])]
+        limits = [r.bar(name) for r in shown if not math.isnan(r.bar(name))]
         if limits:
             ax.axvline(sum(limits) / len(limits), color="grey", linestyle=":", linewidth=1)
         ax.axhline(0, color="grey", linewidth=0.8)
@@ -296,7 +296,8 @@ def diagnostics_figure(rows: Sequence[DiagnosticRow], effects: dict[str, float])
         ax.tick_params(labelsize=7)
     axes[0].set_ylabel("in-domain rel. change of the chosen addition (%)", fontsize=7)
     fig.suptitle(
-        "Diagnostics vs steering effect (filled = beats random directions; dotted = mean random threshold)",
+        "Diagnostics vs steering effect (filled = beats random directions and label shuffles; dotted = mean "
+        "threshold)",
         fontsize=8,
     )
     fig.tight_layout()

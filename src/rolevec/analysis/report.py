@@ -895,7 +895,11 @@ def diagnostics_table(rows: Sequence[DiagnosticRow], effects: Mapping[str, float
     """Per role: the diagnostics at its chosen site, each beside its random-direction threshold."""
     columns = [Column("role"), Column("layer", "int"), Column("position", "int")]
     for name in DIAGNOSTICS:
-        columns += [Column(name, "float"), Column(f"{name} random 95%", "float")]
+        columns += [
+            Column(name, "float"),
+            Column(f"{name} random 95%", "float"),
+            Column(f"{name} shuffled 95%", "float"),
+        ]
     columns += [
         Column("split-half cosine", "float"),
         Column("flagged"),
@@ -908,13 +912,15 @@ def diagnostics_table(rows: Sequence[DiagnosticRow], effects: Mapping[str, float
         note="consistency = mean cosine of each role prompt's difference from the base mean with the "
         "vector; separation = cross-fitted AUROC of role vs base prompts on the vector (0.5 = none); "
         "stability = mean cosine between bootstrap vectors. 'random 95%' = the 95th percentile of the same "
-        "statistic over random directions of the vector's norm; flagged = what the vector does not beat. "
+        "statistic over random directions of the vector's norm; 'shuffled 95%' = the same over label "
+        "shuffles (role and base prompts pooled and dealt again at random); flagged = what the vector does "
+        "not beat both of. "
         "in-domain rel. change = the chosen addition on the test split.",
     )
     for r in rows:
         row: list[Any] = [r.role, r.layer, r.position]
         for name in DIAGNOSTICS:
-            row += [r.values[name], r.thresholds[name]]
+            row += [r.values[name], r.thresholds[name], r.shuffle_thresholds.get(name, math.nan)]
         row += [r.split_half, ", ".join(r.flagged) or "no", effects.get(r.role)]
         t.rows.append(row)
     return t
@@ -1194,8 +1200,10 @@ def build(data: RunData) -> Report:
     if rows:
         effects = chosen_effects(data)
         trust.text.append(
-            "Each chosen vector is checked at its site against random directions of the same norm: a "
-            "vector that does not beat them on a diagnostic is flagged. The figure sets each diagnostic "
+            "Each chosen vector is checked at its site against two nulls: random directions of the same "
+            "norm, and label shuffles (the same role and base prompts pooled and split again at random, "
+            "which a difference of means of noise also passes against random directions). A vector that "
+            "does not beat both on a diagnostic is flagged. The figure sets each diagnostic "
             "against the vector's effect on its own domain, so one sees whether reliable vectors steer "
             "better."
         )

@@ -805,6 +805,14 @@ class DiagnosticRow:
     thresholds: dict[str, float]
     split_half: float
     flagged: tuple[str, ...]
+    #: The label-shuffle null's 95th percentiles (NaN in a file written before there was one).
+    shuffle_thresholds: dict[str, float] = field(default_factory=dict)
+
+    def bar(self, name: str) -> float:
+        """What diagnostic ``name`` must beat: the higher of the two nulls (the random one alone in an
+        older file)."""
+        shuffled = self.shuffle_thresholds.get(name, math.nan)
+        return self.thresholds[name] if math.isnan(shuffled) else max(self.thresholds[name], shuffled)
 
 
 def _number(value: Any) -> float:
@@ -830,6 +838,8 @@ def diagnostic_rows(data: Mapping[str, Any], roles: Sequence[str] = ()) -> list[
         thresholds = entry.get("thresholds")
         thresholds = thresholds if isinstance(thresholds, Mapping) else {}
         flagged = entry.get("flagged")
+        shuffled = entry.get("shuffle_thresholds")
+        shuffled = shuffled if isinstance(shuffled, Mapping) else {}
         rows.append(
             DiagnosticRow(
                 role=str(role),
@@ -839,6 +849,7 @@ def diagnostic_rows(data: Mapping[str, Any], roles: Sequence[str] = ()) -> list[
                 thresholds={k: _number(thresholds.get(k)) for k in DIAGNOSTICS},
                 split_half=_number(entry.get("split_half")),
                 flagged=tuple(str(f) for f in flagged) if isinstance(flagged, list) else (),
+                shuffle_thresholds={k: _number(shuffled.get(k)) for k in DIAGNOSTICS},
             )
         )
     return rows

@@ -557,7 +557,7 @@ def diagnose_sites(
     progress: bool = True,
 ) -> dict[str, Any]:
     """The diagnostics step after selection: each role's vector at its chosen site (``selection.json``)
-    is checked for consistency, separation and stability against random directions, into
+    is checked for consistency, separation and stability against random directions and label shuffles, into
     ``diagnostics.json`` (see :mod:`rolevec.vectors.diagnostics`).
 
     A role already in the file is kept when its site, its prompts and the file's model and settings are
@@ -585,6 +585,7 @@ def diagnose_sites(
         DEFAULT_FOLDS,
         DEFAULT_RANDOM,
         DEFAULT_SEED,
+        DEFAULT_SHUFFLES,
         diagnose_activations,
         site_activations,
     )
@@ -601,6 +602,7 @@ def diagnose_sites(
         "bootstraps": DEFAULT_BOOTSTRAPS,
         "n_random": DEFAULT_RANDOM,
         "seed": DEFAULT_SEED,
+        "shuffles": DEFAULT_SHUFFLES,  # a file from before the label-shuffle null lacks it: redone
     }
     path = run_dir / "diagnostics.json"
     stored = read_stored(path) if path.exists() else None
@@ -660,6 +662,7 @@ def diagnose_sites(
             bootstraps=DEFAULT_BOOTSTRAPS,
             n_random=DEFAULT_RANDOM,
             seed=DEFAULT_SEED,
+            shuffles=DEFAULT_SHUFFLES,
         )
         done[role] = {"domain": sites[role].get("domain"), "prompts": digest(role), **diag.to_json()}
     result = {**header, "roles": done}

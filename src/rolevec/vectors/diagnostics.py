@@ -15,6 +15,14 @@ same norm, whose 95th percentile is the bar a vector must clear:
 
 For the random null, consistency and separation are those of each random direction; its stability is the
 cosine between two independent random directions (what resamples that share no direction would give).
+
+Random directions are a weak bar for consistency and stability: the vector of two sets of pure noise is
+the mean of its own prompts' differences, so its prompts agree with it and its resamples with each other
+far more than random directions do. The second null asks the right question of them, "would a split of
+these same prompts that ignores the role do as well?": the role and base prompts are pooled and dealt
+into two sets of the original sizes again and again (label shuffles), and every diagnostic is computed
+for each shuffle exactly as for the real split. A vector is flagged on a diagnostic that does not beat
+the 95th percentile of either null.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from .extraction import _warn_shortened, encode_prompts
 DEFAULT_FOLDS = 5
 DEFAULT_BOOTSTRAPS = 20
 DEFAULT_RANDOM = 20
+#: Label shuffles of the second null (each computes every diagnostic as for the real split).
+DEFAULT_SHUFFLES = 20
 DEFAULT_SEED = 0
 #: The percentile of the random directions' diagnostics a vector must exceed.
 NULL_PERCENTILE = 95.0
@@ -165,7 +175,9 @@ class Diagnostics:
         split_half: Cosine between the vectors of two random halves of the prompts.
         norm: |d| of the vector from all prompts (the random directions' norm).
         thresholds: Each checked diagnostic's 95th percentile over the random directions.
-        flagged: The checked diagnostics that do not beat their threshold (empty: trusted).
+        flagged: The checked diagnostics that do not beat both of their thresholds (empty: trusted).
+        shuffle_thresholds: Each checked diagnostic's 95th percentile over label shuffles of the prompts.
+        shuffles: How many label shuffles the second null took.
     """
 
     layer: int
@@ -183,11 +195,48 @@ class Diagnostics:
     bootstraps: int
     n_random: int
     seed: int
+    shuffle_thresholds: dict[str, float]
+    shuffles: int
+
+    def bar(self, name: str) -> float:
+        """The value diagnostic ``name`` must exceed: the higher of its two nulls' 95th percentiles."""
+        return max(self.thresholds[name], self.shuffle_thresholds[name])
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["flagged"] = list(self.flagged)
         return out
+
+
+def _bootstrap_stability(
+    role: torch.Tensor, base: torch.Tensor, bootstraps: int, gen: torch.Generator
+) -> float:
+    boot = torch.stack(
+        [
+            role[torch.randint(len(role), (len(role),), generator=gen)].mean(0)
+            - base[torch.randint(len(base), (len(base),), generator=gen)].mean(0)
+            for _ in range(bootstraps)
+        ]
+    )
+    return _mean_pairwise_cosine(boot)
+
+
+def _shuffle_null(
+    role: torch.Tensor, base: torch.Tensor, k: int, bootstraps: int, shuffles: int, gen: torch.Generator
+) -> dict[str, list[float]]:
+    """Every checked diagnostic of ``shuffles`` label shuffles: the prompts pooled and dealt again into
+    sets of the original sizes, each scored exactly as the real split is."""
+    pooled = torch.cat([role, base])
+    n = len(role)
+    null: dict[str, list[float]] = {name: [] for name in CHECKED}
+    for _ in range(shuffles):
+        order = torch.randperm(len(pooled), generator=gen)
+        r, b = pooled[order[:n]], pooled[order[n:]]
+        b_mean = b.mean(0)
+        null["consistency"].append(_consistency(r, b_mean, r.mean(0) - b_mean))
+        null["separation"].append(_cross_fitted_auroc(r, b, k, gen))
+        null["stability"].append(_bootstrap_stability(r, b, bootstraps, gen))
+    return null
 
 
 def diagnose_activations(
@@ -200,14 +249,21 @@ def diagnose_activations(
     bootstraps: int = DEFAULT_BOOTSTRAPS,
     n_random: int = DEFAULT_RANDOM,
     seed: int = DEFAULT_SEED,
+    shuffles: int = DEFAULT_SHUFFLES,
 ) -> Diagnostics:
     """The diagnostics from per-prompt activations at one site (``[n_role, H]`` and ``[n_base, H]``).
 
-    Every random choice (folds, resamples, halves, directions) comes from one generator seeded with
-    ``seed``, so the result is a function of the activations and the seed. ``folds`` is lowered to the
-    smaller prompt count when a set has fewer prompts; the value used is recorded.
+    Every random choice (folds, resamples, halves, directions, shuffles) comes from one generator seeded
+    with ``seed``, so the result is a function of the activations and the seed. ``folds`` is lowered to
+    the smaller prompt count when a set has fewer prompts; the value used is recorded.
     """
-    for name, value, low in (("folds", folds, 2), ("bootstraps", bootstraps, 2), ("n_random", n_random, 2)):
+    checks = (
+        ("folds", folds, 2),
+        ("bootstraps", bootstraps, 2),
+        ("n_random", n_random, 2),
+        ("shuffles", shuffles, 2),
+    )
+    for name, value, low in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise RolevecError(f"`{name}` must be an integer >= {low}, not {value!r}")
     if role.ndim != 2 or base.ndim != 2 or role.shape[1] != base.shape[1]:
@@ -231,14 +287,7 @@ def diagnose_activations(
         "consistency": _consistency(role, base_mean, d),
         "separation": _cross_fitted_auroc(role, base, k, gen),
     }
-    boot = torch.stack(
-        [
-            role[torch.randint(len(role), (len(role),), generator=gen)].mean(0)
-            - base[torch.randint(len(base), (len(base),), generator=gen)].mean(0)
-            for _ in range(bootstraps)
-        ]
-    )
-    values["stability"] = _mean_pairwise_cosine(boot)
+    values["stability"] = _bootstrap_stability(role, base, bootstraps, gen)
     halves = [
         t.tensor_split(2)
         for t in (torch.randperm(len(role), generator=gen), torch.randperm(len(base), generator=gen))
@@ -259,8 +308,13 @@ def diagnose_activations(
     pairs = torch.triu_indices(n_random, n_random, offset=1)
     null["stability"] = sims[pairs[0], pairs[1]].tolist()
     thresholds = {name: _percentile(null[name]) for name in CHECKED}
+    # drawn after everything above, so the values and the random null do not depend on `shuffles`
+    shuffled = _shuffle_null(role, base, k, bootstraps, shuffles, gen)
+    shuffle_thresholds = {name: _percentile(shuffled[name]) for name in CHECKED}
     flagged = tuple(
-        name for name in CHECKED if not values[name] > thresholds[name] or math.isnan(values[name])
+        name
+        for name in CHECKED
+        if not values[name] > max(thresholds[name], shuffle_thresholds[name]) or math.isnan(values[name])
     )
     return Diagnostics(
         layer=layer,
@@ -278,6 +332,8 @@ def diagnose_activations(
         bootstraps=bootstraps,
         n_random=n_random,
         seed=seed,
+        shuffle_thresholds=shuffle_thresholds,
+        shuffles=shuffles,
     )
 
 
@@ -292,6 +348,7 @@ def diagnose(
     bootstraps: int = DEFAULT_BOOTSTRAPS,
     n_random: int = DEFAULT_RANDOM,
     seed: int = DEFAULT_SEED,
+    shuffles: int = DEFAULT_SHUFFLES,
     batch_size: int = 16,
     max_tokens: int | None = None,
     progress: bool = False,
@@ -320,4 +377,5 @@ def diagnose(
         bootstraps=bootstraps,
         n_random=n_random,
         seed=seed,
+        shuffles=shuffles,
     )
