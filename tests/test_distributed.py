@@ -127,6 +127,15 @@ def _conditions() -> list[Condition]:
     return out
 
 
+def _composed_and_capped() -> list[Condition]:
+    """A composition's addition and a capping: their records carry extra identity fields through Ray."""
+    mix = [("lawyer", 1.0), ("mathematician", -0.5)]
+    return [
+        Condition.make("add", compose=mix, compose_mode="orthogonal", layer=2, position=-1, alpha=3.0),
+        Condition.make("cap", role="lawyer", layer=1, position=-1, cap=(-0.5, 0.5), cap_layers=[1, 2]),
+    ]
+
+
 def test_stages_on_ray_equal_local_and_survive_killed_workers(
     tiny_dir: Path, stage_inputs: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -184,6 +193,20 @@ def test_stages_on_ray_equal_local_and_survive_killed_workers(
             assert r["scoring"] == there[key]["scoring"] == "continuation"
             assert (r["pred"], r["pred_norm"]) == (there[key]["pred"], there[key]["pred_norm"])
             assert r["logliks"] == pytest.approx(there[key]["logliks"], abs=1e-4)
+
+        # a composition and a capping travel too: the same records, their identity fields included
+        extra = [Condition("baseline"), *_composed_and_capped()]
+        for name, where in (("mix-local", LocalExecutor()), ("mix-ray", executor)):
+            with RecordStore(tmp_path / name / "records.jsonl") as disk:
+                where.evaluate(adapter, mcq, split, extra, disk, settings, vectors=vectors, progress=False)
+        here, there = (_records(tmp_path / name / "records.jsonl") for name in ("mix-local", "mix-ray"))
+        assert set(here) == set(there) and len(here) == 3 * 2 * 6
+        assert {r["condition"] for r in there.values()} == {"baseline", "add", "cap"}
+        for key, r in here.items():
+            assert {k: r.get(k) for k in ("compose", "cap", "cap_layers", "pred")} == {
+                k: there[key].get(k) for k in ("compose", "cap", "cap_layers", "pred")
+            }
+            assert r["probs"] == pytest.approx(there[key]["probs"], abs=1e-5)
 
         # every worker SIGKILLed after the test stage's 5th batch: the shards in flight rerun from their
         # start, the driver drops what it already stored, and nothing is lost

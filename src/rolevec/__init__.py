@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "mean_activations": "vectors.extraction",
     "extract_role_vectors": "vectors.extraction",
     "RoleVectors": "vectors.role_vectors",
+    "compose": "vectors.arithmetic",
     # steering
     "Steering": "steering.interventions",
     "resolve_steering": "steering.interventions",
@@ -101,6 +102,7 @@ __all__ = [
     "__version__",
     "analyse",
     "available_roles",
+    "compose",
     "config_from",
     "evaluate_conditions",
     "export_control_vector",
@@ -163,6 +165,7 @@ if TYPE_CHECKING:
         select_sites,
         study_conditions,
     )
+    from .vectors.arithmetic import compose
     from .vectors.extraction import extract_role_vectors, mean_activations
     from .vectors.role_vectors import RoleVectors
 
