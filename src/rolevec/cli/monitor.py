@@ -206,7 +206,7 @@ def _roles(args: argparse.Namespace, vectors: RoleVectors) -> list[str]:
     if unknown:
         raise RolevecError(
             f"role{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} not in {args.vectors} "
-            f"(it has: {', '.join(vectors.roles)}): pass those to --roles"
+            f"(it has: {', '.join(vectors.roles)}): pass some of those to --roles"
         )
     if len(set(roles)) != len(roles):
         raise RolevecError(f"--roles names a role twice ({args.roles!r}): name each role once")
