@@ -4,6 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Debian's Chromium and its driver, for the browser test of `rolevec monitor`'s page
+# (tests/test_monitor_browser.py; selenium uses these two binaries and never downloads a browser). Only
+# where apt exists and we are root; elsewhere install them yourself (with CI=true that test fails without).
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if command -v apt-get > /dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver
+  else
+    echo "note: /usr/bin/chromium or /usr/bin/chromedriver is missing and cannot be installed here (needs" \
+      "apt-get and root); install Debian's chromium and chromium-driver, or tests/test_monitor_browser.py" \
+      "is skipped (and fails with CI=true)" >&2
+  fi
+fi
 # lm-evaluation-harness too, so the test of the lm-eval export loads it with the real harness, and the
 # documentation tools, so a broken page, link or API reference fails here, and Ray, so the distributed
 # executor's tests run on a local Ray instance.

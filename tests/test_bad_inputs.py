@@ -200,6 +200,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "no_progress": True,
         "_pos": "{t}/prompts.json",
     },
+    "monitor": {
+        **MODEL,
+        "vectors": "{t}/v.safetensors",
+        "layer": "2",
+        "out": "{t}/monitor",
+        "no_progress": True,
+        "_pos": "Explain an integral.",
+    },
 }
 DEFAULT_FILES: dict[str, dict[str, Any]] = {
     "info": {},
@@ -213,6 +221,10 @@ DEFAULT_FILES: dict[str, dict[str, Any]] = {
     "run": {**ROLES, **BASE, **MCQ},
     "report": {**RUN},
     "rank": {
+        **VEC,
+        "prompts.json": json.dumps(["Explain an integral.", "Tell me a joke.", "What is a prime?"]),
+    },
+    "monitor": {
         **VEC,
         "prompts.json": json.dumps(["Explain an integral.", "Tell me a joke.", "What is a prime?"]),
     },
@@ -353,6 +365,38 @@ case("rank-position-missing", K, position="-99", expect="-99")
 case("rank-prompts-empty", K, {"prompts.json": "[]"}, expect="prompts.json")
 case("rank-prompts-missing", K, _pos="{t}/nope.json", expect="nope.json")
 case("rank-base-without-zscore", K, base="{t}/prompts.json", expect="--zscore")
+
+# --- monitor: per-token projections of a text, a prompt file or a generation -------------------------
+M = "monitor"
+case("monitor-role-unknown", M, roles="mathematican", expect="mathematican")
+case("monitor-roles-blank-name", M, roles="doctor,,pirate", expect="--roles")
+case("monitor-compose-role-unknown", M, compose="mathematician:1,chef:-0.5", expect="chef")
+case("monitor-compose-weight-not-number", M, compose="mathematician:1,doctor:lots", expect="lots")
+case("monitor-steer-role-unknown", M, steer="chef", alpha="1", expect="chef")
+case("monitor-steer-weight-not-number", M, steer="doctor:heavy", alpha="1", expect="heavy")
+case("monitor-steer-without-strength", M, steer="doctor", expect="--alpha")
+case("monitor-cap-lo-above-hi", M, steer="doctor", extra=("--cap=5:-2",), expect="LO > HI")
+case("monitor-cap-and-alpha", M, steer="doctor", alpha="1", cap="-2:5", expect="--cap")
+case("monitor-alpha-without-steer", M, alpha="1", expect="--steer")
+case("monitor-ablate-without-steer", M, ablate=True, expect="--steer")
+case("monitor-steer-layer-out-of-range", M, steer="doctor", alpha="1", steer_layer="99", expect="99")
+case("monitor-layer-out-of-range", M, layer="99", expect="99")
+case("monitor-layer-zero-vector", M, layer="0", expect="zero")
+case("monitor-position-missing", M, position="-99", expect="-99")
+case("monitor-text-empty", M, _pos="   ", expect="empty")
+case("monitor-generate-empty", M, _pos=None, generate=" ", expect="--generate")
+case("monitor-text-and-generate", M, generate="Tell me a joke.", expect="--generate")
+case("monitor-text-and-prompts", M, prompts="{t}/prompts.json", expect="--prompts")
+case("monitor-no-input", M, _pos=None, expect="TEXT")
+case("monitor-prompts-missing", M, _pos=None, prompts="{t}/nope.json", expect="nope.json")
+case("monitor-prompts-empty", M, {"p.json": "[]"}, _pos=None, prompts="{t}/p.json", expect="p.json")
+case("monitor-limit-without-prompts", M, limit="2", expect="--prompts")
+case("monitor-max-new-tokens-without-generate", M, max_new_tokens="4", expect="--generate")
+case("monitor-base-without-zscore", M, base="{t}/prompts.json", expect="--zscore")
+case("monitor-base-missing", M, zscore=True, base="{t}/nope.txt", expect="nope.txt")
+case("monitor-vectors-missing", M, vectors="{t}/nope.safetensors", expect="nope.safetensors")
+case("monitor-out-is-file", M, {"o.txt": "x"}, out="{t}/o.txt", expect="o.txt")
+case("monitor-no-layer", M, layer=None, expect="--layer")
 
 X = "extract"
 case("extract-roles-dir-missing", X, roles_dir="{t}/nope", expect="nope")

@@ -1,6 +1,7 @@
 """Reading results: role × domain tables and paired tests (:mod:`.tables`, with :mod:`.stats`), the
 geometry of the vectors (:mod:`.geometry`), what a vector means (:mod:`.interpret`: patch-scoping and the
-logit lens), projections of prompts on a vector (:mod:`.projection`, for ranking data), the figures
+logit lens), projections of prompts on a vector (:mod:`.projection`, for ranking data) and of every
+token (:mod:`.monitor`, drawn by :mod:`.monitor_page`), the figures
 (:mod:`.figures`) and the report of a run folder (:mod:`.report`).
 
 It may import :mod:`rolevec.steering` (interpretation steers the model) and everything below it, not the

@@ -32,6 +32,8 @@ from ..vectors.role_vectors import RoleVectors
 
 #: The two summaries of a prompt: its last token, or the mean over its user text's tokens.
 SUMMARIES = ("last", "mean")
+#: The reference for single tokens' projections: every user-text token of every reference prompt, pooled.
+TOKEN = "token"
 #: Windows hold this many batches' worth of prompts (encoded and length-planned together).
 WINDOW_BATCHES = 16
 #: Stands in for the user text to find where the template's head ends.
@@ -46,11 +48,16 @@ class ProjectionBatch:
         indices: Each row's place in the prompts as passed (batches are planned by length, not in order).
         last: float64 ``[rows, directions]``: the projection at the last prompt token.
         mean: float64 ``[rows, directions]``: the mean projection over the user text's tokens.
+        square: float64 ``[rows, directions]``: the mean squared projection over the user text's tokens
+            (with ``mean`` and ``n_user``, the pooled per-token spread of :func:`projection_stats`).
+        n_user: Each row's number of user-text tokens.
     """
 
     indices: tuple[int, ...]
     last: torch.Tensor
     mean: torch.Tensor
+    square: torch.Tensor | None = None
+    n_user: tuple[int, ...] = ()
 
     def scores(self, by: str) -> torch.Tensor:
         """``last`` or ``mean``, by name."""
@@ -64,22 +71,30 @@ class ProjectionStats:
 
     Args:
         n: Prompts the statistics come from.
-        mean: ``{"last": [directions], "mean": [directions]}`` float64 means.
+        mean: ``{"last": [directions], "mean": [directions]}`` float64 means; ``"token"`` too when the
+            statistics pool single tokens (the projections of every user-text token of every prompt).
         std: The standard deviations, in the same layout.
+        n_tokens: The user-text tokens pooled into ``"token"`` (0 without it).
     """
 
     n: int
     mean: dict[str, torch.Tensor]
     std: dict[str, torch.Tensor]
+    n_tokens: int = 0
 
     def z(self, values: torch.Tensor, by: str) -> torch.Tensor:
-        """``(values - mean) / std`` for summary ``by``; values ``[rows, directions]``."""
-        check_by(by)
+        """``(values - mean) / std`` for summary ``by`` (``last``, ``mean`` or ``token``); values
+        ``[rows, directions]``."""
+        if by != TOKEN:
+            check_by(by)
+        elif TOKEN not in self.mean:
+            raise RolevecError("these statistics pool no single tokens: compute them with `projection_stats`")
         return (values.double() - self.mean[by]) / self.std[by]
 
     def to_json(self) -> dict[str, Any]:
         return {
             "n": self.n,
+            "n_tokens": self.n_tokens,
             "mean": {k: v.tolist() for k, v in self.mean.items()},
             "std": {k: v.tolist() for k, v in self.std.items()},
         }
@@ -121,9 +136,9 @@ def unit_directions(vectors: RoleVectors, roles: Sequence[str], layer: int, posi
     return torch.stack(rows)
 
 
-def _head_ids(adapter: ModelAdapter) -> list[int]:
-    """Token ids of the template's text before the user turn's content."""
-    probe = adapter.render(_PROBE)
+def head_ids(adapter: ModelAdapter, system: str | None = None) -> list[int]:
+    """Token ids of the template's text before the user turn's content (with ``system``'s turn, if any)."""
+    probe = adapter.render(_PROBE, system)
     head = probe[: probe.index(_PROBE)]
     enc = adapter.tokenizer(head, add_special_tokens=adapter.chat.add_special_tokens, verbose=False)
     return [int(i) for i in enc["input_ids"]]
@@ -183,7 +198,7 @@ def project_prompts(
             "vectors extracted from this model"
         )
     dirs = dirs.detach().float()
-    head = _head_ids(adapter)
+    head = head_ids(adapter)
     n_head, n_tail = len(head), adapter.chat.n_positions
     total = len(prompts) if isinstance(prompts, Sized) else None
     with tqdm(total=total, desc=desc, unit="prompt", file=sys.stderr, disable=not progress) as bar:
@@ -209,9 +224,11 @@ def project_prompts(
             for chunk in plan_batches(
                 [len(r) for r in ids], batch_size, overhead_tokens=batch_overhead_tokens(adapter.device)
             ):
-                last, mean = _read(adapter, site, [ids[i] for i in chunk], dirs, n_head, n_tail)
+                rows = [ids[i] for i in chunk]
+                last, mean, square = _read(adapter, site, rows, dirs, n_head, n_tail)
                 bar.update(len(chunk))
-                yield ProjectionBatch(tuple(start + i for i in chunk), last, mean)
+                n_user = tuple(len(r) - n_head - n_tail for r in rows)
+                yield ProjectionBatch(tuple(start + i for i in chunk), last, mean, square, n_user)
             start += len(window)
     if start == 0:
         raise RolevecError("there are no prompts to project: pass at least one prompt")
@@ -224,8 +241,9 @@ def _read(
     dirs: torch.Tensor,
     n_head: int,
     n_tail: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward up to ``site``: (last-token, user-mean) projections, float64 ``[rows, directions]``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward up to ``site``: (last-token, user-mean, user-mean-square) projections, float64
+    ``[rows, directions]``."""
     batch = adapter.pad(rows, padding_side="right")
     got: dict[str, torch.Tensor] = {}
 
@@ -235,15 +253,16 @@ def _read(
         got["last"] = proj[torch.arange(len(rows), device=hidden.device), lengths - 1]
         cols = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
         user = (cols >= n_head) & (cols < (lengths - n_tail)[:, None])  # [B, T]
-        total = torch.where(user[..., None], proj, torch.zeros((), device=proj.device)).sum(1)
-        got["mean"] = total / user.sum(1, keepdim=True)
+        kept = torch.where(user[..., None], proj, torch.zeros((), device=proj.device))
+        got["mean"] = kept.sum(1) / user.sum(1, keepdim=True)
+        got["square"] = (kept * kept).sum(1) / user.sum(1, keepdim=True)
         raise StopForward
 
     with torch.inference_mode(), hooked(pre=[(site, input_hook(reader))]), suppress(StopForward):
         adapter.model(**batch.model_kwargs())
     if not got:
         raise RolevecError("the forward pass never reached the layer read; check `block_pattern`")
-    return got["last"].double().cpu(), got["mean"].double().cpu()
+    return got["last"].double().cpu(), got["mean"].double().cpu(), got["square"].double().cpu()
 
 
 def projection_stats(
@@ -258,7 +277,9 @@ def projection_stats(
 ) -> ProjectionStats:
     """Mean and spread of the projections over a reference set (the base prompts), for z-scores.
 
-    Float64 sums over batches: memory does not grow with the set.
+    Float64 sums over batches: memory does not grow with the set. Besides the two prompt summaries
+    (``last``, ``mean``) the statistics pool single tokens (``token``: every user-text token of every
+    prompt, each counted once), the reference for a per-token projection (``rolevec monitor``).
 
     Args:
         adapter: The model to read activations from.
@@ -278,7 +299,7 @@ def projection_stats(
         z = stats.z(batch.last, "last")
         ```
     """
-    n = 0
+    n = n_tokens = 0
     sums: dict[str, torch.Tensor] = {}
     squares: dict[str, torch.Tensor] = {}
     for b in project_prompts(
@@ -290,8 +311,16 @@ def projection_stats(
             v = b.scores(by)
             sums[by] = sums.get(by, 0) + v.sum(0)
             squares[by] = squares.get(by, 0) + (v * v).sum(0)
-    mean = {by: sums[by] / n for by in SUMMARIES}
-    std = {by: (squares[by] / n - mean[by] ** 2).clamp(min=0).sqrt() for by in SUMMARIES}
+        assert b.square is not None  # project_prompts always gives it
+        counts = torch.tensor(b.n_user, dtype=torch.float64)[:, None]
+        n_tokens += sum(b.n_user)
+        sums[TOKEN] = sums.get(TOKEN, 0) + (b.mean * counts).sum(0)
+        squares[TOKEN] = squares.get(TOKEN, 0) + (b.square * counts).sum(0)
+    if n == 0:  # project_prompts has refused no prompts already; this keeps the division safe
+        raise RolevecError("there are no prompts to project: pass at least one prompt")
+    counts_by = {**dict.fromkeys(SUMMARIES, n), TOKEN: n_tokens}
+    mean = {by: sums[by] / k for by, k in counts_by.items()}
+    std = {by: (squares[by] / k - mean[by] ** 2).clamp(min=0).sqrt() for by, k in counts_by.items()}
     if n < 2 or any(
         bool((s <= 1e-12 * (1 + m.abs())).any()) for s, m in zip(std.values(), mean.values(), strict=True)
     ):
@@ -299,7 +328,7 @@ def projection_stats(
             f"the {n} base prompt(s) give projections without spread, so z-scores are undefined: pass a "
             "`base` of at least two different prompts"
         )
-    return ProjectionStats(n, mean, std)
+    return ProjectionStats(n, mean, std, n_tokens)
 
 
 def histogram_png(scores: Sequence[float], *, label: str, title: str, bins: int = 40) -> bytes:

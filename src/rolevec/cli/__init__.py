@@ -28,6 +28,7 @@ COMMANDS = (
     "run",
     "report",
     "rank",
+    "monitor",
 )
 
 
