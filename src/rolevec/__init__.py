@@ -77,6 +77,8 @@ _EXPORTS: dict[str, str] = {
     "RayExecutor": "study.distributed",
     "write_report": "analysis.report",
     "analyse": "analysis.tables",
+    "correctness_auroc": "analysis.correctness",
+    "correctness_auroc_from_run": "study.correctness",
 }
 
 __all__ = [
@@ -104,6 +106,8 @@ __all__ = [
     "available_roles",
     "compose",
     "config_from",
+    "correctness_auroc",
+    "correctness_auroc_from_run",
     "evaluate_conditions",
     "export_control_vector",
     "export_lm_eval",
@@ -136,6 +140,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .analysis.correctness import correctness_auroc
     from .analysis.report import write_report
     from .analysis.tables import analyse
     from .core.records import RecordStore, read_records
@@ -151,6 +156,7 @@ if TYPE_CHECKING:
     from .steering.folding import fold, save_folded
     from .steering.generation import generate
     from .steering.interventions import Steering, resolve_steering
+    from .study.correctness import correctness_auroc_from_run
     from .study.distributed import RayExecutor
     from .study.executors import LocalExecutor
     from .study.pipeline import StudyConfig, config_from, run_study
