@@ -76,7 +76,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     vec.add_argument(
         "--roles", default=None, metavar="R1,R2", help="roles to monitor (default: every role in the file)"
     )
-    add_compose_args(vec)
+    add_compose_args(
+        vec,
+        help="also monitor a composition of the file's roles as one more row (e.g. doctor:1,lawyer:-0.5; a "
+        "role without :W weighs 1)",
+    )
     vec.add_argument("--layer", type=int, required=True, help="layer read (the input of block L)")
     vec.add_argument(
         "--position",

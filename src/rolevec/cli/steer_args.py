@@ -48,15 +48,16 @@ def add_vector_args(parser: argparse.ArgumentParser, *, required: bool = True) -
     )
 
 
-def add_compose_args(group: Any) -> None:
+#: What ``--compose`` does in the steering commands (a command that only reads a direction says its own).
+COMPOSE_HELP = (
+    "steer with several roles of the file at once, weighted (e.g. doctor:1,lawyer:-0.5; a role without :W "
+    "weighs 1); replaces --role"
+)
+
+
+def add_compose_args(group: Any, *, help: str = COMPOSE_HELP) -> None:
     """``--compose ROLE:W,...`` and ``--compose-mode`` (to an argument group or parser)."""
-    group.add_argument(
-        "--compose",
-        default=None,
-        metavar="ROLE:W,...",
-        help="steer with several roles of the file at once, weighted (e.g. doctor:1,lawyer:-0.5; a role "
-        "without :W weighs 1); replaces --role",
-    )
+    group.add_argument("--compose", default=None, metavar="ROLE:W,...", help=help)
     group.add_argument(
         "--compose-mode",
         default="sum",
