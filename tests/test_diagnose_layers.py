@@ -276,6 +276,11 @@ def test_diagnose_writes_json_csv_figure_and_manifest_that_agree(
     assert manifest["model"]["fingerprint"] == doc["model_fingerprint"] == adapter.fingerprint()
 
 
+def test_the_command_defaults_are_the_library_defaults() -> None:
+    for name in ("FOLDS", "BOOTSTRAPS", "RANDOM", "SHUFFLES"):
+        assert getattr(diagnose_cli, f"DEFAULT_{name}") == getattr(diag, f"DEFAULT_{name}")
+
+
 def test_diagnose_replaces_only_its_own_files_and_only_with_force(
     tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -30,6 +30,9 @@ OUTPUTS = (
     "manifest-diagnose.json",
 )
 FORMAT = 1
+#: The library's defaults (rolevec.vectors.diagnostics, tested equal), spelled here so that --help needs
+#: no torch.
+DEFAULT_FOLDS, DEFAULT_BOOTSTRAPS, DEFAULT_RANDOM, DEFAULT_SHUFFLES = 5, 20, 20, 20
 
 
 def at_least_two(value: str) -> int:
@@ -44,8 +47,6 @@ def at_least_two(value: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from ..vectors.diagnostics import DEFAULT_BOOTSTRAPS, DEFAULT_FOLDS, DEFAULT_RANDOM, DEFAULT_SHUFFLES
-
     parser = sub.add_parser(
         "diagnose",
         help="which layers' role vectors to trust: consistency, separation, stability at every layer",
@@ -122,36 +123,31 @@ def check_out_dir(path: str, force: bool) -> Path:
     return out
 
 
-def _refuse_layer_zero(text: str | None) -> RolevecError:
-    return RolevecError(
-        f"--layers {text} includes layer 0, the token embedding: the post-instruction tokens are the same "
-        "template tokens for every prompt, so the role vectors there are zero; start at 1 (e.g. 1:) or "
-        "leave --layers out for every layer from 1"
-    )
-
-
 def check_layer_request(text: str | None) -> None:
     """--layers before the model loads: its grammar, and no layer 0 (the layer count is checked later)."""
-    from ..core.spec import parse_layer_range
-
     if text is None or text.strip().lower() == "all":
         return
     spec = text.strip()
     lo, colon, hi = spec.partition(":")
-    if colon and not hi.strip():  # open-ended: the end needs the model's layer count
-        try:
-            first = int(lo) if lo.strip() else 0
-        except ValueError:
-            raise RolevecError(
-                f"--layers {text!r} is not a layer or range: pass e.g. 12, 1:24, 10: or all"
-            ) from None
-        if first < 0:
-            raise RolevecError(f"--layers {text!r} is out of range: layers count from 0")
-    else:
-        with as_flags(layers="--layers"):
-            first, _ = parse_layer_range(spec, None)
+    try:
+        first = int(lo) if lo.strip() or not colon else 0
+        stop = int(hi) if hi.strip() else None
+    except ValueError:
+        raise RolevecError(
+            f"--layers {text!r} is not a layer or range: pass e.g. 12, 1:24 (half-open), 10: or all"
+        ) from None
+    if first < 0:
+        raise RolevecError(f"--layers {text!r} is out of range: layers count from 1 (0 is refused)")
+    if colon and stop is not None and stop <= first:
+        raise RolevecError(
+            f"--layers {text!r} is empty (a:b is half-open, b > a): pass e.g. {first}:{first + 1}"
+        )
     if first == 0:
-        raise _refuse_layer_zero(text)
+        raise RolevecError(
+            f"--layers {text!r} includes layer 0, the token embedding: the post-instruction tokens are the "
+            "same template tokens for every prompt, so the role vectors there are zero; start at 1 (e.g. 1:) "
+            "or leave --layers out for every layer from 1"
+        )
 
 
 def layer_request(text: str | None, n_layers: int) -> list[int]:
@@ -225,9 +221,10 @@ def _run(args: argparse.Namespace) -> int:
     small = [ps for ps in [*sets.values(), base] if len(ps) < 2]
     if small:
         named = ", ".join(f"{ps.name} ({len(ps)})" for ps in small)
+        verb = "has" if len(small) == 1 else "have"
         raise RolevecError(
-            f"diagnostics need at least 2 prompts per set, and {named} has fewer: pass --n 2 or more, or "
-            "larger prompt files"
+            f"diagnostics need at least 2 prompts per set, and {named} {verb} fewer: pass --n 2 or more, "
+            "or larger prompt files"
         )
 
     adapter = load_from_args(args)
