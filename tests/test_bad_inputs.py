@@ -126,6 +126,20 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "out": "{t}/out.safetensors",
         "no_progress": True,
     },
+    "diagnose": {
+        **MODEL,
+        "roles": "mathematician",
+        "roles_dir": "{t}/roles",
+        "base": "{t}/base.txt",
+        "n": "4",
+        "layers": "1:3",
+        "folds": "2",
+        "bootstraps": "2",
+        "random": "2",
+        "shuffles": "2",
+        "out": "{t}/diag",
+        "no_progress": True,
+    },
     "prompts": {
         "role": "mathematician",
         "personas": "{t}/personas.jsonl",
@@ -212,6 +226,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 DEFAULT_FILES: dict[str, dict[str, Any]] = {
     "info": {},
     "extract": {**ROLES, **BASE},
+    "diagnose": {**ROLES, **BASE},
     "prompts": {**PERSONA_FILES},
     "generate": {**VEC},
     "fold": {**VEC},
@@ -397,6 +412,31 @@ case("monitor-base-missing", M, zscore=True, base="{t}/nope.txt", expect="nope.t
 case("monitor-vectors-missing", M, vectors="{t}/nope.safetensors", expect="nope.safetensors")
 case("monitor-out-is-file", M, {"o.txt": "x"}, out="{t}/o.txt", expect="o.txt")
 case("monitor-no-layer", M, layer=None, expect="--layer")
+
+# --- diagnose: the diagnostics of role vectors at every layer ------------------------------------------
+D = "diagnose"
+case("diagnose-role-unknown", D, roles="mathematican", expect="mathematican")
+case("diagnose-roles-dir-missing", D, roles_dir="{t}/nope", expect="nope")
+case("diagnose-layer-out-of-range", D, layers="2:99", expect="99")
+case("diagnose-layer-zero", D, layers="0", expect="layer 0")
+case("diagnose-layers-from-zero", D, layers="0:3", expect="layer 0")
+case("diagnose-layers-open-from-zero", D, layers=":", expect="layer 0")
+case("diagnose-layers-not-a-range", D, layers="one:two", expect="--layers")
+case("diagnose-layers-empty-range", D, layers="3:2", expect="empty")
+case("diagnose-position-not-negative", D, position="0", expect="--position")
+case("diagnose-position-missing", D, position="-99", expect="-99")
+case("diagnose-n-zero", D, n="0", expect="--n")
+case("diagnose-n-one", D, n="1", expect="at least 2")
+case("diagnose-folds-one", D, folds="1", expect="--folds")
+case("diagnose-shuffles-not-a-number", D, shuffles="many", expect="--shuffles")
+case("diagnose-base-missing", D, base="{t}/nope.txt", expect="nope.txt")
+case("diagnose-out-is-file", D, {"o.txt": "x"}, out="{t}/o.txt", expect="o.txt")
+case(
+    "diagnose-out-holds-earlier-outputs",
+    D,
+    {"diag/diagnostics-layers.json": "{}", "diag/figures/diagnostics-layers.png": b"png"},
+    expect="--force",
+)
 
 X = "extract"
 case("extract-roles-dir-missing", X, roles_dir="{t}/nope", expect="nope")

@@ -11,11 +11,14 @@ from __future__ import annotations
 import io
 import math
 from collections import defaultdict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .geometry import Geometry
 from .tables import DIAGNOSTICS, Analysis, DiagnosticRow, SweepPanel, condition_holm, star
+
+if TYPE_CHECKING:
+    from ..vectors.diagnostics import Diagnostics
 
 DPI = 110
 #: How the chance level is drawn on every accuracy figure.
@@ -299,6 +302,68 @@ def diagnostics_figure(rows: Sequence[DiagnosticRow], effects: dict[str, float])
         "Diagnostics vs steering effect (filled = beats random directions and label shuffles; dotted = mean "
         "threshold)",
         fontsize=8,
+    )
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def diagnostics_layers_figure(
+    results: Mapping[str, Mapping[int, Diagnostics]], best: Mapping[str, int]
+) -> bytes:
+    """Consistency, separation and stability (one panel each) against the layer, one line per role.
+
+    Each role's bar (the higher of its two nulls' 95th percentiles at that layer) is the dashed line of the
+    same colour; a filled marker beats it, a hollow one does not; a star marks the role's ``best`` layer.
+    """
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    cmap = colormaps["tab10"]
+    colours = {role: cmap(i % 10) for i, role in enumerate(results)}
+    fig = _figure(13.5, 4.2)
+    axes = fig.subplots(1, len(DIAGNOSTICS), squeeze=False)[0]
+    labels = {
+        "consistency": "consistency (mean cosine)",
+        "separation": "separation (cross-fitted AUROC)",
+        "stability": "stability (bootstrap cosine)",
+    }
+    for ax, name in zip(axes, DIAGNOSTICS, strict=True):
+        for role, by_layer in results.items():
+            layers = sorted(by_layer)
+            values = [getattr(by_layer[layer], name) for layer in layers]
+            colour = colours[role]
+            ax.plot(layers, values, "-", color=colour, linewidth=1.4)
+            ax.plot(layers, [by_layer[layer].bar(name) for layer in layers], "--", color=colour, linewidth=1)
+            for layer, value in zip(layers, values, strict=True):
+                passed = name not in by_layer[layer].flagged
+                face = colour if passed else "white"
+                ax.plot([layer], [value], "o", color=colour, markerfacecolor=face, markersize=4)
+            if role in best and best[role] in by_layer:
+                top = best[role]
+                ax.plot([top], [getattr(by_layer[top], name)], "*", color=colour, markersize=13,
+                        markeredgecolor="black", markeredgewidth=0.6, zorder=5)  # fmt: skip
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer (input of block L)", fontsize=8)
+        ax.set_title(labels[name], fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=colours[r], linewidth=1.4, label=r) for r in results]
+    handles += [
+        Line2D([], [], color="grey", linestyle="--", linewidth=1, label="bar: higher null's 95th pct."),
+        Line2D([], [], color="grey", marker="o", linestyle="", markerfacecolor="grey", label="beats the bar"),
+        Line2D([], [], color="grey", marker="o", linestyle="", markerfacecolor="white", label="flagged"),
+        Line2D([], [], color="grey", marker="*", linestyle="", markersize=11, markeredgecolor="black",
+               label="highest separation"),
+    ]  # fmt: skip
+    axes[-1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    first = next(iter(results.values()), {})
+    some = next(iter(first.values()), None)
+    where = f" at position {some.position}" if some is not None else ""
+    fig.suptitle(
+        f"Which layers' role vectors to trust{where}: each diagnostic against its bar (dashed, the higher "
+        "of the random-direction and label-shuffle 95th percentiles)",
+        fontsize=9,
     )
     fig.tight_layout()
     return png_bytes(fig)

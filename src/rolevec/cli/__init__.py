@@ -19,6 +19,7 @@ from ..errors import RolevecError
 COMMANDS = (
     "info",
     "extract",
+    "diagnose",
     "prompts",
     "generate",
     "fold",

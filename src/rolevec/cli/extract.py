@@ -6,10 +6,13 @@ import argparse
 import sys
 import warnings
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RolevecError
 from .common import add_model_args, check_out, load_from_args, positive_int
+
+if TYPE_CHECKING:
+    from ..data.sources import PromptSet
 
 
 def count_arg(value: str) -> int | None:
@@ -25,14 +28,8 @@ def count_arg(value: str) -> int | None:
     return n
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = sub.add_parser(
-        "extract",
-        help="extract difference-in-means role vectors at every layer and post-instruction position",
-        description="Extract role vectors d = mean(role prompts) - mean(base prompts) at every layer and "
-        "post-instruction position, for one model, into one safetensors file.",
-    )
-    add_model_args(parser)
+def add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    """The prompt sets' options, shared by the commands that read role and base prompts."""
     data = parser.add_argument_group("prompts")
     data.add_argument(
         "--roles",
@@ -59,6 +56,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="prompts sampled per set, or 'all' (default: 128, the paper's)",
     )
     data.add_argument("--seed", type=int, default=42, help="sampling seed (default: 42, the paper's)")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "extract",
+        help="extract difference-in-means role vectors at every layer and post-instruction position",
+        description="Extract role vectors d = mean(role prompts) - mean(base prompts) at every layer and "
+        "post-instruction position, for one model, into one safetensors file.",
+    )
+    add_model_args(parser)
+    add_prompt_args(parser)
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward (16)")
     run_group.add_argument(
@@ -87,16 +95,11 @@ def parse_roles(spec: str, roles_dir: str | None) -> list[str]:
     return roles
 
 
-def run(args: argparse.Namespace) -> int:
-    return _run(args)
+def sample_sets(args: argparse.Namespace, roles: list[str]) -> tuple[dict[str, PromptSet], PromptSet]:
+    """Each role's prompts and the base prompts, ``--n`` of each drawn with ``--seed``; one warning line
+    for all the sets smaller than ``--n``, and a line per set on stderr saying what was read."""
+    from ..data.sources import load_base, load_role_prompts, sample
 
-
-def _run(args: argparse.Namespace) -> int:
-    from ..data.sources import PromptSet, load_base, load_role_prompts, sample
-    from ..vectors.extraction import extract_role_vectors
-
-    out = check_out(args.out, args.force, example="vectors.safetensors")
-    roles = parse_roles(args.roles, args.roles_dir)
     sets: dict[str, PromptSet] = {}
     with warnings.catch_warnings(record=True) as short:  # one line for all the sets smaller than --n
         warnings.simplefilter("always", UserWarning)
@@ -121,6 +124,19 @@ def _run(args: argparse.Namespace) -> int:
     for ps in [*sets.values(), base]:
         dup = f", {ps.n_duplicates_dropped} duplicate(s) dropped" if ps.n_duplicates_dropped else ""
         print(f"{ps.name}: {len(ps)} prompts from {ps.source}{dup}", file=sys.stderr)
+    return sets, base
+
+
+def run(args: argparse.Namespace) -> int:
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..vectors.extraction import extract_role_vectors
+
+    out = check_out(args.out, args.force, example="vectors.safetensors")
+    roles = parse_roles(args.roles, args.roles_dir)
+    sets, base = sample_sets(args, roles)
     adapter = load_from_args(args)
     vectors = extract_role_vectors(
         adapter,

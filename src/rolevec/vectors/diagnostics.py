@@ -23,13 +23,18 @@ these same prompts that ignores the role do as well?": the role and base prompts
 into two sets of the original sizes again and again (label shuffles), and every diagnostic is computed
 for each shuffle exactly as for the real split. A vector is flagged on a diagnostic that does not beat
 the 95th percentile of either null.
+
+On request the same diagnostics are computed at every layer (:func:`diagnose_layers`, ``rolevec
+diagnose``): each prompt set is read once, all layers in one forward per batch
+(:func:`layer_activations`), which holds prompts × layers × hidden float32 numbers and nothing else that
+grows with the prompt count.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -56,6 +61,85 @@ NULL_PERCENTILE = 95.0
 CHECKED = ("consistency", "separation", "stability")
 
 
+def layer_activations(
+    adapter: ModelAdapter,
+    prompts: Sequence[str],
+    layers: Sequence[int],
+    position: int,
+    *,
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    desc: str = "",
+) -> torch.Tensor:
+    """One residual activation per prompt at ``position`` of each of ``layers``: ``[len(layers),
+    len(prompts), hidden]``, in the order ``layers`` are given.
+
+    Read as extraction reads it (chat template, block input, post-instruction position from the end), in
+    batches of similar length, every layer in one forward per batch: a hook on each requested block's
+    input copies its row, and the forward stops at the highest one, so no later block runs. Memory is the
+    result, ``len(layers) × len(prompts) × hidden`` numbers, plus one batch's forward; nothing else grows
+    with the prompt count. ``dtype`` (default float32, float64 for a model that computes in float64) is
+    what is stored: float32 halves the memory of float64 and loses nothing for float32, bfloat16 and
+    float16 models.
+    """
+    if not prompts:
+        raise RolevecError("no prompts to read: pass at least one prompt")
+    if batch_size < 1:
+        raise RolevecError(f"batch size must be at least 1, not {batch_size}: pass `batch_size` >= 1")
+    if position not in adapter.chat.positions:
+        raise RolevecError(
+            f"position {position} is not a post-instruction position of this template: pass one of "
+            f"{adapter.chat.positions} as `position`"
+        )
+    if not layers:
+        raise RolevecError("no layers to read: pass at least one layer")
+    if len(set(layers)) != len(layers):
+        raise RolevecError(f"layers {list(layers)} name a layer twice: pass each layer once")
+    sites = {layer: adapter.residual_site(layer) for layer in layers}  # checks each layer
+    top = max(layers)
+    if dtype is None:
+        dtype = torch.float64 if adapter.dtype == torch.float64 else torch.float32
+    encoded = encode_prompts(adapter, prompts, max_tokens=max_tokens)
+    _warn_shortened(encoded.n_shortened, max_tokens, adapter)
+    acc_device = torch.device("cpu") if adapter.device.type == "mps" else adapter.device
+    out = torch.zeros(len(layers), len(prompts), adapter.hidden_size, dtype=dtype, device=acc_device)
+    state: dict[str, torch.Tensor] = {}
+
+    def reader(slot: int, layer: int) -> Callable[[torch.Tensor], None]:
+        def read(hidden: torch.Tensor) -> None:
+            # under a device map each block's input is on its own device; the result stays on one
+            rows, cols = state["rows"].to(hidden.device), state["cols"].to(hidden.device)
+            out[slot, state["index"]] = hidden[rows, cols].to(acc_device, dtype)
+            if layer == top:
+                raise StopForward
+
+        return read
+
+    pre = [(sites[layer], input_hook(reader(slot, layer))) for slot, layer in enumerate(layers)]
+    batches = plan_batches([len(e) for e in encoded.ids], batch_size)
+    bar = tqdm(
+        total=len(prompts), desc=desc or "activations", unit="prompt", file=sys.stderr, disable=not progress
+    )
+    with bar, torch.inference_mode(), hooked(pre=pre):
+        for chunk in batches:
+            batch = adapter.pad([encoded.ids[i] for i in chunk], padding_side="right")
+            state["rows"] = torch.arange(len(chunk))
+            state["cols"] = batch.last_index().cpu() + position + 1
+            state["index"] = torch.tensor(chunk, device=acc_device)
+            try:
+                adapter.model(**forward_kwargs(adapter, batch, None))
+            except StopForward:
+                pass
+            else:
+                raise RolevecError(f"the forward pass never reached layer {top}; check `block_pattern`")
+            finally:
+                state.clear()
+            bar.update(len(chunk))
+    return out.cpu()
+
+
 def site_activations(
     adapter: ModelAdapter,
     prompts: Sequence[str],
@@ -69,50 +153,21 @@ def site_activations(
 ) -> torch.Tensor:
     """One residual activation per prompt at (``layer``, ``position``): float64 ``[len(prompts), hidden]``.
 
-    Read as extraction reads it (chat template, block input, post-instruction position from the end),
-    in batches of similar length; the forward stops at that block, so no later layer runs or is kept.
+    :func:`layer_activations` at one layer, kept in float64 as it always was; the forward stops at that
+    block, so no later layer runs or is kept.
     """
-    if not prompts:
-        raise RolevecError("no prompts to read: pass at least one prompt")
-    if batch_size < 1:
-        raise RolevecError(f"batch size must be at least 1, not {batch_size}: pass `batch_size` >= 1")
-    if position not in adapter.chat.positions:
-        raise RolevecError(
-            f"position {position} is not a post-instruction position of this template: pass one of "
-            f"{adapter.chat.positions} as `position`"
-        )
-    site = adapter.residual_site(layer)  # checks the layer
-    encoded = encode_prompts(adapter, prompts, max_tokens=max_tokens)
-    _warn_shortened(encoded.n_shortened, max_tokens, adapter)
-    acc_device = torch.device("cpu") if adapter.device.type == "mps" else adapter.device
-    out = torch.zeros(len(prompts), adapter.hidden_size, dtype=torch.float64, device=acc_device)
-    state: dict[str, torch.Tensor] = {}
-
-    def read(hidden: torch.Tensor) -> None:
-        rows, cols = state["rows"].to(hidden.device), state["cols"].to(hidden.device)
-        out[state["index"]] = hidden[rows, cols].to(acc_device, torch.float64)
-        raise StopForward
-
-    batches = plan_batches([len(e) for e in encoded.ids], batch_size)
-    bar = tqdm(
-        total=len(prompts), desc=desc or "diagnostics", unit="prompt", file=sys.stderr, disable=not progress
+    read = layer_activations(
+        adapter,
+        prompts,
+        [layer],
+        position,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        dtype=torch.float64,
+        progress=progress,
+        desc=desc or "diagnostics",
     )
-    with bar, torch.inference_mode(), hooked(pre=[(site, input_hook(read))]):
-        for chunk in batches:
-            batch = adapter.pad([encoded.ids[i] for i in chunk], padding_side="right")
-            state["rows"] = torch.arange(len(chunk))
-            state["cols"] = batch.last_index().cpu() + position + 1
-            state["index"] = torch.tensor(chunk, device=acc_device)
-            try:
-                adapter.model(**forward_kwargs(adapter, batch, None))
-            except StopForward:
-                pass
-            else:
-                raise RolevecError(f"the forward pass never reached layer {layer}; check `block_pattern`")
-            finally:
-                state.clear()
-            bar.update(len(chunk))
-    return out.cpu()
+    return read[0]
 
 
 def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
@@ -379,3 +434,117 @@ def diagnose(
         seed=seed,
         shuffles=shuffles,
     )
+
+
+def _check_layers(layers: Sequence[int]) -> list[int]:
+    """Layer 0 is refused: its input is the token embedding, and the post-instruction tokens are the same
+    template tokens for every prompt, so every role vector there is zero and its diagnostics mean nothing."""
+    out = list(layers)
+    if 0 in out:
+        raise RolevecError(
+            "layer 0 is the token embedding: the post-instruction tokens are the same template tokens for "
+            "every prompt, so the role vector there is zero and has nothing to diagnose; pass `layers` "
+            "from 1 up"
+        )
+    return out
+
+
+def diagnose_layer_activations(
+    role: torch.Tensor,
+    base: torch.Tensor,
+    layers: Sequence[int],
+    position: int,
+    *,
+    folds: int = DEFAULT_FOLDS,
+    bootstraps: int = DEFAULT_BOOTSTRAPS,
+    n_random: int = DEFAULT_RANDOM,
+    seed: int = DEFAULT_SEED,
+    shuffles: int = DEFAULT_SHUFFLES,
+) -> dict[int, Diagnostics]:
+    """:func:`diagnose_activations` at each of ``layers``, from ``[len(layers), n, hidden]`` reads of
+    :func:`layer_activations`; every layer uses the same ``seed``, so each equals a one-site diagnosis."""
+    layers = _check_layers(layers)
+    if role.ndim != 3 or base.ndim != 3 or not len(role) == len(base) == len(layers):
+        raise RolevecError(
+            f"activations must be [layers, prompts, hidden] with one row per layer of {layers}, not "
+            f"{tuple(role.shape)} and {tuple(base.shape)}: pass the output of layer_activations"
+        )
+    return {
+        layer: diagnose_activations(
+            role[i],
+            base[i],
+            layer=layer,
+            position=position,
+            folds=folds,
+            bootstraps=bootstraps,
+            n_random=n_random,
+            seed=seed,
+            shuffles=shuffles,
+        )
+        for i, layer in enumerate(layers)
+    }
+
+
+def diagnose_layers(
+    adapter: ModelAdapter,
+    role_prompts: Sequence[str],
+    base_prompts: Sequence[str],
+    layers: Sequence[int],
+    position: int,
+    *,
+    folds: int = DEFAULT_FOLDS,
+    bootstraps: int = DEFAULT_BOOTSTRAPS,
+    n_random: int = DEFAULT_RANDOM,
+    seed: int = DEFAULT_SEED,
+    shuffles: int = DEFAULT_SHUFFLES,
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    progress: bool = False,
+) -> dict[int, Diagnostics]:
+    """The :class:`Diagnostics` of one role's vector at every one of ``layers`` (at one position).
+
+    Each prompt set is read once, all layers in the same forward (:func:`layer_activations`), so memory is
+    ``len(layers) × (role + base prompts) × hidden`` float32 numbers; each layer's result equals
+    :func:`diagnose` at that layer with the same settings. Layer 0 is refused: its post-instruction
+    vectors are zero (the same template tokens for every prompt).
+
+    Example:
+        ```python
+        adapter = load_model()
+        by_layer = diagnose_layers(adapter, doctor_prompts, base_prompts, range(1, 31), -1)
+        trusted = [layer for layer, d in by_layer.items() if not d.flagged]
+        ```
+    """
+    layers = _check_layers(layers)
+    read = {
+        name: layer_activations(
+            adapter,
+            prompts,
+            layers,
+            position,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            progress=progress,
+            desc=name,
+        )
+        for name, prompts in (("role", role_prompts), ("base", base_prompts))
+    }
+    return diagnose_layer_activations(
+        read["role"],
+        read["base"],
+        layers,
+        position,
+        folds=folds,
+        bootstraps=bootstraps,
+        n_random=n_random,
+        seed=seed,
+        shuffles=shuffles,
+    )
+
+
+def best_layer(by_layer: Mapping[int, Diagnostics]) -> int:
+    """The layer of highest separation; ties (a saturated AUROC) go to the higher consistency, then the
+    lower layer."""
+    if not by_layer:
+        raise RolevecError("no layers diagnosed: pass the result of diagnose_layers for at least one layer")
+    return min(by_layer, key=lambda layer: (-by_layer[layer].separation, -by_layer[layer].consistency, layer))
