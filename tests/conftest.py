@@ -25,6 +25,14 @@ def tiny_llama() -> ModelAdapter:
     return make_adapter("llama")
 
 
+@pytest.fixture
+def saved_tiny(tmp_path: Path) -> tuple[list[str], ModelAdapter]:
+    """A tiny Llama saved as a checkpoint folder, its vector file, and the CLI options naming both."""
+    from tiny_folder import save_tiny
+
+    return save_tiny(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def embedded() -> ModelAdapter:
     """The real embedded SmolLM2-135M-Instruct (about 15 s to load, once per test session)."""

@@ -17,7 +17,6 @@ from rolevec.errors import RolevecError
 from rolevec.evaluation.conditions import Condition, to_record
 from rolevec.evaluation.scoring import ItemResult
 from rolevec.model.loading import ModelAdapter
-from rolevec.model.testing import make_adapter
 from rolevec.steering.export import read_control_vector
 from rolevec.steering.generation import generate
 from rolevec.steering.interventions import Steering
@@ -81,23 +80,6 @@ def test_compose_refuses_a_role_the_file_lacks(tiny_llama: ModelAdapter) -> None
 
 
 # --- the commands that steer with one vector ------------------------------------------------------------
-
-
-@pytest.fixture
-def saved_tiny(tmp_path: Path) -> tuple[list[str], ModelAdapter]:
-    tiny = make_adapter("llama")
-    tiny.model.save_pretrained(tmp_path / "model")
-    tiny.tokenizer.save_pretrained(tmp_path / "model")
-    role_vectors(tiny).save(tmp_path / "v.safetensors")
-    opts = [
-        "--model",
-        str(tmp_path / "model"),
-        "--device",
-        "cpu",
-        "--vectors",
-        str(tmp_path / "v.safetensors"),
-    ]
-    return opts, tiny
 
 
 def _mix(tiny: ModelAdapter, layer: int, mode: str = "sum") -> torch.Tensor:

@@ -172,23 +172,6 @@ def test_lm_eval_bad_input(tmp_path: Path, tiny_llama: ModelAdapter) -> None:
     assert not list(tmp_path.iterdir())
 
 
-@pytest.fixture
-def saved_tiny(tmp_path: Path) -> tuple[list[str], ModelAdapter]:
-    tiny = make_adapter("llama")
-    tiny.model.save_pretrained(tmp_path / "model")
-    tiny.tokenizer.save_pretrained(tmp_path / "model")
-    role_vectors(tiny).save(tmp_path / "v.safetensors")
-    opts = [
-        "--model",
-        str(tmp_path / "model"),
-        "--device",
-        "cpu",
-        "--vectors",
-        str(tmp_path / "v.safetensors"),
-    ]
-    return opts, tiny
-
-
 def test_export_cli(
     tmp_path: Path, saved_tiny: tuple[list[str], ModelAdapter], capsys: pytest.CaptureFixture[str]
 ) -> None:

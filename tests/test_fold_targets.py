@@ -22,7 +22,7 @@ from rolevec.model.testing import ARCHITECTURES, make_adapter
 from rolevec.steering.folding import fold, fold_problem, logits_error, save_folded, steered_logits
 from rolevec.steering.interventions import Steering
 from rolevec.steering.targets import LOADER_RULES, TARGETS, check_target, target_verdict
-from test_interventions import role_vectors
+from tiny_folder import save_tiny
 
 PROMPTS = ["Explain how eigenvalues relate to stability.", "Hi"]
 KINDS = ("add0", "add2", "ablate")
@@ -159,20 +159,7 @@ def test_transformers_target_reloads_with_the_edit(tmp_path: Path) -> None:
 
 
 def _saved(tmp_path: Path, arch: str) -> tuple[list[str], ModelAdapter]:
-    tiny = make_adapter(arch)
-    model: Any = tiny.model
-    model.save_pretrained(tmp_path / "model")
-    tiny.tokenizer.save_pretrained(tmp_path / "model")
-    role_vectors(tiny).save(tmp_path / "v.safetensors")
-    opts = [
-        "--model",
-        str(tmp_path / "model"),
-        "--device",
-        "cpu",
-        "--vectors",
-        str(tmp_path / "v.safetensors"),
-    ]
-    return opts, tiny
+    return save_tiny(tmp_path, arch)
 
 
 def _rolevec_lines(err: str) -> list[str]:

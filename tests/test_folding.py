@@ -159,24 +159,6 @@ def test_write_folder_is_all_or_nothing(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-@pytest.fixture
-def saved_tiny(tmp_path: Path) -> tuple[list[str], ModelAdapter]:
-    """A tiny Llama saved as a checkpoint folder, its vector file, and the CLI options naming both."""
-    tiny = make_adapter("llama")
-    tiny.model.save_pretrained(tmp_path / "model")
-    tiny.tokenizer.save_pretrained(tmp_path / "model")
-    role_vectors(tiny).save(tmp_path / "v.safetensors")
-    opts = [
-        "--model",
-        str(tmp_path / "model"),
-        "--device",
-        "cpu",
-        "--vectors",
-        str(tmp_path / "v.safetensors"),
-    ]
-    return opts, tiny
-
-
 def test_fold_cli_writes_a_standard_checkpoint(
     tmp_path: Path, saved_tiny: tuple[list[str], ModelAdapter], capsys: pytest.CaptureFixture[str]
 ) -> None:

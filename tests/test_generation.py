@@ -119,23 +119,6 @@ def test_bad_generation_options(tiny_llama: ModelAdapter) -> None:
     assert count_hooks(tiny_llama.model) == 0
 
 
-@pytest.fixture
-def saved_tiny(tmp_path: Path) -> tuple[list[str], ModelAdapter]:
-    tiny = make_adapter("llama")
-    tiny.model.save_pretrained(tmp_path / "model")
-    tiny.tokenizer.save_pretrained(tmp_path / "model")
-    role_vectors(tiny).save(tmp_path / "v.safetensors")
-    opts = [
-        "--model",
-        str(tmp_path / "model"),
-        "--device",
-        "cpu",
-        "--vectors",
-        str(tmp_path / "v.safetensors"),
-    ]
-    return opts, tiny
-
-
 def test_generate_cli_streams_and_compares(
     saved_tiny: tuple[list[str], ModelAdapter], capsys: pytest.CaptureFixture[str]
 ) -> None:

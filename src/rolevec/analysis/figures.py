@@ -272,17 +272,20 @@ def norms_figure(g: Geometry) -> bytes:
     return png_bytes(fig)
 
 
+#: Each diagnostic's axis label, in the trust figures.
+DIAGNOSTIC_LABELS = {
+    "consistency": "consistency (mean cosine)",
+    "separation": "separation (cross-fitted AUROC)",
+    "stability": "stability (bootstrap cosine)",
+}
+
+
 def diagnostics_figure(rows: Sequence[DiagnosticRow], effects: dict[str, float]) -> bytes:
     """Each diagnostic (x) against the in-domain relative change of the role's chosen addition (y):
     filled = beats its random threshold, hollow = does not; dotted = the roles' mean threshold."""
     shown = [r for r in rows if r.role in effects and not math.isnan(effects[r.role])]
     fig = _figure(10.5, 3.4)
     axes = fig.subplots(1, len(DIAGNOSTICS), squeeze=False)[0]
-    labels = {
-        "consistency": "consistency (mean cosine)",
-        "separation": "separation (cross-fitted AUROC)",
-        "stability": "stability (bootstrap cosine)",
-    }
     for ax, name in zip(axes, DIAGNOSTICS, strict=True):
         for r in shown:
             x, y = r.values[name], effects[r.role]
@@ -295,7 +298,7 @@ def diagnostics_figure(rows: Sequence[DiagnosticRow], effects: dict[str, float])
         if limits:
             ax.axvline(sum(limits) / len(limits), color="grey", linestyle=":", linewidth=1)
         ax.axhline(0, color="grey", linewidth=0.8)
-        ax.set_xlabel(labels[name], fontsize=7)
+        ax.set_xlabel(DIAGNOSTIC_LABELS[name], fontsize=7)
         ax.tick_params(labelsize=7)
     axes[0].set_ylabel("in-domain rel. change of the chosen addition (%)", fontsize=7)
     fig.suptitle(
@@ -323,11 +326,6 @@ def diagnostics_layers_figure(
     colours = {role: cmap(i % 10) for i, role in enumerate(results)}
     fig = _figure(13.5, 4.2)
     axes = fig.subplots(1, len(DIAGNOSTICS), squeeze=False)[0]
-    labels = {
-        "consistency": "consistency (mean cosine)",
-        "separation": "separation (cross-fitted AUROC)",
-        "stability": "stability (bootstrap cosine)",
-    }
     for ax, name in zip(axes, DIAGNOSTICS, strict=True):
         for role, by_layer in results.items():
             layers = sorted(by_layer)
@@ -345,7 +343,7 @@ def diagnostics_layers_figure(
                         markeredgecolor="black", markeredgewidth=0.6, zorder=5)  # fmt: skip
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer (input of block L)", fontsize=8)
-        ax.set_title(labels[name], fontsize=9)
+        ax.set_title(DIAGNOSTIC_LABELS[name], fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], color=colours[r], linewidth=1.4, label=r) for r in results]

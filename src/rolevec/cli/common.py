@@ -6,7 +6,7 @@ import argparse
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -132,6 +132,32 @@ def check_out(path: str, force: bool, example: str | None = None) -> Path:
         raise RolevecError(f"{out} already exists: pass --force to overwrite it, or choose another --out")
     check_writable(out)
     return out
+
+
+def check_out_folder(path: str, force: bool, held: Callable[[Path], Sequence[str]]) -> Path:
+    """A folder --out (or none yet), before any work: writable, its ``figures`` entry a folder if there is
+    one, and holding none of the command's own files (``held(out)`` lists them) unless --force."""
+    from ..core.files import check_writable
+    from ..errors import RolevecError
+
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise RolevecError(f"--out {out} is a file: pass a folder")
+    if (out / "figures").exists() and not (out / "figures").is_dir():
+        raise RolevecError(f"{out / 'figures'} is a file: move it, or choose another --out")
+    check_writable(out)
+    found = list(held(out))
+    if found and not force:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise RolevecError(
+            f"{out} already holds {shown}: pass --force to replace them, or choose another --out"
+        )
+    return out
+
+
+def present(*names: str) -> Callable[[Path], list[str]]:
+    """``held`` for :func:`check_out_folder`: which of these fixed output names a folder holds."""
+    return lambda out: [name for name in names if (out / name).exists()]
 
 
 @contextmanager

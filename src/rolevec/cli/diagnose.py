@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RolevecError
-from .common import add_model_args, as_flags, load_from_args, positive_int
+from .common import add_model_args, as_flags, check_out_folder, load_from_args, positive_int, present
 from .extract import add_prompt_args, parse_roles, sample_sets
 
 if TYPE_CHECKING:
@@ -103,24 +103,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     run_group.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.set_defaults(func=run)
-
-
-def check_out_dir(path: str, force: bool) -> Path:
-    """--out: a folder (or none yet), writable, without an earlier diagnosis's files unless --force."""
-    from ..core.files import check_writable
-
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise RolevecError(f"--out {out} is a file: pass a folder")
-    if (out / "figures").exists() and not (out / "figures").is_dir():
-        raise RolevecError(f"{out / 'figures'} is a file: move it, or choose another --out")
-    check_writable(out)
-    held = [name for name in OUTPUTS if (out / name).exists()]
-    if held and not force:
-        raise RolevecError(
-            f"{out} already holds {', '.join(held)}: pass --force to replace them, or choose another --out"
-        )
-    return out
 
 
 def check_layer_request(text: str | None) -> None:
@@ -210,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
         layer_activations,
     )
 
-    out = check_out_dir(args.out, args.force)
+    out = check_out_folder(args.out, args.force, present(*OUTPUTS))
     check_layer_request(args.layers)
     if args.position >= 0:
         raise RolevecError(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RolevecError
-from .common import add_model_args, load_from_args, positive_int
+from .common import add_model_args, check_out_folder, load_from_args, positive_int
 from .steer_args import add_cap_args, add_compose_args, add_strength_args
 
 if TYPE_CHECKING:
@@ -130,25 +130,6 @@ def _held(out: Path) -> list[str]:
     if figures.is_dir():
         held += [f"{FIGURES}/{p.name}" for p in sorted(figures.glob("monitor-*.png"))]
     return held
-
-
-def check_out_dir(path: str, force: bool) -> Path:
-    """--out: a folder (or none yet), writable, without an earlier monitor's files unless --force."""
-    from ..core.files import check_writable
-
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise RolevecError(f"--out {out} is a file: pass a folder")
-    if (out / FIGURES).exists() and not (out / FIGURES).is_dir():
-        raise RolevecError(f"{out / FIGURES} is a file: move it, or choose another --out")
-    check_writable(out)
-    held = _held(out)
-    if held and not force:
-        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
-        raise RolevecError(
-            f"{out} already holds {shown}: pass --force to replace them, or choose another --out"
-        )
-    return out
 
 
 def _check_flags(args: argparse.Namespace) -> tuple[tuple[float, float] | None, list[int] | None]:
@@ -284,7 +265,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..vectors.role_vectors import RoleVectors
 
     cap, cap_layers = _check_flags(args)
-    out = check_out_dir(args.out, args.force)
+    out = check_out_folder(args.out, args.force, _held)
     vectors = RoleVectors.load(args.vectors)
     vectors.check_layer(args.layer)
     vectors.position_index(args.position)

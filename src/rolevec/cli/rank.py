@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RolevecError
-from .common import add_model_args, load_from_args, positive_int
+from .common import add_model_args, check_out_folder, load_from_args, positive_int, present
 
 #: What `rank` writes into --out (the manifest last: a folder with it holds a finished ranking).
 OUTPUTS = ("ranked.jsonl", "histogram.png", "manifest-rank.json")
@@ -86,22 +86,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.set_defaults(func=run)
 
 
-def check_out_dir(path: str, force: bool) -> Path:
-    """--out: a folder (or none yet), writable, without an earlier ranking unless --force."""
-    from ..core.files import check_writable
-
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise RolevecError(f"--out {out} is a file: pass a folder")
-    check_writable(out)
-    held = [name for name in OUTPUTS if (out / name).exists()]
-    if held and not force:
-        raise RolevecError(
-            f"{out} already holds {', '.join(held)}: pass --force to replace them, or choose another --out"
-        )
-    return out
-
-
 def site(args: argparse.Namespace, layers: int) -> tuple[int, int, dict[str, Any] | None]:
     """Layer and position: the options, else the role's entry in --selection; the layer is required."""
     from .steer_args import read_selection
@@ -137,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..vectors.role_vectors import RoleVectors
     from .steer_args import check_selection_model
 
-    out = check_out_dir(args.out, args.force)
+    out = check_out_folder(args.out, args.force, present(*OUTPUTS))
     if args.base is not None and not args.zscore:
         raise RolevecError("--base is only used for z-scores: add --zscore, or leave --base out")
     vectors = RoleVectors.load(args.vectors)
