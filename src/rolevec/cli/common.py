@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from ..model.loading import ModelAdapter
@@ -132,6 +132,17 @@ def check_out(path: str, force: bool, example: str | None = None) -> Path:
         raise RolevecError(f"{out} already exists: pass --force to overwrite it, or choose another --out")
     check_writable(out)
     return out
+
+
+def add_batch_args(group: Any) -> None:
+    """``--batch-size`` and ``--max-tokens`` of the commands that read prompts (extract, rank, diagnose)."""
+    group.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward (16)")
+    group.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=None,
+        help="longest prompt in tokens; longer user texts are shortened (default: the model's context)",
+    )
 
 
 def check_out_folder(path: str, force: bool, held: Callable[[Path], Sequence[str]]) -> Path:

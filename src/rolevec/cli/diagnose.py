@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RolevecError
-from .common import add_model_args, as_flags, check_out_folder, load_from_args, positive_int, present
+from .common import (
+    add_batch_args,
+    add_model_args,
+    as_flags,
+    check_out_folder,
+    load_from_args,
+    present,
+)
 from .extract import add_prompt_args, parse_roles, sample_sets
 
 if TYPE_CHECKING:
@@ -90,13 +97,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help=f"label shuffles of the second null ({DEFAULT_SHUFFLES})",
     )
     run_group = parser.add_argument_group("run")
-    run_group.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward (16)")
-    run_group.add_argument(
-        "--max-tokens",
-        type=positive_int,
-        default=None,
-        help="longest prompt in tokens; longer user texts are shortened (default: the model's context)",
-    )
+    add_batch_args(run_group)
     run_group.add_argument("--out", required=True, help="output folder")
     run_group.add_argument(
         "--force", action="store_true", help="replace an earlier diagnosis's files in --out (others stay)"

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RolevecError
-from .common import add_model_args, check_out, load_from_args, positive_int
+from .common import add_batch_args, add_model_args, check_out, load_from_args
 
 if TYPE_CHECKING:
     from ..data.sources import PromptSet
@@ -68,13 +68,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_model_args(parser)
     add_prompt_args(parser)
     run_group = parser.add_argument_group("run")
-    run_group.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward (16)")
-    run_group.add_argument(
-        "--max-tokens",
-        type=positive_int,
-        default=None,
-        help="longest prompt in tokens; longer user texts are shortened (default: the model's context)",
-    )
+    add_batch_args(run_group)
     run_group.add_argument("--out", required=True, help="output .safetensors file")
     run_group.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     run_group.add_argument("--no-progress", action="store_true", help="hide the progress bar")

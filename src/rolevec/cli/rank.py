@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RolevecError
-from .common import add_model_args, check_out_folder, load_from_args, positive_int, present
+from .common import add_batch_args, add_model_args, check_out_folder, load_from_args, present
 
 #: What `rank` writes into --out (the manifest last: a folder with it holds a finished ranking).
 OUTPUTS = ("ranked.jsonl", "histogram.png", "manifest-rank.json")
@@ -73,13 +73,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     score.add_argument("--base-column", default=None, help="field/column of --base holding the prompt")
     run_group = parser.add_argument_group("run")
-    run_group.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward (16)")
-    run_group.add_argument(
-        "--max-tokens",
-        type=positive_int,
-        default=None,
-        help="longest prompt in tokens; longer user texts are shortened (default: the model's context)",
-    )
+    add_batch_args(run_group)
     run_group.add_argument("--out", required=True, help="output folder")
     run_group.add_argument("--force", action="store_true", help="replace an earlier ranking in --out")
     run_group.add_argument("--no-progress", action="store_true", help="hide the progress bars")
