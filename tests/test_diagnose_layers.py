@@ -34,6 +34,7 @@ from rolevec.vectors.diagnostics import (
     site_activations,
 )
 from rolevec.vectors.extraction import encode_prompts, mean_activations
+from tiny_folder import fail_forwards
 
 ROLE = ["Explain how a cell divides.", "What is a contract?", "Describe the sea at night, slowly.", "Hi"]
 BASE = ["Tell me a story.", "Why is the sky blue?", "List three fruits.", "ok", "What time is it?"]
@@ -125,14 +126,7 @@ def test_bad_reads_are_refused_and_leave_no_hook(monkeypatch: pytest.MonkeyPatch
         layer_activations(adapter, ROLE, [], -1)
     with pytest.raises(RolevecError, match="`position`"):
         layer_activations(adapter, ROLE, [1], 4)
-    real_pad = adapter.pad
-
-    def bad_pad(ids: Any, *, padding_side: str = "right") -> Any:
-        batch = real_pad(ids, padding_side=padding_side)
-        batch.input_ids = batch.input_ids + 10_000  # out of the vocabulary: the embedding raises
-        return batch
-
-    monkeypatch.setattr(adapter, "pad", bad_pad)
+    fail_forwards(monkeypatch, adapter)
     with pytest.raises(IndexError):
         layer_activations(adapter, ROLE, [1, 2], -1)
     assert count_hooks(adapter.model) == 0

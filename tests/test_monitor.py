@@ -30,6 +30,7 @@ from rolevec.steering.generation import generate, stop_token_ids
 from rolevec.steering.interventions import Steering
 from rolevec.vectors.role_vectors import RoleVectors
 from test_rank import PROMPTS, random_vectors
+from tiny_folder import fail_forwards
 
 TEXT = "Explain how a bond's price moves with interest rates."
 
@@ -220,14 +221,7 @@ def test_no_hook_is_left_when_the_read_fails(monkeypatch: pytest.MonkeyPatch) ->
     adapter = make_adapter("llama")
     dirs = directions(adapter, 2)
     steering = Steering.addition(dirs["lawyer"], layer=1, alpha=1.0)
-    real_pad = adapter.pad
-
-    def bad_pad(ids: Any, *, padding_side: str = "right") -> Any:
-        batch = real_pad(ids, padding_side=padding_side)
-        batch.input_ids = batch.input_ids + 10_000  # out of the vocabulary: the embedding raises
-        return batch
-
-    monkeypatch.setattr(adapter, "pad", bad_pad)
+    fail_forwards(monkeypatch, adapter)
     with pytest.raises(IndexError):
         monitor(adapter, TEXT, dirs, 2, steering=steering)
     assert count_hooks(adapter.model) == 0

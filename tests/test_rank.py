@@ -24,6 +24,7 @@ from rolevec.model.hooks import count_hooks, hooked, input_hook
 from rolevec.model.loading import ModelAdapter, load_model
 from rolevec.model.testing import make_adapter
 from rolevec.vectors.role_vectors import RoleVectors
+from tiny_folder import fail_forwards
 
 PROMPTS = [
     "Explain how a bond's price moves with interest rates.",
@@ -164,14 +165,7 @@ def test_streaming_reads_prompts_lazily_and_holds_one_batch(monkeypatch: pytest.
 def test_hooks_are_removed_when_the_forward_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     adapter = make_adapter("llama")
     dirs = unit_directions(random_vectors(adapter), ["lawyer"], 1, -1)
-    real_pad = adapter.pad
-
-    def bad_pad(ids: Any, *, padding_side: str = "right") -> Any:
-        batch = real_pad(ids, padding_side=padding_side)
-        batch.input_ids = batch.input_ids + 10_000  # out of the vocabulary: the embedding raises
-        return batch
-
-    monkeypatch.setattr(adapter, "pad", bad_pad)
+    fail_forwards(monkeypatch, adapter)
     with pytest.raises(IndexError):
         next(project_prompts(adapter, PROMPTS, dirs, 1, progress=False))
     assert count_hooks(adapter.model) == 0

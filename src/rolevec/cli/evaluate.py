@@ -218,7 +218,7 @@ def _conditions(args: argparse.Namespace, adapter: Any, vectors: Any) -> list[An
     from ..evaluation.conditions import Condition
     from ..evaluation.selection import load_selection, selected_site
     from ..steering.interventions import ablation_problem
-    from .steer_args import parse_cap, parse_cap_layers, parse_compose_arg
+    from .steer_args import composed, parse_cap, parse_cap_layers, parse_compose_arg
 
     kinds = split_list(args.conditions)
     unknown = [k for k in kinds if k not in CONDITION_NAMES]
@@ -263,6 +263,20 @@ def _conditions(args: argparse.Namespace, adapter: Any, vectors: Any) -> list[An
         if not args.selection and args.alpha is None and any(k in ("add", "random") for k in steered):
             raise RolevecError("conditions add and random need --alpha (or --selection FILE)")
     selection = load_selection(args.selection, adapter) if args.selection else None
+
+    def steered_at(kind: str, layer: Any, position: Any, alpha: Any, **who: Any) -> Any:
+        """A steered condition at a site (α only where it applies, the range only for cap); ``who`` is the
+        role, or the composition."""
+        return Condition.make(
+            kind,
+            layer=layer,
+            position=position,
+            alpha=None if kind in ("ablate", "cap") else alpha,
+            cap=cap if kind == "cap" else None,
+            cap_layers=cap_layers if kind == "cap" else None,
+            **who,
+        )
+
     templates = split_list(args.persona_template) or ["you_are"]
     out: list[Any] = []
     if "baseline" in kinds:
@@ -283,48 +297,29 @@ def _conditions(args: argparse.Namespace, adapter: Any, vectors: Any) -> list[An
             if kind == "persona":
                 out.extend(Condition.make("persona", role=role, persona_template=t) for t in templates)
             else:
-                out.append(
-                    Condition.make(
-                        kind,
-                        role=role,
-                        layer=layer,
-                        position=position,
-                        alpha=None if kind in ("ablate", "cap") else alpha,
-                        cap=cap if kind == "cap" else None,
-                        cap_layers=cap_layers if kind == "cap" else None,
-                    )
-                )
-    for terms in compositions:
-        missing = [r for r, _ in terms if r not in vectors.roles]
-        if missing:
-            raise RolevecError(
-                f"--compose names role{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} that "
-                f"{args.vectors} lacks (it has: {', '.join(vectors.roles)})"
+                out.append(steered_at(kind, layer, position, alpha, role=role))
+    for text, terms in zip(args.compose or (), compositions, strict=True):
+        composed(vectors, terms, args.compose_mode, label=f"--compose {text}")  # every role in the file
+        out.extend(
+            steered_at(
+                kind, args.layer, args.position, args.alpha, compose=terms, compose_mode=args.compose_mode
             )
-        for kind in steered:
-            out.append(
-                Condition.make(
-                    kind,
-                    compose=terms,
-                    compose_mode=args.compose_mode,
-                    layer=args.layer,
-                    position=args.position,
-                    alpha=None if kind in ("ablate", "cap") else args.alpha,
-                    cap=cap if kind == "cap" else None,
-                    cap_layers=cap_layers if kind == "cap" else None,
-                )
-            )
+            for kind in steered
+        )
     if len({c.identity() for c in out}) != len(out):
-        raise RolevecError("--role and --compose name the same condition twice: name each role once")
+        raise RolevecError("--role or --compose names the same role twice: name each role once")
     for cond in out:  # refuse a site the file lacks, or a bad template, before the run folder is written
         if cond.kind in STEERED_NAMES:
             for layer in cond.cap_layers or ():
                 vectors.check_layer(layer)
             source = cond.source(vectors)
             if cond.kind in ("ablate", "cap"):
-                problem = ablation_problem(source, str(cond.role), [int(cond.layer)], int(cond.position))
+                what = "ablate" if cond.kind == "ablate" else "cap along"
+                problem = ablation_problem(
+                    source, str(cond.role), [int(cond.layer)], int(cond.position), what=what
+                )
                 if problem:
-                    raise RolevecError(problem.replace("to ablate", f"to {cond.kind}"))
+                    raise RolevecError(problem)
             cond.steering(vectors, args.random_seed)
         elif cond.kind == "persona":
             cond.system()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RolevecError
 from .common import add_model_args, check_out_folder, load_from_args, positive_int
-from .steer_args import add_cap_args, add_compose_args, add_strength_args
+from .steer_args import add_cap_args, add_compose_args, add_strength_args, composed
 
 if TYPE_CHECKING:
     import torch
@@ -198,16 +198,6 @@ def _roles(args: argparse.Namespace, vectors: RoleVectors) -> list[str]:
     return roles
 
 
-def _composed(vectors: RoleVectors, text: str, mode: str, flag: str) -> RoleVectors:
-    """A composition of the file's roles as a one-role file; errors name ``flag``."""
-    from ..vectors.arithmetic import compose, parse_composition
-
-    try:
-        return compose(vectors, parse_composition(text), mode=mode)
-    except RolevecError as exc:
-        raise RolevecError(f"{flag} {text}: {exc}") from None
-
-
 def _steering(
     args: argparse.Namespace,
     vectors: RoleVectors,
@@ -220,7 +210,7 @@ def _steering(
 
     text = args.steer.strip()
     if ":" in text or "," in text:
-        source = _composed(vectors, text, args.compose_mode, "--steer")
+        source = composed(vectors, text, args.compose_mode, label=f"--steer {text}")
         role = source.roles[0]
     elif text in vectors.roles:
         source, role = vectors, text
@@ -272,11 +262,11 @@ def _run(args: argparse.Namespace) -> int:
     roles = _roles(args, vectors)
     directions: dict[str, torch.Tensor] = {r: vectors.vector(r, args.layer, args.position) for r in roles}
     if args.compose is not None:
-        composed = _composed(vectors, args.compose, args.compose_mode, "--compose")
-        name = composed.roles[0]
+        mix = composed(vectors, args.compose, args.compose_mode, label=f"--compose {args.compose}")
+        name = mix.roles[0]
         if name in directions:
             raise RolevecError(f"--compose {args.compose} is named {name!r}, a role already monitored")
-        directions[name] = composed.vector(name, args.layer, args.position)
+        directions[name] = mix.vector(name, args.layer, args.position)
     scale = float(vectors.base_mean[vectors.position_index(args.position), args.layer].float().norm())
     for role, d in directions.items():
         if float(d.float().norm()) <= ZERO_NORM * max(scale, 1e-30):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,13 +95,21 @@ def steer_vectors(args: argparse.Namespace) -> tuple[RoleVectors, str]:
     vectors = load_vectors(args.vectors)
     if terms is None:
         return vectors, str(args.role)
+    mix = composed(vectors, terms, args.compose_mode, label=f"--compose {compose_text}")
+    return mix, mix.roles[0]
+
+
+def composed(
+    vectors: RoleVectors, terms: str | Sequence[tuple[str, float]], mode: str, *, label: str
+) -> RoleVectors:
+    """``terms`` (text or parsed) composed from ``vectors`` into one role; a bad term or a role the file
+    lacks is one error line that starts with ``label`` (the flag and what was typed)."""
     from ..vectors.arithmetic import compose
 
     try:
-        composed = compose(vectors, terms, mode=args.compose_mode)
+        return compose(vectors, terms, mode=mode)
     except RolevecError as exc:
-        raise RolevecError(f"--compose {compose_text}: {exc}") from None
-    return composed, composed.roles[0]
+        raise RolevecError(f"{label}: {exc}") from None
 
 
 def add_strength_args(parser: argparse.ArgumentParser, *, required: bool) -> None:

@@ -423,13 +423,16 @@ def _why_zero(role: str, layers: Sequence[int], position: int) -> str:
     )
 
 
-def ablation_problem(vectors: RoleVectors, role: str, layers: Sequence[int], position: int) -> str | None:
-    """Why ablating ``role`` at these sites cannot work (a zero vector has no direction), or None."""
+def ablation_problem(
+    vectors: RoleVectors, role: str, layers: Sequence[int], position: int, *, what: str = "ablate"
+) -> str | None:
+    """Why ablating (or, with ``what="cap along"``, capping along) ``role``'s direction at these sites
+    cannot work (a zero vector has no direction), or None."""
     zero = zero_layers(vectors, role, layers, position)
     if not zero:
         return None
     return (
-        f"{_why_zero(role, zero, position)}, and a zero vector has no direction to ablate: pass another "
+        f"{_why_zero(role, zero, position)}, and a zero vector has no direction to {what}: pass another "
         f"`layer` (1..{vectors.n_layers})"
     )
 
@@ -556,11 +559,9 @@ def _resolve_capping(
     for target in targets:
         vectors.check_layer(target)
     direction = vectors.vector(role, layer, position).float()
-    if zero_layers(vectors, role, [layer], position):
-        raise RolevecError(
-            f"{_why_zero(role, [layer], position)}, and a zero vector has no direction to cap along: pass "
-            f"another `layer` (1..{vectors.n_layers})"
-        )
+    problem = ablation_problem(vectors, role, [layer], position, what="cap along")
+    if problem:
+        raise RolevecError(problem)
     lo, hi = cap
     steering = Steering(
         "cap",
